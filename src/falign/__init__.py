@@ -1,0 +1,37 @@
+"""falign: feedback-alignment-family learning rules for PyTorch, and the diagnostics of
+Robertson & Koyejo, "Implicit Regularization in Feedback Alignment Learning Mechanisms for Neural
+Networks" (ICML 2024, arXiv:2306.01870).
+
+>>> import falign, torch.nn as nn
+>>> model = falign.convert(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), rule="fa")
+>>> falign.available_rules()
+['bp', 'brsf', 'dfa', 'fa', 'frsf', 'kp', 'usf', 'wm']
+"""
+
+from falign import functional, nn, rules
+from falign.convert import (
+    ConversionError,
+    ConversionReport,
+    conversion_report,
+    convert,
+    feedback_layers,
+    install_error_tap,
+)
+from falign.rules import available_rules, get_rule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConversionError",
+    "ConversionReport",
+    "__version__",
+    "available_rules",
+    "conversion_report",
+    "convert",
+    "feedback_layers",
+    "functional",
+    "get_rule",
+    "install_error_tap",
+    "nn",
+    "rules",
+]

@@ -1,0 +1,7 @@
+"""``python -m falign`` (also what ``torchrun -m falign train ...`` runs)."""
+
+import sys
+
+from falign.cli import main
+
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""The ``falign`` command line: ``train``, ``rules`` (and, as they land, ``plot``, ``reproduce``, ``bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+TRAIN_EXAMPLE = """examples:
+  falign train                                   # MLP with fa on sklearn digits (about a second)
+  falign train --rule dfa --model lenet --data fashion-mnist --epochs 5 --out runs/dfa-lenet
+  falign train --rule kp --weight-decay 1e-3 --diagnostics-every 50
+  falign train --resume runs/dfa-lenet           # continue from the latest checkpoint
+"""
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_train(sub) -> None:
+    from falign.data import DATASETS
+    from falign.models import MODELS
+    from falign.rules import FEEDBACK_INITS, available_rules
+    from falign.train.config import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train one model with one learning rule", epilog=TRAIN_EXAMPLE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train one model with one learning rule and write a run directory "
+                                   "(config.json, versions.json, metrics.jsonl, checkpoint.pt, summary.json).")
+    p.add_argument("--rule", choices=available_rules(), default=d.rule, help="learning rule (default: %(default)s)")
+    p.add_argument("--model", choices=MODELS, default=d.model, help="model (default: %(default)s)")
+    p.add_argument("--hidden", type=_ints, default=d.hidden, help="hidden widths, e.g. 256,256 (mlp; default: 256,256)")
+    p.add_argument("--activation", default=d.activation, choices=("relu", "tanh", "sigmoid", "linear"),
+                   help="mlp activation (default: %(default)s)")
+    p.add_argument("--no-bias", dest="bias", action="store_false", help="mlp without biases")
+    p.add_argument("--init-scale", type=float, default=d.init_scale, help="multiply initial weights (default: 1)")
+    p.add_argument("--data", choices=DATASETS, default=d.data, help="dataset (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="folder of IDX files (fashion-mnist default: "
+                                                    "/usr/share/datasets/fashion-mnist; mnist: required)")
+    p.add_argument("--n-classes", type=int, default=None, help="keep the first N classes")
+    p.add_argument("--label-noise", type=float, default=0.0, help="symmetric label-noise rate in [0, 1)")
+    p.add_argument("--train-subset", type=int, default=None, help="seeded random subset of N training examples")
+    p.add_argument("--synthetic-classes", type=int, default=d.synthetic_classes, help="classes of --data synthetic")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (default: %(default)s)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (default: %(default)s)")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay (default: %(default)s)")
+    p.add_argument("--lr-schedule", choices=("none", "step", "cosine"), default=d.lr_schedule,
+                   help="none, step (÷10 at --lr-milestones of the epochs) or cosine (default: %(default)s)")
+    p.add_argument("--lr-milestones", type=_floats, default=d.lr_milestones, help="fractions, default 0.5,0.75")
+    p.add_argument("--loss", choices=("ce", "mse"), default=d.loss, help="cross-entropy or squared error on one-hot")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of data order, init and feedback (default: 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="(default: %(default)s)")
+    p.add_argument("--feedback-init", choices=FEEDBACK_INITS, default=d.feedback_init, help="(default: %(default)s)")
+    p.add_argument("--feedback-scale", type=float, default=d.feedback_scale, help="(default: 1)")
+    p.add_argument("--output-signal", choices=("rule", "backprop"), default=d.output_signal,
+                   help="whether the output layer's input signal uses the rule (default) or backprop")
+    p.add_argument("--wm-lr", type=float, default=d.wm_lr, help="weight-mirror step size η")
+    p.add_argument("--wm-decay", type=float, default=d.wm_decay, help="weight-mirror decay λ")
+    p.add_argument("--wm-steps", type=int, default=d.wm_steps, help="mirror steps after each optimiser step")
+    p.add_argument("--diagnostics-every", type=int, default=0, metavar="K",
+                   help="record alignment/conservation/loss-decomposition diagnostics every K steps (0: off)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                   help="checkpoint every K steps (0: at the end)")
+    p.add_argument("--on-divergence", choices=("stop", "skip-batch"), default=d.on_divergence,
+                   help="on a NaN/inf loss: stop the run (default) or skip the batch")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<rule>-<model>-<data>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from falign.train import TrainConfig, Trainer
+
+    if args.resume:
+        trainer = Trainer(TrainConfig(), args.resume, progress=not args.no_progress, resume=True)
+    else:
+        fields = {k: v for k, v in vars(args).items()
+                  if k not in ("func", "command", "out", "resume", "overwrite", "no_progress")}
+        trainer = Trainer(TrainConfig(**fields), args.out, progress=not args.no_progress, overwrite=args.overwrite)
+    summary = trainer.run()
+    _print_summary(summary, trainer.out)
+    return 0
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    from falign.train import read_metrics
+
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "epoch"]
+    step = max(1, len(rows) // 5)
+    shown = rows[step - 1 :: step]
+    if rows and shown[-1] is not rows[-1]:
+        shown.append(rows[-1])
+    print(f"{summary['rule']} / {summary['model']} / {summary['data']}  ({summary['device']}, "
+          f"{summary['wall_time_s']:.1f} s)")
+    print(f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test loss':>9}  {'test acc':>8}")
+    for r in shown:
+        print(f"{r['epoch']:>5}  {r['train_loss']:>10.4f}  {r['train_acc']:>9.2%}  {r['test_loss']:>9.4f}  "
+              f"{r['test_acc']:>8.2%}")
+    print(f"run directory: {out}")
+
+
+def _add_rules(sub) -> None:
+    p = sub.add_parser("rules", help="list the learning rules", description="List the registered learning rules.")
+    p.set_defaults(func=_cmd_rules)
+
+
+def _cmd_rules(args: argparse.Namespace) -> int:
+    from falign.rules import RULES
+
+    for name in sorted(RULES):
+        print(f"{name:<5} {RULES[name].summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="falign",
+        description="Train networks with feedback-alignment-family learning rules and measure why they learn.",
+        epilog="run `falign COMMAND --help` for a command's options and examples",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(sub)
+    _add_rules(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from falign.data import DatasetError
+    from falign.train import CheckpointError, ConfigError, DivergenceError, RunError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DatasetError, RunError, CheckpointError, DivergenceError, FileNotFoundError) as err:
+        print(f"falign {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"falign {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Datasets: synthetic tasks, scikit-learn digits, MNIST-format IDX files; subsets and label noise.
+
+:func:`load_dataset` is the entry point used by the trainer and the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from falign.data.base import (
+    Dataset,
+    DatasetError,
+    add_label_noise,
+    batches,
+    epoch_order,
+    subsample_train,
+    subset_classes,
+)
+from falign.data.digits import load_digits
+from falign.data.idx import FASHION_MNIST_DIR, load_idx_dataset, read_idx
+from falign.data.synthetic import synthetic_classification
+
+DATASETS = ("digits", "fashion-mnist", "mnist", "synthetic")
+
+
+def load_dataset(name: str, *, data_dir: str | Path | None = None, n_classes: int | None = None,
+                 label_noise: float = 0.0, train_subset: int | None = None, seed: int = 0,
+                 synthetic_classes: int = 10) -> Dataset:
+    """Load a dataset by name and apply the options in a fixed order: train subset, classes, noise.
+
+    Args:
+        name: ``digits``, ``fashion-mnist``, ``mnist`` (needs ``data_dir``) or ``synthetic``.
+        data_dir: folder of the IDX files (default for Fashion-MNIST: ``/usr/share/datasets/fashion-mnist``).
+        n_classes: keep the first ``n`` classes.
+        label_noise: symmetric label-noise rate in ``[0, 1)`` on the training labels.
+        train_subset: seeded random subset of this many training examples.
+        seed: seed of the split (digits), the task (synthetic), the subset and the noise.
+        synthetic_classes: number of classes of the synthetic task.
+    """
+    if name == "digits":
+        ds = load_digits(seed=seed)
+    elif name == "fashion-mnist":
+        ds = load_idx_dataset(data_dir or FASHION_MNIST_DIR, "fashion-mnist")
+    elif name == "mnist":
+        if data_dir is None:
+            raise DatasetError("mnist: no files are bundled; put the four IDX files in a folder and pass --data-dir")
+        ds = load_idx_dataset(data_dir, "mnist")
+    elif name == "synthetic":
+        ds = synthetic_classification(num_classes=synthetic_classes, seed=seed)
+    else:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if train_subset is not None:
+        ds = subsample_train(ds, train_subset, seed)
+    if n_classes is not None:
+        ds = subset_classes(ds, n_classes)
+    return add_label_noise(ds, label_noise, seed)
+
+
+__all__ = [
+    "DATASETS",
+    "FASHION_MNIST_DIR",
+    "Dataset",
+    "DatasetError",
+    "add_label_noise",
+    "batches",
+    "epoch_order",
+    "load_dataset",
+    "load_digits",
+    "load_idx_dataset",
+    "read_idx",
+    "subsample_train",
+    "subset_classes",
+    "synthetic_classification",
+]

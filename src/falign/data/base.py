@@ -1,0 +1,118 @@
+"""In-memory datasets, n-class subsets, symmetric label noise and seeded batching."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from falign.rules.base import mix_seed
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, malformed, or an option does not fit the dataset."""
+
+
+@dataclass
+class Dataset:
+    """Train and test tensors held in memory.
+
+    Attributes:
+        x_train, x_test: float inputs ``(N, *input_shape)``; y_train, y_test: int64 labels ``(N,)``.
+        num_classes: number of classes; labels are ``0 … num_classes−1``.
+        clean_y_train: training labels before label noise (equal to ``y_train`` without noise).
+        info: provenance (source files, options applied).
+    """
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    clean_y_train: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.clean_y_train is None:
+            self.clean_y_train = self.y_train
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device: torch.device | str) -> Dataset:
+        return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
+                       x_test=self.x_test.to(device), y_test=self.y_test.to(device),
+                       clean_y_train=self.clean_y_train.to(device))
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, train={len(self.y_train)}, test={len(self.y_test)}, "
+                f"input_shape={self.input_shape}, classes={self.num_classes})")
+
+
+def subset_classes(ds: Dataset, n_classes: int) -> Dataset:
+    """Keep the first ``n_classes`` classes (labels ``0 … n−1``) in train and test."""
+    if not 2 <= n_classes <= ds.num_classes:
+        raise DatasetError(f"n_classes must be between 2 and {ds.num_classes} for {ds.name}, got {n_classes}")
+    if n_classes == ds.num_classes:
+        return ds
+    keep_tr, keep_te = ds.y_train < n_classes, ds.y_test < n_classes
+    return replace(ds, x_train=ds.x_train[keep_tr], y_train=ds.y_train[keep_tr], x_test=ds.x_test[keep_te],
+                   y_test=ds.y_test[keep_te], clean_y_train=ds.clean_y_train[keep_tr], num_classes=n_classes,
+                   info={**ds.info, "n_classes": n_classes})
+
+
+def subsample_train(ds: Dataset, n: int, seed: int = 0) -> Dataset:
+    """A seeded random subset of ``n`` training examples (the test set is unchanged)."""
+    total = len(ds.y_train)
+    if not 1 <= n <= total:
+        raise DatasetError(f"train_subset must be between 1 and {total} for {ds.name}, got {n}")
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(mix_seed(seed, 101)))[:n]
+    idx = idx.sort().values
+    return replace(ds, x_train=ds.x_train[idx], y_train=ds.y_train[idx], clean_y_train=ds.clean_y_train[idx],
+                   info={**ds.info, "train_subset": n})
+
+
+def add_label_noise(ds: Dataset, rate: float, seed: int = 0) -> Dataset:
+    """Symmetric label noise: exactly ``round(rate·N)`` training labels, chosen at random, are replaced
+    by a different class drawn uniformly. Test labels stay clean; ``clean_y_train`` keeps the originals."""
+    if not 0.0 <= rate < 1.0:
+        raise DatasetError(f"label noise rate must be in [0, 1), got {rate}")
+    if rate == 0.0:
+        return ds
+    g = torch.Generator().manual_seed(mix_seed(seed, 202))
+    n = len(ds.y_train)
+    flip = torch.randperm(n, generator=g)[: round(rate * n)]
+    offset = torch.randint(1, ds.num_classes, (len(flip),), generator=g)
+    noisy = ds.y_train.clone()
+    noisy[flip] = (noisy[flip] + offset) % ds.num_classes
+    return replace(ds, y_train=noisy, clean_y_train=ds.clean_y_train,
+                   info={**ds.info, "label_noise": rate, "flipped": len(flip)})
+
+
+def standardize(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
+    """Scale both splits by the training set's global mean and standard deviation."""
+    mean, std = x_train.mean(), x_train.std().clamp_min(1e-8)
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> Tensor:
+    """The shuffled example order of ``epoch``: a pure function of (seed, epoch), so resuming is exact."""
+    g = torch.Generator().manual_seed(mix_seed(seed, 303, epoch))
+    return torch.randperm(n, generator=g).to(device)
+
+
+def batches(x: Tensor, y: Tensor, batch_size: int, order: Tensor | None = None,
+            start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """Mini-batches of ``(x, y)`` in ``order`` (default: as stored), from batch index ``start``."""
+    n = len(y)
+    for i in range(start * batch_size, n, batch_size):
+        if order is None:
+            yield x[i : i + batch_size], y[i : i + batch_size]
+        else:
+            idx = order[i : i + batch_size]
+            yield x[idx], y[idx]

@@ -1,0 +1,114 @@
+"""MNIST-format (IDX) files: Fashion-MNIST, MNIST, or any dataset stored the same way.
+
+File layout (big-endian): two zero bytes, a type byte (``0x08`` = unsigned byte), the number of
+dimensions, one 4-byte size per dimension, then the data. Files may be plain or gzipped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from falign.data.base import Dataset, DatasetError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# MD5 of the decompressed Fashion-MNIST files (../shared/DESIGN.md §5).
+FASHION_MNIST_MD5 = {
+    "train_images": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train_labels": "9018921c3c673c538a1fc5bad174d6f9",
+    "test_images": "8181f5470baa50b63fa0f6fddb340f0a",
+    "test_labels": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+HOW_TO_GET = {
+    "fashion-mnist": "install it with `apt-get install -y dataset-fashion-mnist` (files in "
+                     f"{FASHION_MNIST_DIR}) or pass --data-dir with the four IDX files",
+    "mnist": "put the four MNIST IDX files (train-images-idx3-ubyte[.gz], ...) in a folder and pass --data-dir",
+}
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:
+        raise DatasetError(f"{path}: cannot read ({type(err).__name__}: {err}); the file is truncated or "
+                           f"not a valid {'gzip' if path.suffix == '.gz' else 'IDX'} file") from None
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (plain or ``.gz``) of unsigned bytes into a numpy array.
+
+    Raises :class:`DatasetError` naming the file for a wrong magic number, a size that does not match
+    the header, or a truncated gzip stream.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DatasetError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
+    if raw[2] != 0x08:
+        raise DatasetError(f"{path}: unsupported IDX data type 0x{raw[2]:02x} (only unsigned bytes, 0x08)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim < 1 or len(raw) < header:
+        raise DatasetError(f"{path}: IDX header truncated or with {ndim} dimensions")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DatasetError(f"{path}: size {len(raw)} bytes does not match its header {dims} "
+                           f"({expected} bytes expected); the file is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find(directory: Path, stem: str, dataset: str) -> Path:
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{directory / stem}[.gz] not found: {HOW_TO_GET.get(dataset, HOW_TO_GET['mnist'])}")
+
+
+def md5_of(path: Path) -> str:
+    """MD5 of a file's (decompressed) contents."""
+    return hashlib.md5(_read_bytes(path)).hexdigest()
+
+
+def load_idx_dataset(directory: str | Path = FASHION_MNIST_DIR, name: str = "fashion-mnist",
+                     verify: bool = False) -> Dataset:
+    """Load the four IDX files of an MNIST-format dataset as ``(1, H, W)`` images scaled to ``[0, 1]``
+    and standardised with the training set's mean and standard deviation.
+
+    ``verify`` checks Fashion-MNIST's published MD5 sums.
+    """
+    directory = Path(directory)
+    paths = {key: _find(directory, stem, name) for key, stem in FILES.items()}
+    if verify and name == "fashion-mnist":
+        for key, path in paths.items():
+            if md5_of(path) != FASHION_MNIST_MD5[key]:
+                raise DatasetError(f"{path}: MD5 does not match Fashion-MNIST's {FASHION_MNIST_MD5[key]}")
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3:
+            raise DatasetError(f"{paths[f'{split}_images']}: expected 3 dimensions (N, H, W), got {images.shape}")
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise DatasetError(f"{paths[f'{split}_labels']}: {labels.shape[0]} labels for {len(images)} images")
+    x_tr = torch.from_numpy(arrays["train_images"].astype(np.float32) / 255.0).unsqueeze(1)
+    x_te = torch.from_numpy(arrays["test_images"].astype(np.float32) / 255.0).unsqueeze(1)
+    y_tr = torch.from_numpy(arrays["train_labels"].astype(np.int64))
+    y_te = torch.from_numpy(arrays["test_labels"].astype(np.int64))
+    num_classes = int(max(y_tr.max(), y_te.max())) + 1
+    mean, std = x_tr.mean(), x_tr.std()
+    return Dataset(name, (x_tr - mean) / std, y_tr, (x_te - mean) / std, y_te, num_classes,
+                   info={"source": str(directory), "files": {k: str(p) for k, p in paths.items()}})

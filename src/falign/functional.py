@@ -1,0 +1,309 @@
+"""Autograd functions with an explicit feedback matrix.
+
+Every function here computes the ordinary forward pass of a linear or convolutional layer and
+replaces only the signal sent back to the layer's *input*. The weight and bias gradients stay the
+exact local ones that backpropagation computes, so a rule changes nothing but how errors travel.
+
+Conventions (``nn.Linear``): ``y = x Wᵀ + b`` with ``W ∈ R^{out×in}`` and ``g = ∂L/∂y``.
+
+=====================  ====================  ============================
+quantity               backprop              feedback rule
+=====================  ====================  ============================
+signal to the input    ``g W``               ``g B`` (``B`` of W's shape)
+weight gradient        ``gᵀ x``              ``gᵀ x``
+bias gradient          ``Σ_n g``             ``Σ_n g``
+=====================  ====================  ============================
+
+Convolutions use the transposed convolution with ``B`` in place of ``W`` for the input signal.
+Passing ``feedback=weight`` reproduces backpropagation exactly. When ``feedback`` itself requires a
+gradient (Kolen–Pollack), it receives exactly the weight gradient.
+
+Direct feedback alignment (Nøkland 2016) replaces the input signal by ``e D`` where
+``e = ∂L/∂output`` is read from an :class:`ErrorTap` attached to the model's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd import Function
+
+__all__ = [
+    "ErrorTap",
+    "FeedbackSource",
+    "direct_feedback_conv",
+    "direct_feedback_linear",
+    "feedback_conv",
+    "feedback_linear",
+]
+
+
+def _weight_grad_linear(g: Tensor, x: Tensor) -> Tensor:
+    return g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+
+
+def _bias_grad_linear(g: Tensor) -> Tensor:
+    return g.reshape(-1, g.shape[-1]).sum(0)
+
+
+FeedbackSource = Union[Tensor, Callable[[Tensor], Tensor]]
+"""``B`` itself, or a function ``W ↦ B`` evaluated in the backward pass (at the forward's ``W``)."""
+
+
+def _split(feedback: FeedbackSource, weight: Tensor) -> tuple[Tensor | None, Callable[[Tensor], Tensor] | None]:
+    if isinstance(feedback, Tensor):
+        if feedback.shape != weight.shape:
+            raise ValueError(f"feedback shape {tuple(feedback.shape)} != weight shape {tuple(weight.shape)}")
+        return feedback, None
+    if not callable(feedback):
+        raise TypeError(f"feedback must be a tensor or a callable W -> B, got {type(feedback).__name__}")
+    return None, feedback
+
+
+def _saved_feedback(ctx) -> tuple[Tensor, Tensor]:
+    """(saved input, B) in the backward: B saved as is, or made now from the saved W."""
+    x, saved = ctx.saved_tensors
+    return x, (saved if ctx.feedback_fn is None else ctx.feedback_fn(saved))
+
+
+class _FeedbackLinear(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, feedback_fn):
+        # A lazy B is built in the backward from the saved W, so autograd's version check still
+        # catches an in-place change of W between forward and backward.
+        ctx.save_for_backward(x, weight if feedback is None else feedback)
+        ctx.feedback_fn = feedback_fn
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
+        x, feedback = _saved_feedback(ctx) if need_x else (ctx.saved_tensors[0], None)
+        grad_x = g.matmul(feedback) if need_x else None
+        grad_w = _weight_grad_linear(g, x) if (need_w or need_fb) else None
+        grad_b = _bias_grad_linear(g) if (ctx.has_bias and need_b) else None
+        # Kolen-Pollack: B receives W's gradient; autograd gives each parameter its own copy.
+        return grad_x, grad_w if need_w else None, grad_b, grad_w if need_fb else None, None
+
+
+def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: FeedbackSource) -> Tensor:
+    """Linear map whose input gradient uses ``feedback`` in place of ``weight``.
+
+    Forward: ``y = x Wᵀ + b``. Backward: ``∂x = g B``, ``∂W = gᵀ x``, ``∂b = Σ g`` (summed over
+    every leading dimension), and ``∂B = gᵀ x`` when ``B`` requires a gradient.
+
+    ``feedback`` is ``B`` itself or a function ``W ↦ B`` called in the backward pass only when the
+    input gradient is needed (used by the sign-concordant rules, which derive ``B`` from ``W``).
+
+    Shape:
+        - x: ``(*, in)``, any number of leading dimensions
+        - weight, B: ``(out, in)``; bias: ``(out,)`` or ``None``
+        - output: ``(*, out)``
+    """
+    tensor, fn = _split(feedback, weight)
+    return _FeedbackLinear.apply(x, weight, bias, tensor, fn)
+
+
+class _FeedbackConv(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, feedback_fn, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight if feedback is None else feedback)
+        ctx.feedback_fn = feedback_fn
+        ctx.conf = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]])
+        n = weight.dim() - 2
+        return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * n, groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        stride, padding, dilation, groups, bias_sizes = ctx.conf
+        need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
+        x, feedback = _saved_feedback(ctx) if need_x else ctx.saved_tensors
+        mask = [need_x, need_w or need_fb, bias_sizes is not None and need_b]
+        n = feedback.dim() - 2
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            g, x, feedback, bias_sizes, stride, padding, dilation, False, [0] * n, groups, mask
+        )
+        return (grad_x, grad_w if need_w else None, grad_b, grad_w if need_fb else None, None,
+                None, None, None, None)
+
+
+def feedback_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    feedback: FeedbackSource,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """N-d convolution (1d, 2d, 3d) whose input gradient is the transposed convolution with ``B``.
+
+    ``padding`` is numeric and symmetric; callers pad the input first for other padding modes.
+    The weight and bias gradients are backprop's local ones; ``∂B = ∂W`` when ``B`` requires grad.
+    ``feedback`` is ``B`` or a function ``W ↦ B`` evaluated in the backward pass.
+
+    Shape:
+        - x: ``(N, C_in, *spatial)``; weight, B: ``(C_out, C_in/groups, *kernel)``
+        - output: ``(N, C_out, *spatial_out)``
+    """
+    tensor, fn = _split(feedback, weight)
+    return _FeedbackConv.apply(x, weight, bias, tensor, fn, list(stride), list(padding), list(dilation), groups)
+
+
+class ErrorTap:
+    """Holds the error ``e = ∂L/∂output`` of the latest backward pass, for DFA.
+
+    :meth:`attach` is applied to a model's output: identity forward; in the backward it records the
+    incoming gradient (the output error) before any layer's backward runs, and passes it on unchanged.
+    One tap is shared by every DFA layer of a converted model.
+    """
+
+    def __init__(self) -> None:
+        self.error: Tensor | None = None
+
+    def attach(self, output: Tensor) -> Tensor:
+        if not output.requires_grad:
+            return output
+        return _Tap.apply(output, self)
+
+    def read(self) -> Tensor:
+        if self.error is None:
+            raise RuntimeError(
+                "DFA: no output error recorded. The model's output must pass through the error tap "
+                "(falign.convert installs it as a forward hook on the converted model's root); calling a "
+                "converted submodule on its own is not supported under 'dfa'."
+            )
+        return self.error
+
+    def __getstate__(self):  # the recorded error is transient state, never saved or copied
+        return {"error": None}
+
+
+class _Tap(Function):
+    @staticmethod
+    def forward(ctx, output, tap):
+        ctx.tap = tap
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.tap.error = g.detach()
+        return g, None
+
+
+def _project_error(e: Tensor, feedback: Tensor, x_shape: torch.Size, per_position: bool) -> Tensor:
+    """``e D`` reshaped to the layer input's shape.
+
+    ``per_position``: a Linear layer whose input has the same leading dimensions as the output error
+    (e.g. ``(N, T, ·)`` both) gets ``e D`` at every position; otherwise the error is taken per sample,
+    ``(N, n_out)``, projected, and broadcast (Linear) or reshaped (conv) to the input.
+    """
+    if per_position:
+        return e.matmul(feedback)
+    n = x_shape[0]
+    e2 = e.reshape(n, -1)
+    if e2.shape[1] != feedback.shape[0]:
+        raise RuntimeError(
+            f"DFA: the output error has {e2.shape[1]} features per sample but the feedback matrix "
+            f"expects {feedback.shape[0]}; pass output_features= to falign.convert"
+        )
+    signal = e2.mm(feedback)
+    if signal.shape[1] == x_shape[1:].numel():
+        return signal.reshape(x_shape)
+    # Linear applied over extra positions (N, ..., in) with a per-sample output: same signal everywhere.
+    shape = (n,) + (1,) * (len(x_shape) - 2) + (x_shape[-1],)
+    return signal.reshape(shape).expand(x_shape)
+
+
+class _DirectFeedbackLinear(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, tap):
+        ctx.save_for_backward(x, feedback)
+        ctx.tap = tap
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, feedback = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = None
+        if need_x:
+            e = ctx.tap.read()
+            per_position = e.dim() > 2 and e.shape[:-1] == x.shape[:-1]
+            grad_x = _project_error(e, feedback, x.shape, per_position)
+        grad_w = _weight_grad_linear(g, x) if need_w else None
+        grad_b = _bias_grad_linear(g) if (ctx.has_bias and need_b) else None
+        return grad_x, grad_w, grad_b, None, None
+
+
+def direct_feedback_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor, tap: ErrorTap
+) -> Tensor:
+    """Linear map whose input signal is ``e D`` (direct feedback alignment, Nøkland 2016).
+
+    ``e`` is the model output's error read from ``tap`` during the backward pass. Weight and bias
+    gradients are the local ``gᵀ x`` and ``Σ g``.
+
+    Shape:
+        - x: ``(*, in)``; weight: ``(out, in)``; feedback ``D``: ``(n_out, in)``
+        - the error ``e``: ``(*, n_out)`` with x's leading dimensions, or ``(N, n_out)``
+    """
+    return _DirectFeedbackLinear.apply(x, weight, bias, feedback, tap)
+
+
+class _DirectFeedbackConv(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, tap, pad, pad_mode, stride, padding, dilation, groups):
+        xp = F.pad(x, pad, mode=pad_mode) if pad is not None else x
+        ctx.save_for_backward(xp, weight, feedback)
+        ctx.tap = tap
+        ctx.x_shape = x.shape
+        ctx.conf = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]])
+        n = weight.dim() - 2
+        return torch.convolution(xp, weight, bias, stride, padding, dilation, False, [0] * n, groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        xp, weight, feedback = ctx.saved_tensors
+        stride, padding, dilation, groups, bias_sizes = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        n = weight.dim() - 2
+        grad_w = grad_b = None
+        if need_w or need_b:
+            mask = [False, need_w, bias_sizes is not None and need_b]
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                g, xp, weight, bias_sizes, stride, padding, dilation, False, [0] * n, groups, mask
+            )
+        grad_x = _project_error(ctx.tap.read(), feedback, ctx.x_shape, False) if need_x else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+
+
+def direct_feedback_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    feedback: Tensor,
+    tap: ErrorTap,
+    pad: Sequence[int] | None,
+    pad_mode: str,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """Convolution whose input signal is ``e D`` reshaped to the (unpadded) input, DFA.
+
+    ``pad``/``pad_mode`` is the explicit padding applied before the convolution (as ``F.pad``), so
+    ``D`` always refers to the layer's own input. Shape: ``D`` is ``(n_out, C·H·W)`` of that input.
+    """
+    return _DirectFeedbackConv.apply(
+        x, weight, bias, feedback, tap, None if pad is None else list(pad), pad_mode,
+        list(stride), list(padding), list(dilation), groups,
+    )

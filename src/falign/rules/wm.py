@@ -1,0 +1,88 @@
+"""``wm``: weight mirror (Akrout, Wilson, Humphreys, Lillicrap & Tweed, NeurIPS 2019).
+
+The backward pass uses the buffer ``B = feedback_weight`` as in ``fa``. Between training steps,
+*mirror steps* teach ``B`` the weights: white noise ``x ~ N(0, σ²)`` of shape ``(N, in)`` goes through
+each layer, ``y = x Wᵀ``, and
+
+    B ← (1 − λ) B + η yᵀ x / N,
+
+whose expectation is ``(1 − λ) B + η σ² W``: ``B`` converges to ``(η σ²/λ) W``, aligned with ``W``.
+Convolutions use noise of the kernel's spatial size, so ``yᵀx`` is the weight gradient of a
+``1×1`` output. :func:`mirror_step` does this for every ``wm`` layer of a model; the trainer calls it
+after every optimiser step (``--wm-steps``).
+
+Example::
+
+    model = falign.convert(net, "wm")
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        falign.rules.wm.mirror_step(model, lr=0.05, decay=0.05)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from falign.rules.base import FeedbackRule
+
+
+class WeightMirror(FeedbackRule):
+    """Weight mirror with mirror-step hyper-parameters ``lr`` (η), ``decay`` (λ), ``noise_std`` (σ),
+    ``batch_size`` (N) and ``steps`` (mirror steps after each optimiser step)."""
+
+    name = "wm"
+    summary = "weight mirror: B learned from noise, B <- (1-λ)B + η yᵀx/N (Akrout et al. 2019)"
+
+    def __init__(self, lr: float = 0.05, decay: float = 0.05, noise_std: float = 1.0,
+                 batch_size: int = 64, steps: int = 1) -> None:
+        if not (lr > 0 and 0 <= decay < 1 and noise_std > 0 and batch_size >= 1 and steps >= 0):
+            raise ValueError("wm needs lr > 0, 0 <= decay < 1, noise_std > 0, batch_size >= 1, steps >= 0")
+        self.lr, self.decay, self.noise_std = lr, decay, noise_std
+        self.batch_size, self.steps = batch_size, steps
+
+    def after_optimizer_step(self, layers) -> None:
+        for _ in range(self.steps):
+            for layer in layers:
+                mirror_layer(layer, self.lr, self.decay, self.noise_std, self.batch_size)
+
+    def __repr__(self) -> str:
+        return (f"WeightMirror(lr={self.lr}, decay={self.decay}, noise_std={self.noise_std}, "
+                f"batch_size={self.batch_size}, steps={self.steps})")
+
+
+@torch.no_grad()
+def mirror_layer(layer, lr: float, decay: float, noise_std: float = 1.0, batch_size: int = 64,
+                 generator: torch.Generator | None = None) -> None:
+    """One mirror step on one converted layer: ``B ← (1−λ)B + η yᵀx/N`` with ``x ~ N(0, σ²)``."""
+    w: Tensor = layer.weight
+    b: Tensor = layer.feedback_weight
+    if w.dim() == 2:
+        x = torch.randn(batch_size, w.shape[1], device=w.device, dtype=w.dtype, generator=generator)
+        x.mul_(noise_std)
+        y = x.mm(w.t())
+        update = y.t().mm(x)
+    else:
+        groups = layer.groups
+        n = w.dim() - 2
+        shape = (batch_size, w.shape[1] * groups, *w.shape[2:])
+        x = torch.randn(shape, device=w.device, dtype=w.dtype, generator=generator).mul_(noise_std)
+        y = torch.convolution(x, w, None, [1] * n, [0] * n, [1] * n, False, [0] * n, groups)
+        _, update, _ = torch.ops.aten.convolution_backward(
+            y, x, w, None, [1] * n, [0] * n, [1] * n, False, [0] * n, groups, [False, True, False]
+        )
+    b.mul_(1.0 - decay).add_(update, alpha=lr / batch_size)
+
+
+def mirror_step(model: nn.Module, lr: float = 0.05, decay: float = 0.05, noise_std: float = 1.0,
+                batch_size: int = 64, generator: torch.Generator | None = None) -> int:
+    """Run one mirror step on every ``wm`` layer of ``model``; returns how many layers were updated."""
+    from falign.nn.layers import FeedbackLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FeedbackLayer) and isinstance(module.rule, WeightMirror):
+            mirror_layer(module, lr, decay, noise_std, batch_size, generator)
+            count += 1
+    return count

@@ -1,0 +1,34 @@
+"""Safe checkpoint loading: ``torch.load(..., weights_only=True)`` with errors that name the file."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, tampered with, or holds more than tensors and plain data."""
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by falign. Only tensors and plain Python data are accepted
+    (``weights_only=True``): a file crafted to run code on unpickling is refused, not executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain data "
+                              f"(weights_only=True): {first}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot read the checkpoint (truncated or corrupt): {first}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a falign checkpoint (no 'model' entry)")
+    return state

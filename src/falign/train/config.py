@@ -1,0 +1,123 @@
+"""Training configuration: one dataclass, validated, saved with every run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from falign.data import DATASETS
+from falign.models import MODELS
+from falign.models.mlp import ACTIVATIONS
+from falign.rules import FEEDBACK_INITS, available_rules
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or out of range."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (``falign train`` flags map one-to-one onto fields)."""
+
+    rule: str = "fa"
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (256, 256)
+    activation: str = "relu"
+    bias: bool = True
+    init_scale: float = 1.0
+    data: str = "digits"
+    data_dir: str | None = None
+    n_classes: int | None = None
+    label_noise: float = 0.0
+    train_subset: int | None = None
+    synthetic_classes: int = 10
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "none"
+    lr_milestones: tuple[float, ...] = (0.5, 0.75)
+    loss: str = "ce"
+    seed: int = 0
+    device: str = "auto"
+    feedback_init: str = "kaiming_uniform"
+    feedback_scale: float = 1.0
+    output_signal: str = "rule"
+    wm_lr: float = 0.05
+    wm_decay: float = 0.05
+    wm_steps: int = 1
+    diagnostics_every: int = 0
+    checkpoint_every: int = 0
+    on_divergence: str = "stop"
+    eval_batch_size: int = 1000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(h) for h in self.hidden)
+        self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
+        self.validate()
+
+    def validate(self) -> None:
+        def choice(name: str, options) -> None:
+            value = getattr(self, name)
+            if value not in options:
+                raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, options))}")
+
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        choice("rule", available_rules())
+        choice("model", MODELS)
+        choice("activation", tuple(ACTIVATIONS))
+        choice("data", DATASETS)
+        choice("optimizer", ("sgd", "adam"))
+        choice("lr_schedule", ("none", "step", "cosine"))
+        choice("loss", ("ce", "mse"))
+        choice("device", ("auto", "cpu", "cuda"))
+        choice("feedback_init", FEEDBACK_INITS)
+        choice("output_signal", ("rule", "backprop"))
+        choice("on_divergence", ("stop", "skip-batch"))
+        check(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
+              f"hidden widths must be >= 1, got {self.hidden}")
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        check(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}")
+        check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(0 <= self.label_noise < 1, f"label noise rate must be in [0, 1), got {self.label_noise}")
+        check(self.n_classes is None or self.n_classes >= 2, f"n_classes must be >= 2, got {self.n_classes}")
+        check(self.train_subset is None or self.train_subset >= 1,
+              f"train_subset must be >= 1, got {self.train_subset}")
+        check(self.synthetic_classes >= 2, f"synthetic_classes must be >= 2, got {self.synthetic_classes}")
+        check(self.init_scale > 0, f"init_scale must be > 0, got {self.init_scale}")
+        check(self.feedback_scale > 0, f"feedback_scale must be > 0, got {self.feedback_scale}")
+        check(all(0 < m < 1 for m in self.lr_milestones),
+              f"lr_milestones are fractions in (0, 1), got {self.lr_milestones}")
+        check(self.diagnostics_every >= 0, f"diagnostics_every must be >= 0, got {self.diagnostics_every}")
+        check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        check(self.wm_lr > 0 and 0 <= self.wm_decay < 1 and self.wm_steps >= 0,
+              "wm needs wm_lr > 0, 0 <= wm_decay < 1, wm_steps >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        d["lr_milestones"] = list(self.lr_milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping; unknown keys are an error that lists them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return self.from_dict({**self.to_dict(), **changes})

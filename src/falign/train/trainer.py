@@ -1,0 +1,357 @@
+"""The training loop behind ``falign train``.
+
+A run directory holds ``config.json`` (resolved config), ``versions.json``, ``metrics.jsonl`` (one
+JSON row per epoch, plus diagnostics rows), ``checkpoint.pt`` (latest: model with feedback weights,
+optimiser, scheduler, RNG states, data position) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import random
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import falign
+from falign.data import Dataset, batches, epoch_order, load_dataset
+from falign.models import build_model
+from falign.train.config import TrainConfig
+from falign.train.progress import progress_bar
+from falign.train.rundir import atomic_write, read_json, read_metrics, versions, write_json
+
+
+class RunError(RuntimeError):
+    """A run directory cannot be used as asked (exists, locked, unreadable checkpoint...)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda was asked for but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_run(config: TrainConfig, device: torch.device) -> tuple[Dataset, nn.Module]:
+    """The dataset (on ``device``) and the converted model (on ``device``) of a config."""
+    ds = load_dataset(config.data, data_dir=config.data_dir, n_classes=config.n_classes,
+                      label_noise=config.label_noise, train_subset=config.train_subset, seed=config.seed,
+                      synthetic_classes=config.synthetic_classes)
+    seed_everything(config.seed)
+    base = build_model(config.model, ds.input_shape, ds.num_classes, hidden=config.hidden,
+                       activation=config.activation, bias=config.bias, init_scale=config.init_scale)
+    rule_options = {}
+    if config.rule == "wm":
+        rule_options = {"lr": config.wm_lr, "decay": config.wm_decay, "steps": config.wm_steps}
+    model = falign.convert(base, config.rule, feedback_init=config.feedback_init,
+                           feedback_scale=config.feedback_scale, seed=config.seed,
+                           output_signal=config.output_signal, inplace=True, **rule_options)
+    return ds.to(device), model.to(device)
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    """Per-epoch schedule: constant, ÷10 at each milestone fraction of the epochs, or cosine."""
+    if config.lr_schedule == "step":
+        milestones = sorted({max(1, round(m * config.epochs)) for m in config.lr_milestones})
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def loss_fn(config: TrainConfig, output: Tensor, target: Tensor) -> Tensor:
+    if config.loss == "ce":
+        return F.cross_entropy(output, target)
+    return F.mse_loss(output, F.one_hot(target, output.shape[-1]).to(output.dtype))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, config: TrainConfig, x: Tensor, y: Tensor) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` on ``(x, y)`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for xb, yb in batches(x, y, config.eval_batch_size):
+        out = model(xb)
+        total_loss += float(loss_fn(config, out, yb)) * len(yb)
+        correct += int((out.argmax(-1) == yb).sum())
+    model.train(was_training)
+    return total_loss / len(y), correct / len(y)
+
+
+class Trainer:
+    """Train one config into one run directory.
+
+    Args:
+        config: the run's :class:`TrainConfig`.
+        out: run directory (default ``runs/<rule>-<model>-<data>-<time>``).
+        progress: show a progress bar.
+        overwrite: replace an existing run directory.
+        resume: continue the run in ``out`` from its latest checkpoint.
+    """
+
+    def __init__(self, config: TrainConfig, out: str | Path | None = None, *, progress: bool = True,
+                 overwrite: bool = False, resume: bool = False) -> None:
+        self.config = config
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        default = Path("runs") / f"{config.rule}-{config.model}-{config.data}-{stamp}"
+        self.out = Path(out) if out is not None else default
+        self.progress = progress
+        self.overwrite = overwrite
+        self.resume = resume
+        self.device = resolve_device(config.device)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.checkpoint_path = self.out / "checkpoint.pt"
+
+    # -- run directory -------------------------------------------------------------------------
+    def _prepare_dir(self) -> None:
+        existing = self.out.exists() and any(self.out.iterdir())
+        if self.resume:
+            if not (self.out / "config.json").is_file():
+                raise RunError(f"{self.out}: no run to resume here (config.json missing)")
+            return
+        if existing and not self.overwrite:
+            raise RunError(f"{self.out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        if existing:
+            self._lock_or_fail()  # refuse to wipe a directory another process is writing
+            self._lock.close()
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def _lock_or_fail(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.out / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise RunError(f"{self.out} is locked by another falign process writing this run") from None
+
+    # -- state ---------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "epoch_sums": dict(self.sums),
+            "elapsed": self.elapsed(),
+            "rng": rng_state(),
+            "config": self.config.to_dict(),
+        }
+
+    def save_checkpoint(self) -> None:
+        state = self._state()
+        atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))
+
+    def _load_checkpoint(self) -> None:
+        from falign.train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.sums = defaultdict(float, state["epoch_sums"])
+        self._elapsed_before = state["elapsed"]
+        set_rng_state(state["rng"])
+        # keep exactly the metrics rows written up to the checkpoint
+        rows = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
+        rows = [r for r in rows if r["step"] <= self.step]
+        atomic_write(self.metrics_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows)), "w")
+
+    def elapsed(self) -> float:
+        return self._elapsed_before + time.perf_counter() - self._t0
+
+    def log(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # -- training ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.dataset, self.model = build_run(self.config, self.device)
+        self.optimizer = make_optimizer(self.config, self.model)
+        self.scheduler = make_scheduler(self.config, self.optimizer)
+        groups: dict[int, tuple[Any, list]] = {}
+        for layer in falign.feedback_layers(self.model):
+            groups.setdefault(id(layer.rule), (layer.rule, []))[1].append(layer)
+        self.rule_groups = list(groups.values())
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.sums: defaultdict[str, float] = defaultdict(float)
+        self._elapsed_before = 0.0
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One optimiser step; returns the batch loss and the number of correct predictions."""
+        output = self.model(x)
+        loss = loss_fn(self.config, output, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not torch.isfinite(loss):
+            return loss.detach(), torch.zeros((), dtype=torch.int64)
+        self.optimizer.step()
+        for rule, layers in self.rule_groups:
+            rule.after_optimizer_step(layers)
+        return loss.detach(), (output.detach().argmax(-1) == y).sum()
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or from the checkpoint to the end); returns the summary."""
+        self._prepare_dir()
+        self._lock_or_fail()
+        try:
+            return self._run()
+        finally:
+            self._lock.close()
+
+    def _run(self) -> dict[str, Any]:
+        cfg = self.config
+        if self.resume:
+            saved = read_json(self.out / "config.json")
+            if saved != cfg.to_dict():
+                cfg = self.config = TrainConfig.from_dict(saved)
+                self.device = resolve_device(cfg.device)
+        self.setup()
+        self._t0 = time.perf_counter()
+        if self.resume and self.checkpoint_path.exists():
+            self._load_checkpoint()
+        elif self.resume:
+            self.metrics_path.unlink(missing_ok=True)
+        if not self.resume:
+            write_json(self.out / "config.json", cfg.to_dict())
+        write_json(self.out / "versions.json", versions())
+        n = len(self.dataset.y_train)
+        per_epoch = math.ceil(n / cfg.batch_size)
+        bar = progress_bar(cfg.epochs * per_epoch, f"{cfg.rule} {cfg.model} {cfg.data}", self.progress,
+                           initial=self.step)
+        status, message = "completed", ""
+        try:
+            while self.epoch < cfg.epochs:
+                order = epoch_order(n, cfg.seed, self.epoch, self.device)
+                for x, y in batches(self.dataset.x_train, self.dataset.y_train, cfg.batch_size, order, self.batch):
+                    loss, correct = self.train_step(x, y)
+                    loss_value = float(loss)
+                    if not math.isfinite(loss_value):
+                        if cfg.on_divergence == "stop":
+                            status = "diverged"
+                            message = (f"loss became {loss_value} at step {self.step} (epoch {self.epoch + 1}) "
+                                       f"under rule {cfg.rule!r}; stopped, last good checkpoint kept")
+                            raise _Diverged
+                        self.sums["skipped"] += 1
+                    else:
+                        self.sums["loss"] += loss_value * len(y)
+                        self.sums["correct"] += int(correct)
+                        self.sums["seen"] += len(y)
+                    self.batch += 1
+                    self.step += 1
+                    bar.update(1)
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                self._end_epoch(bar)
+        except _Diverged:
+            pass
+        finally:
+            bar.close()
+        if status == "completed":
+            self.save_checkpoint()
+        summary = self._summary(status, message)
+        write_json(self.out / "summary.json", summary)
+        if status == "diverged":
+            raise DivergenceError(message)
+        return summary
+
+    def _end_epoch(self, bar) -> None:
+        cfg = self.config
+        test_loss, test_acc = evaluate(self.model, cfg, self.dataset.x_test, self.dataset.y_test)
+        seen = max(self.sums["seen"], 1.0)
+        row = {
+            "event": "epoch", "epoch": self.epoch + 1, "step": self.step,
+            "train_loss": self.sums["loss"] / seen, "train_acc": self.sums["correct"] / seen,
+            "test_loss": test_loss, "test_acc": test_acc,
+            "lr": self.optimizer.param_groups[0]["lr"], "time": round(self.elapsed(), 3),
+        }
+        if self.sums["skipped"]:
+            row["skipped_batches"] = int(self.sums["skipped"])
+        self.log(row)
+        bar.set_postfix({"train_acc": f"{row['train_acc']:.3f}", "test_acc": f"{test_acc:.3f}"})
+        self.scheduler.step()
+        self.epoch += 1
+        self.batch = 0
+        self.sums = defaultdict(float)
+
+    def _summary(self, status: str, message: str) -> dict[str, Any]:
+        rows = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
+        rows = [r for r in rows if r.get("event") == "epoch"]
+        final = rows[-1] if rows else {}
+        return {
+            "status": status,
+            "message": message,
+            "rule": self.config.rule, "model": self.config.model, "data": self.config.data,
+            "epochs_completed": len(rows), "steps": self.step,
+            "final": {k: final.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
+            "best_test_acc": max((r["test_acc"] for r in rows), default=None),
+            "wall_time_s": round(self.elapsed(), 3),
+            "device": str(self.device),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "conversion": [vars(r) for r in falign.conversion_report(self.model).layers],
+        }
+
+
+class _Diverged(Exception):
+    pass
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN or infinite under ``on_divergence='stop'``."""
+
+
+def train(config: TrainConfig, out: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Train ``config`` into ``out``; returns the summary (see :class:`Trainer`)."""
+    return Trainer(config, out, **kwargs).run()
+

@@ -1,0 +1,203 @@
+"""falign.convert: any architecture, clear errors, reports, state_dict, seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import falign
+from falign.models import MLP, LeNet5, resnet20
+from falign.nn import FAConv2d, FALinear
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(self.inner(x)) + x
+
+
+class Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.blocks = nn.ModuleList([Residual(), Residual()])
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8, 3))
+        self.pool = nn.AdaptiveAvgPool2d((1, 2))
+
+    def forward(self, x):
+        h = self.pool(self.stem(x)).flatten(1)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("rule", falign.available_rules())
+def test_convert_nested_residual(rule):
+    net = Nested()
+    model = falign.convert(net, rule, seed=1)
+    report = falign.conversion_report(model)
+    assert report.converted == ["stem.0", "blocks.0.inner.0", "blocks.0.proj", "blocks.1.inner.0",
+                                "blocks.1.proj", "head.1"]
+    assert report.left_on_backprop == ["stem.1"]  # BatchNorm keeps its exact gradient
+    assert isinstance(model.stem[0], FAConv2d) and isinstance(model.blocks[1].proj, FALinear)
+    assert not isinstance(net.stem[0], FAConv2d)  # the original is untouched (not inplace)
+    torch.testing.assert_close(model.blocks[0].proj.weight, net.blocks[0].proj.weight)
+    x = torch.randn(4, 1, 4, 4)
+    torch.testing.assert_close(model(x), net(x))  # same function, only the backward changes
+    loss = model(x).logsumexp(1).mean()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_convert_shares_parameters_inplace():
+    net = MLP([4, 5, 3])
+    model = falign.convert(net, "fa", inplace=True)
+    assert model is net and isinstance(net.fc1, FALinear)
+
+
+@pytest.mark.parametrize(
+    ("layer", "name"),
+    [(nn.LSTM(4, 4), "LSTM"), (nn.MultiheadAttention(4, 2), "MultiheadAttention"), (nn.Embedding(5, 4), "Embedding")],
+)
+def test_unsupported_layer_error_names_it(layer, name):
+    net = nn.Sequential(nn.Linear(4, 4), layer)
+    with pytest.raises(falign.ConversionError, match=rf"'1' \({name}, parameters: "):
+        falign.convert(net, "fa")
+    model = falign.convert(net, "fa", unsupported="backprop")
+    report = falign.conversion_report(model)
+    assert report.unsupported == ["1"] and report.converted == ["0"]
+    if name == "MultiheadAttention":  # its out_proj is read directly by F.multi_head_attention_forward
+        assert type(model[1].out_proj) is not FALinear
+
+
+def test_linear_subclass_is_not_silently_converted():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(falign.ConversionError, match="Scaled"):
+        falign.convert(nn.Sequential(Scaled(3, 3), nn.Linear(3, 2)), "fa")
+
+
+def test_no_convertible_layer_and_bad_options():
+    with pytest.raises(falign.ConversionError, match="no layer"):
+        falign.convert(nn.Sequential(nn.ReLU()), "fa")
+    with pytest.raises(ValueError, match="unknown rule 'xx'"):
+        falign.convert(MLP([3, 2]), "xx")
+    with pytest.raises(ValueError, match="output_signal"):
+        falign.convert(MLP([3, 2]), "fa", output_signal="maybe")
+    with pytest.raises(ValueError, match="feedback_init"):
+        falign.convert(MLP([3, 2]), "fa", feedback_init="orthogonal")
+    with pytest.raises(ValueError, match="output_layer"):
+        falign.convert(MLP([3, 2]), "fa", output_layer="nope")
+    with pytest.raises(ValueError, match="output_features"):
+        falign.convert(nn.Sequential(nn.Conv2d(1, 2, 3)), "dfa")
+    with pytest.raises(TypeError, match="rule 'fa'"):
+        falign.convert(MLP([3, 2]), "fa", lr=0.1)
+
+
+def test_output_signal_backprop_makes_output_layer_bp():
+    model = falign.convert(MLP([4, 6, 3]), "fa", output_signal="backprop")
+    assert model.fc2.rule.name == "bp" and model.fc1.rule.name == "fa"
+    assert "backprop" in falign.conversion_report(model).layers[-1].note
+
+
+@pytest.mark.parametrize("rule", falign.available_rules())
+def test_state_dict_round_trip_keeps_feedback(rule):
+    torch.manual_seed(0)
+    net = LeNet5(1, 4, 8)
+    a = falign.convert(net, rule, seed=1)
+    x = torch.randn(3, 1, 8, 8)
+    a(x).sum().backward()  # dfa conv feedback exists after a forward; brsf has drawn once
+    sd = a.state_dict()
+    fb_keys = [k for k in sd if k.endswith("feedback_weight")]
+    assert len(fb_keys) == (0 if rule == "bp" else 5)
+    b = falign.convert(net, rule, seed=99)  # different seed: different feedback until loaded
+    b.load_state_dict(sd)
+    for k in fb_keys:
+        assert torch.equal(b.state_dict()[k], sd[k]), k
+    if rule == "brsf":
+        steps = [l._feedback_step for l in falign.feedback_layers(b)]
+        assert steps == [0, 1, 1, 1, 1]  # the first layer's input is data: it never needs B
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa", "frsf", "kp", "wm", "usf"])
+def test_same_seed_same_feedback_and_different_seed_differs(rule):
+    a = falign.convert(MLP([6, 8, 8, 3]), rule, seed=5)
+    b = falign.convert(MLP([6, 8, 8, 3]), rule, seed=5)
+    c = falign.convert(MLP([6, 8, 8, 3]), rule, seed=6)
+    la, lb, lc = (falign.feedback_layers(m) for m in (a, b, c))
+    for x, y in zip(la, lb):
+        assert torch.equal(x.feedback_weight, y.feedback_weight)
+    if rule != "usf":  # usf's magnitudes are a constant
+        assert not torch.equal(la[1].feedback_weight, lc[1].feedback_weight)
+        assert not torch.equal(la[0].feedback_weight, la[1].feedback_weight[:, :6])
+
+
+@pytest.mark.parametrize("rule", ["fa", "brsf", "dfa", "kp", "wm"])
+def test_same_seed_identical_training(rule):
+    from falign.train import TrainConfig, build_run
+    from falign.train.trainer import make_optimizer
+
+    def run():
+        cfg = TrainConfig(rule=rule, hidden=(16,), epochs=1)
+        ds, model = build_run(cfg, torch.device("cpu"))
+        opt = make_optimizer(cfg, model)
+        for i in range(5):
+            xb, yb = ds.x_train[i * 16 : (i + 1) * 16], ds.y_train[i * 16 : (i + 1) * 16]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+            for layer in falign.feedback_layers(model):
+                layer.rule.after_optimizer_step([layer])
+        return model.state_dict()
+
+    a, b = run(), run()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_dfa_on_resnet_and_feedback_shapes():
+    torch.manual_seed(0)
+    model = falign.convert(resnet20(num_classes=5), "dfa")
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    layers = falign.feedback_layers(model)
+    assert len(layers) == 20
+    first, fc = model.conv, model.fc
+    assert tuple(first.feedback_weight.shape) == (5, 3 * 32 * 32)
+    assert tuple(fc.feedback_weight.shape) == (5, 64)
+    assert not first.feedback_used and fc.feedback_used
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_dfa_wrong_output_features_is_clear():
+    model = falign.convert(MLP([4, 6, 3]), "dfa", output_features=5)
+    with pytest.raises(ValueError, match="5 output features"):
+        model(torch.randn(2, 4))
+
+
+def test_dfa_hand_built_layers_need_a_tap():
+    net = nn.Sequential(FALinear(4, 6, rule="dfa", output_features=2), nn.ReLU(), FALinear(6, 2, rule="dfa",
+                                                                                            output_features=2))
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="error tap"):
+        net(x).sum().backward()
+    falign.install_error_tap(net, output_features=2)
+    net.zero_grad()
+    net(x).sum().backward()
+    assert net[0].weight.grad is not None
+
+
+def test_report_is_printable_and_requires_convert():
+    model = falign.convert(Nested(), "fa")
+    text = str(falign.conversion_report(model))
+    assert "stem.0" in text and "BatchNorm2d" in text and "kept-backprop" in text
+    with pytest.raises(ValueError, match=r"not produced by falign\.convert"):
+        falign.conversion_report(nn.Linear(2, 2))
