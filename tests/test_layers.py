@@ -6,12 +6,12 @@ import itertools
 
 import pytest
 import torch
-from tests.conftest import make_upstream
 from torch import nn
 from torch.nn.grad import conv1d_input, conv2d_input
 
 import falign
 from falign.nn import FAConv1d, FAConv2d, FALinear
+from tests.conftest import make_upstream
 
 DT = torch.float64
 FEEDBACK_RULES = ["fa", "usf", "frsf", "brsf", "kp", "wm"]
