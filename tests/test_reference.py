@@ -70,9 +70,11 @@ def test_three_layer_mlp_matches_naive_reference(rule, output_signal):
     torch.testing.assert_close(got[4], bp[4])  # the output layer always gets its true gradient
 
 
-def test_dfa_conv_net_matches_naive_reference():
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
+def test_dfa_conv_net_matches_naive_reference(padding_mode):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 4)).to(DT)
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode)
+    net = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 4)).to(DT)
     model = falign.convert(net, "dfa", seed=1)
     assert model[0].feedback_weight.numel() == 0  # conv D is created at the first forward
     x, y = torch.randn(5, 2, 5, 5, dtype=DT), torch.randint(0, 4, (5,))
@@ -80,12 +82,14 @@ def test_dfa_conv_net_matches_naive_reference():
     conv, lin = model[0], model[3]
     assert tuple(conv.feedback_weight.shape) == (4, 2 * 5 * 5)
     # naive: e, then the conv output's delta from the Linear layer's D, then the conv weight gradient
-    z = torch.nn.functional.conv2d(x, conv.weight.detach(), conv.bias.detach(), padding=1)
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1), mode=mode)
+    z = torch.nn.functional.conv2d(xp, conv.weight.detach(), conv.bias.detach())
     h = z.clamp_min(0).flatten(1)
     out = h @ lin.weight.detach().T + lin.bias.detach()
     e = (torch.softmax(out, 1) - torch.nn.functional.one_hot(y, 4).to(DT)) / len(y)
     delta = (e @ lin.feedback_weight.detach()).reshape(z.shape) * (z > 0)
-    expected = [conv2d_weight(x, conv.weight.shape, delta, padding=1), delta.sum((0, 2, 3)), e.T @ h, e.sum(0)]
+    expected = [conv2d_weight(xp, conv.weight.shape, delta), delta.sum((0, 2, 3)), e.T @ h, e.sum(0)]
     for g, ref in zip(got, expected):
         torch.testing.assert_close(g, ref)
 
