@@ -130,6 +130,30 @@ def _cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
+PLOT_EXAMPLE = """examples:
+  falign train --rule fa --diagnostics-every 20 --out runs/fa-diag
+  falign plot runs/fa-diag                       # writes runs/fa-diag/plots/*.png
+"""
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="figures of a run's diagnostics", epilog=PLOT_EXAMPLE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write alignment.png, conservation.png and decomposition.png for a run "
+                                   "trained with --diagnostics-every.")
+    p.add_argument("run_dir", help="a run directory written by falign train")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: RUN_DIR/plots)")
+    p.set_defaults(func=_cmd_plot)
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from falign.report.plots import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="falign",
@@ -138,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
+    _add_plot(sub)
     _add_rules(sub)
     return parser
 
@@ -148,12 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from falign.data import DatasetError
-    from falign.train import CheckpointError, ConfigError, DivergenceError, RunError
+    from falign.errors import FalignError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DatasetError, RunError, CheckpointError, DivergenceError, FileNotFoundError) as err:
+    except (FalignError, FileNotFoundError) as err:
         print(f"falign {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

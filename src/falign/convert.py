@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from falign.errors import FalignError
 from falign.functional import ErrorTap
 from falign.nn.layers import FAConv1d, FAConv2d, FAConv3d, FALinear, FeedbackLayer
 from falign.rules import FeedbackRule, get_rule, mix_seed
@@ -57,7 +58,7 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     KEPT_ON_BACKPROP = (*KEPT_ON_BACKPROP, nn.RMSNorm)
 
 
-class ConversionError(TypeError):
+class ConversionError(FalignError, TypeError):
     """A module with parameters that no converted layer can stand in for."""
 
 

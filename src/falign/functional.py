@@ -24,7 +24,8 @@ Direct feedback alignment (Nøkland 2016) replaces the input signal by ``e D`` w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Union
 
 import torch
@@ -35,6 +36,7 @@ from torch.autograd import Function
 __all__ = [
     "ErrorTap",
     "FeedbackSource",
+    "backprop_mode",
     "direct_feedback_conv",
     "direct_feedback_linear",
     "feedback_conv",
@@ -64,10 +66,37 @@ def _split(feedback: FeedbackSource, weight: Tensor) -> tuple[Tensor | None, Cal
     return None, feedback
 
 
+_BACKPROP_MODE = 0
+
+
+@contextlib.contextmanager
+def backprop_mode() -> Iterator[None]:
+    """Backward passes run inside this context use ``B = W`` in every feedback function: the true
+    gradient (backprop) through a graph built by a converted model.
+
+    With ``loss.backward(retain_graph=True)`` first (the rule's gradients), one more
+    ``torch.autograd.grad(loss, ...)`` inside this context gives the true gradients at the same
+    weights and batch without a second forward pass or a copy of the model. DFA layers send ``g W``
+    and sign-concordant rules draw nothing. Process-wide; not for concurrent backward passes.
+    """
+    global _BACKPROP_MODE
+    _BACKPROP_MODE += 1
+    try:
+        yield
+    finally:
+        _BACKPROP_MODE -= 1
+
+
+def in_backprop_mode() -> bool:
+    return _BACKPROP_MODE > 0
+
+
 def _saved_feedback(ctx) -> tuple[Tensor, Tensor]:
-    """(saved input, B) in the backward: B saved as is, or made now from the saved W."""
-    x, saved = ctx.saved_tensors
-    return x, (saved if ctx.feedback_fn is None else ctx.feedback_fn(saved))
+    """(saved input, B) in the backward: W in backprop mode, else B as saved or made from W."""
+    x, weight, feedback = ctx.saved_tensors
+    if _BACKPROP_MODE:
+        return x, weight
+    return x, (feedback if ctx.feedback_fn is None else ctx.feedback_fn(weight))
 
 
 class _FeedbackLinear(Function):
@@ -75,7 +104,7 @@ class _FeedbackLinear(Function):
     def forward(ctx, x, weight, bias, feedback, feedback_fn):
         # A lazy B is built in the backward from the saved W, so autograd's version check still
         # catches an in-place change of W between forward and backward.
-        ctx.save_for_backward(x, weight if feedback is None else feedback)
+        ctx.save_for_backward(x, weight, feedback)
         ctx.feedback_fn = feedback_fn
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
@@ -112,7 +141,7 @@ def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Fe
 class _FeedbackConv(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, feedback_fn, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, weight if feedback is None else feedback)
+        ctx.save_for_backward(x, weight, feedback)
         ctx.feedback_fn = feedback_fn
         ctx.conf = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]])
         n = weight.dim() - 2
@@ -122,7 +151,7 @@ class _FeedbackConv(Function):
     def backward(ctx, g):
         stride, padding, dilation, groups, bias_sizes = ctx.conf
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
-        x, feedback = _saved_feedback(ctx) if need_x else ctx.saved_tensors
+        x, feedback = _saved_feedback(ctx) if need_x else ctx.saved_tensors[:2]
         mask = [need_x, need_w or need_fb, bias_sizes is not None and need_b]
         n = feedback.dim() - 2
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
@@ -224,17 +253,19 @@ def _project_error(e: Tensor, feedback: Tensor, x_shape: torch.Size, per_positio
 class _DirectFeedbackLinear(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, tap):
-        ctx.save_for_backward(x, feedback)
+        ctx.save_for_backward(x, weight, feedback)
         ctx.tap = tap
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
-        x, feedback = ctx.saved_tensors
+        x, weight, feedback = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = None
-        if need_x:
+        if need_x and _BACKPROP_MODE:
+            grad_x = g.matmul(weight)
+        elif need_x:
             e = ctx.tap.read()
             per_position = e.dim() > 2 and e.shape[:-1] == x.shape[:-1]
             grad_x = _project_error(e, feedback, x.shape, per_position)
@@ -262,27 +293,38 @@ class _DirectFeedbackConv(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, tap, pad, pad_mode, stride, padding, dilation, groups):
         xp = F.pad(x, pad, mode=pad_mode) if pad is not None else x
-        ctx.save_for_backward(xp, weight, feedback)
+        ctx.save_for_backward(x, xp, weight, feedback)
         ctx.tap = tap
-        ctx.x_shape = x.shape
+        ctx.pad = (pad, pad_mode)
         ctx.conf = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]])
         n = weight.dim() - 2
         return torch.convolution(xp, weight, bias, stride, padding, dilation, False, [0] * n, groups)
 
     @staticmethod
     def backward(ctx, g):
-        xp, weight, feedback = ctx.saved_tensors
+        x, xp, weight, feedback = ctx.saved_tensors
         stride, padding, dilation, groups, bias_sizes = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         n = weight.dim() - 2
-        grad_w = grad_b = None
-        if need_w or need_b:
-            mask = [False, need_w, bias_sizes is not None and need_b]
-            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                g, xp, weight, bias_sizes, stride, padding, dilation, False, [0] * n, groups, mask
-            )
-        grad_x = _project_error(ctx.tap.read(), feedback, ctx.x_shape, False) if need_x else None
+        true_x = need_x and _BACKPROP_MODE
+        mask = [true_x, need_w, bias_sizes is not None and need_b]
+        grad_xp, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            g, xp, weight, bias_sizes, stride, padding, dilation, False, [0] * n, groups, mask
+        )
+        grad_x = None
+        if true_x:
+            grad_x = grad_xp if ctx.pad[0] is None else _unpad_grad(x, grad_xp, *ctx.pad)
+        elif need_x:
+            grad_x = _project_error(ctx.tap.read(), feedback, x.shape, False)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+
+
+def _unpad_grad(x: Tensor, grad_xp: Tensor, pad: list[int], mode: str) -> Tensor:
+    """Gradient w.r.t. ``x`` of ``F.pad(x, pad, mode)`` given the gradient of the padded tensor."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.pad(leaf, pad, mode=mode), leaf, grad_xp)
+    return grad
 
 
 def direct_feedback_conv(

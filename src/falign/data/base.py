@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from falign.errors import FalignError
 from falign.rules.base import mix_seed
 
 
-class DatasetError(ValueError):
+class DatasetError(FalignError, ValueError):
     """A dataset file is missing, malformed, or an option does not fit the dataset."""
 
 

@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
+from falign.errors import FalignError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(FalignError, RuntimeError):
     """A checkpoint is missing, truncated, tampered with, or holds more than tensors and plain data."""
 
 

@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from falign.data import DATASETS
+from falign.errors import FalignError
 from falign.models import MODELS
 from falign.models.mlp import ACTIVATIONS
 from falign.rules import FEEDBACK_INITS, available_rules
 
 
-class ConfigError(ValueError):
+class ConfigError(FalignError, ValueError):
     """A configuration value is unknown or out of range."""
 
 

@@ -24,13 +24,15 @@ from torch import Tensor, nn
 
 import falign
 from falign.data import Dataset, batches, epoch_order, load_dataset
+from falign.diagnostics import DiagnosticsRecorder, conservation_assumptions, find_pairs, jsonable
+from falign.errors import FalignError
 from falign.models import build_model
 from falign.train.config import TrainConfig
 from falign.train.progress import progress_bar
 from falign.train.rundir import atomic_write, read_json, read_metrics, versions, write_json
 
 
-class RunError(RuntimeError):
+class RunError(FalignError, RuntimeError):
     """A run directory cannot be used as asked (exists, locked, unreadable checkpoint...)."""
 
 
@@ -185,6 +187,7 @@ class Trainer:
             "epoch_sums": dict(self.sums),
             "elapsed": self.elapsed(),
             "rng": rng_state(),
+            "diagnostics": self.recorder.state_dict() if self.recorder is not None else None,
             "config": self.config.to_dict(),
         }
 
@@ -203,6 +206,8 @@ class Trainer:
         self.sums = defaultdict(float, state["epoch_sums"])
         self._elapsed_before = state["elapsed"]
         set_rng_state(state["rng"])
+        if self.recorder is not None and state.get("diagnostics"):
+            self.recorder.load_state_dict(state["diagnostics"])
         # keep exactly the metrics rows written up to the checkpoint
         rows = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
         rows = [r for r in rows if r["step"] <= self.step]
@@ -214,6 +219,21 @@ class Trainer:
     def log(self, row: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def _tensorboard_diagnostics(self, record: dict[str, Any]) -> None:
+        if self.tensorboard is None:
+            return
+        w, step = self.tensorboard, self.step
+        for kind in ("gradient_alignment", "signal_alignment"):
+            for layer, value in record[kind].items():
+                w.add_scalar(f"{kind}/{layer}", value, step)
+        for layer, value in record["weight_alignment"].items():
+            w.add_scalar(f"weight_alignment/{layer}", value["angle"], step)
+        for pair, value in record["conservation"].items():
+            if "max_drift" in value:
+                w.add_scalar(f"conservation_max_drift/{pair}", value["max_drift"], step)
+        for layer, value in record["decomposition"]["terms"].items():
+            w.add_scalar(f"decomposition/{layer}", value, step)
 
     # -- training ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -227,13 +247,34 @@ class Trainer:
         self.epoch, self.batch, self.step = 0, 0, 0
         self.sums: defaultdict[str, float] = defaultdict(float)
         self._elapsed_before = 0.0
+        cfg = self.config
+        self.recorder = DiagnosticsRecorder(self.model) if cfg.diagnostics_every else None
+        pairs = find_pairs(self.model, self.dataset.x_train[:2])
+        self.assumptions = conservation_assumptions(
+            pairs, cfg.rule, optimizer=cfg.optimizer, momentum=cfg.momentum if cfg.optimizer == "sgd" else 0.0,
+            weight_decay=cfg.weight_decay, single_lr=cfg.lr_schedule == "none")
+        self.tensorboard = _tensorboard_writer(self.out / "tensorboard")
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """One optimiser step; returns the batch loss and the number of correct predictions."""
-        output = self.model(x)
-        loss = loss_fn(self.config, output, y)
+        """One optimiser step; returns the batch loss and the number of correct predictions.
+
+        On a diagnostics step the recorder runs the forward pass, the rule's backward and one extra
+        backward in backprop mode, and the measurements go to ``metrics.jsonl`` before the update.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        every = self.config.diagnostics_every
+        if self.recorder is not None and self.step % every == 0:
+            def compute() -> tuple[Tensor, Tensor]:
+                out = self.model(x)
+                return loss_fn(self.config, out, y), out
+
+            loss, output, record = self.recorder.step(compute, x)
+            self.log({"event": "diagnostics", "step": self.step, "epoch": self.epoch + 1, **jsonable(record)})
+            self._tensorboard_diagnostics(record)
+        else:
+            output = self.model(x)
+            loss = loss_fn(self.config, output, y)
+            loss.backward()
         if not torch.isfinite(loss):
             return loss.detach(), torch.zeros((), dtype=torch.int64)
         self.optimizer.step()
@@ -298,6 +339,8 @@ class Trainer:
             pass
         finally:
             bar.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         if status == "completed":
             self.save_checkpoint()
         summary = self._summary(status, message)
@@ -319,6 +362,10 @@ class Trainer:
         if self.sums["skipped"]:
             row["skipped_batches"] = int(self.sums["skipped"])
         self.log(row)
+        if self.tensorboard is not None:
+            for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+                self.tensorboard.add_scalar(f"epoch/{key}", row[key], self.step)
+            self.tensorboard.flush()
         bar.set_postfix({"train_acc": f"{row['train_acc']:.3f}", "test_acc": f"{test_acc:.3f}"})
         self.scheduler.step()
         self.epoch += 1
@@ -340,14 +387,24 @@ class Trainer:
             "device": str(self.device),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "conversion": [vars(r) for r in falign.conversion_report(self.model).layers],
+            "conservation_assumptions": self.assumptions,
         }
+
+
+def _tensorboard_writer(path: Path):
+    """A TensorBoard ``SummaryWriter`` when the ``tensorboard`` package is installed, else ``None``."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
 
 
 class _Diverged(Exception):
     pass
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(FalignError, RuntimeError):
     """The loss became NaN or infinite under ``on_divergence='stop'``."""
 
 

@@ -1,0 +1,134 @@
+"""Diagnostics recorded during training every ``k`` steps (``falign train --diagnostics-every k``)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from falign.convert import conversion_report
+from falign.diagnostics.alignment import (
+    backprop_gradients,
+    error_signal_alignment,
+    gradient_alignment,
+    named_feedback_layers,
+    weight_alignment,
+)
+from falign.diagnostics.conservation import LayerPair, conservation, drift, find_pairs
+from falign.diagnostics.decomposition import loss_decomposition
+
+
+class _Capture:
+    """Error signals ``δ_l`` (gradients at each converted layer's output) of two backward passes."""
+
+    def __init__(self) -> None:
+        self.passes: list[dict[str, Tensor]] = [{}]
+
+    def hook_for(self, name: str) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            self.passes[-1][name] = grad.detach()
+        return hook
+
+    def next_pass(self) -> None:
+        self.passes.append({})
+
+
+class DiagnosticsRecorder:
+    """Measures alignment, conservation and the loss-rate decomposition at one training step.
+
+    Usage (what the trainer does)::
+
+        rec = DiagnosticsRecorder(model, margin=0.1)
+        loss, output, record = rec.step(lambda: loss_fn(model(x), y), example=x)
+        optimizer.step()
+
+    :meth:`step` runs one forward pass and two backward passes through the same graph: the rule's
+    (leaving its gradients in ``.grad`` for the optimiser) and the true one in backprop mode (one extra
+    vector-Jacobian product). The first record is the reference point of the conservation drift.
+    """
+
+    def __init__(self, model: nn.Module, margin: float = 0.1) -> None:
+        self.model = model
+        self.margin = margin
+        self.layers = named_feedback_layers(model)
+        self.output_layer = conversion_report(model).output_layer
+        self.params = {n: p for n, p in model.named_parameters() if not n.endswith("feedback_weight")}
+        layer_of = {}
+        for lname in self.layers:
+            for pname in ("weight", "bias"):
+                layer_of[f"{lname}.{pname}" if lname else pname] = lname
+        self.groups: dict[str, list[str]] = {}
+        for pname in self.params:
+            self.groups.setdefault(layer_of.get(pname, "other (no feedback)"), []).append(pname)
+        self.pairs: list[LayerPair] | None = None
+        self.reference: dict[str, dict[str, Tensor]] | None = None
+
+    @contextlib.contextmanager
+    def _capture(self) -> Iterator[_Capture]:
+        cap = _Capture()
+
+        def on_forward(name: str):
+            def hook(module: nn.Module, inputs: Any, out: Tensor) -> None:
+                if out.requires_grad:
+                    out.register_hook(cap.hook_for(name))
+            return hook
+
+        handles = [layer.register_forward_hook(on_forward(name)) for name, layer in self.layers.items()]
+        try:
+            yield cap
+        finally:
+            for h in handles:
+                h.remove()
+
+    def step(self, compute_loss: Callable[[], tuple[Tensor, Tensor]], example: Tensor) -> tuple[Tensor, Tensor, dict]:
+        """Forward + rule backward (gradients stay in ``.grad``) + true backward; returns
+        ``(loss, output, record)``. ``compute_loss`` returns ``(loss, output)``."""
+        if self.pairs is None:
+            self.pairs = find_pairs(self.model, example[:2])
+        with self._capture() as cap:
+            loss, output = compute_loss()
+            loss.backward(retain_graph=True)
+            cap.next_pass()
+            true = backprop_gradients(loss, self.params)
+        rule = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in self.params.items()}
+        record = self.measure(rule, true, cap.passes[0], cap.passes[1])
+        record["loss"] = float(loss.detach())
+        return loss.detach(), output.detach(), record
+
+    def state_dict(self) -> dict[str, Any]:
+        """The conservation reference point (saved in checkpoints so a resumed run's drift is exact)."""
+        return {"reference": self.reference}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reference = state["reference"]
+
+    def measure(self, rule: dict[str, Tensor], true: dict[str, Tensor], signals_rule: dict[str, Tensor],
+                signals_true: dict[str, Tensor]) -> dict[str, Any]:
+        wkey = {lname: f"{lname}.weight" if lname else "weight" for lname in self.layers}
+        grads_rule = {l: rule[k] for l, k in wkey.items() if k in rule}
+        grads_true = {l: true[k] for l, k in wkey.items() if k in true}
+        quantities = conservation(self.pairs or [])
+        if self.reference is None:
+            self.reference = quantities
+        return {
+            "weight_alignment": weight_alignment(self.model),
+            "gradient_alignment": gradient_alignment(grads_rule, grads_true),
+            "signal_alignment": error_signal_alignment(signals_rule, signals_true),
+            "conservation": {k: drift(q, self.reference[k]) for k, q in quantities.items()},
+            "decomposition": loss_decomposition(rule, true, self.groups, self.output_layer, self.margin),
+        }
+
+
+def jsonable(obj: Any) -> Any:
+    """Replace NaN/inf by ``None`` (JSON has no NaN) recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj

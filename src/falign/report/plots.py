@@ -1,0 +1,121 @@
+"""Figures of a run's diagnostics (``falign plot RUN_DIR``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from falign.errors import FalignError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise FalignError("plotting needs matplotlib: pip install 'falign[experiments]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(rows: Sequence[dict[str, Any]], path: Sequence[str]) -> dict[str, tuple[list[int], list[float]]]:
+    """``{key: (steps, values)}`` of ``row[path...][key]`` over diagnostics rows (``None`` skipped)."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for row in rows:
+        node: Any = row
+        for part in path:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        for key, value in node.items():
+            if isinstance(value, dict):
+                value = value.get("angle", value.get("max_drift"))
+            if value is None:
+                continue
+            steps, values = out.setdefault(key, ([], []))
+            steps.append(row["step"])
+            values.append(value)
+    return out
+
+
+def plot_alignment(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Weight, gradient and error-signal alignment angles over steps, one line per layer."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    for ax, (kind, title) in zip(axes, (("weight_alignment", "weight vs feedback  ∠(W_l, B_l)"),
+                                        ("gradient_alignment", "rule update vs true gradient  ∠(G_l, ∇L)"),
+                                        ("signal_alignment", "error signal vs backprop  ∠(δ_rule, δ_bp)"))):
+        for layer, (steps, values) in sorted(_series(rows, [kind]).items()):
+            ax.plot(steps, values, label=layer)
+        ax.axhline(90, color="grey", lw=0.8, ls="--")
+        ax.set(title=title, xlabel="step", ylim=(0, 180))
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("angle (degrees)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_conservation(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Maximum per-neuron drift of Q since the first record, per layer pair (and backprop's law)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for pair, (steps, values) in sorted(_series(rows, ["conservation"]).items()):
+        ax.plot(steps, values, label=f"{pair}  Q (feedback law)")
+    balanced: dict[str, tuple[list[int], list[float]]] = {}
+    for row in rows:
+        for pair, v in row.get("conservation", {}).items():
+            if v.get("balanced_max_drift") is not None:
+                s, vals = balanced.setdefault(pair, ([], []))
+                s.append(row["step"])
+                vals.append(v["balanced_max_drift"])
+    for pair, (steps, values) in sorted(balanced.items()):
+        ax.plot(steps, values, ls=":", label=f"{pair}  balancedness (backprop law)")
+    ax.set(title="conservation law: max_k |Q_k(t) − Q_k(0)|", xlabel="step", ylabel="drift")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_decomposition(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Per-layer terms ⟨∇_{W_l}L, G_l⟩ of −dL/dt over steps, and the dominance ratio ρ."""
+    plt = _pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    for layer, (steps, values) in sorted(_series(rows, ["decomposition", "terms"]).items()):
+        ax.plot(steps, values, label=layer)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(title="loss-rate decomposition  ⟨∇_{W_l}L, G_l⟩", xlabel="step", ylabel="term")
+    ax.legend(fontsize=7)
+    steps = [r["step"] for r in rows if r.get("decomposition", {}).get("rho") is not None]
+    rho = [r["decomposition"]["rho"] for r in rows if r.get("decomposition", {}).get("rho") is not None]
+    ax2.plot(steps, rho, color="k")
+    if rows:
+        c = rows[0]["decomposition"]["margin"]
+        ax2.axhline(-(1 - c), color="r", ls="--", label=f"dominance threshold −(1−c), c={c}")
+    ax2.set(title="ρ = Σ_{l<L} terms / output term", xlabel="step", ylabel="ρ")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write ``alignment.png``, ``conservation.png`` and ``decomposition.png`` for a run directory
+    (into ``RUN_DIR/plots`` by default). The run needs diagnostics (``--diagnostics-every``)."""
+    from falign.train.rundir import read_metrics
+
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{metrics} not found: {run_dir} is not a falign run directory")
+    rows = [r for r in read_metrics(metrics) if r.get("event") == "diagnostics"]
+    if not rows:
+        raise FalignError(f"{metrics} has no diagnostics rows: train with --diagnostics-every K")
+    out = Path(out) if out is not None else run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    return [plot_alignment(rows, out / "alignment.png"), plot_conservation(rows, out / "conservation.png"),
+            plot_decomposition(rows, out / "decomposition.png")]
