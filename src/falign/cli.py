@@ -154,6 +154,49 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+REPRODUCE_EXAMPLE = """examples:
+  falign reproduce                               # every experiment, quick sizes (minutes on 2 CPU cores)
+  falign reproduce --only conservation,min_norm --out runs/repro
+  falign reproduce --full --seeds 5              # larger models, more seeds, full Fashion-MNIST
+"""
+
+
+def _add_reproduce(sub) -> None:
+    from falign.experiments import EXPERIMENTS
+
+    p = sub.add_parser("reproduce", help="the paper's experiments as one report", epilog=REPRODUCE_EXAMPLE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run the experiments of Robertson & Koyejo (ICML 2024) and write report.md, "
+                                   "report.html, tables/*.csv and figures/*.png. Experiments: "
+                                   + ", ".join(EXPERIMENTS) + ".")
+    p.add_argument("--only", default=None, help="comma-separated experiment names (default: all)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the repeated runs (default: 3)")
+    p.add_argument("--full", action="store_true", help="larger models, more steps, full-size data")
+    p.add_argument("--size", choices=("tiny", "quick", "full"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default: cpu)")
+    p.add_argument("--out", default="runs/reproduce", help="output folder (default: runs/reproduce)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_reproduce)
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from falign.experiments import reproduce
+    from falign.report.report import HEADLINE_COLUMNS, format_value
+
+    size = args.size or ("full" if args.full else "quick")
+    only = [n.strip() for n in args.only.split(",")] if args.only else None
+    results, paths = reproduce(args.out, only=only, size=size, seeds=args.seeds, device=args.device,
+                               progress=not args.no_progress)
+    widths = {"experiment": 19, "measure": 44, "value": 30, "verdict": 13, "seconds": 7}
+    print("  ".join(c.ljust(widths[c]) for c in HEADLINE_COLUMNS))
+    for r in results:
+        row = {"experiment": r.name, "measure": r.headline.get("metric", ""), "value": r.headline.get("value", ""),
+               "verdict": r.headline.get("verdict", ""), "seconds": format_value(round(r.seconds, 1))}
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in HEADLINE_COLUMNS))
+    print(f"report: {paths['markdown']}  (and {paths['html'].name}, tables/*.csv, figures/*.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="falign",
@@ -162,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
+    _add_reproduce(sub)
     _add_plot(sub)
     _add_rules(sub)
     return parser

@@ -84,6 +84,9 @@ def md5_of(path: Path) -> str:
     return hashlib.md5(_read_bytes(path)).hexdigest()
 
 
+_CACHE: dict[tuple, Dataset] = {}
+
+
 def load_idx_dataset(directory: str | Path = FASHION_MNIST_DIR, name: str = "fashion-mnist",
                      verify: bool = False) -> Dataset:
     """Load the four IDX files of an MNIST-format dataset as ``(1, H, W)`` images scaled to ``[0, 1]``
@@ -93,6 +96,14 @@ def load_idx_dataset(directory: str | Path = FASHION_MNIST_DIR, name: str = "fas
     """
     directory = Path(directory)
     paths = {key: _find(directory, stem, name) for key, stem in FILES.items()}
+    key = (name, verify, *((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths.values()))
+    if key not in _CACHE:  # sweeps load the same files many times; the tensors are never modified
+        _CACHE.clear()
+        _CACHE[key] = _load(paths, directory, name, verify)
+    return _CACHE[key]
+
+
+def _load(paths: dict[str, Path], directory: Path, name: str, verify: bool) -> Dataset:
     if verify and name == "fashion-mnist":
         for key, path in paths.items():
             if md5_of(path) != FASHION_MNIST_MD5[key]:

@@ -1,1 +1,77 @@
-"""The paper's experiments (Robertson & Koyejo, ICML 2024), one module each."""
+"""The paper's experiments (Robertson & Koyejo, ICML 2024), one module each, and ``reproduce``.
+
+Each module has ``NAME``, ``TITLE``, ``HYPOTHESIS``, ``units(ctx)`` (progress units), ``run(ctx)`` returning an
+:class:`~falign.experiments.base.ExperimentResult`, and a ``verdicts(...)`` function that turns its numbers
+into verdicts (tested on constructed inputs).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from falign.errors import FalignError
+from falign.experiments import (
+    benign_overfitting,
+    conservation,
+    dominance,
+    implicit_alignment,
+    min_norm,
+    multiclass,
+)
+from falign.experiments.base import Context, ExperimentResult
+
+EXPERIMENTS: dict[str, ModuleType] = {
+    m.NAME: m for m in (conservation, implicit_alignment, dominance, multiclass, benign_overfitting, min_norm)
+}
+
+
+def reproduce(out: str | Path, *, only: Sequence[str] | None = None, size: str = "quick", seeds: int = 3,
+              device: str = "cpu", progress: bool = True) -> tuple[list[ExperimentResult], dict[str, Path]]:
+    """Run the experiments (all, or ``only``) into ``out`` and write the report; returns the results and
+    the report's paths."""
+    from falign.report.report import write_report
+    from falign.train.progress import progress_bar
+    from falign.train.rundir import versions
+
+    names = list(only) if only else list(EXPERIMENTS)
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise FalignError(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    if seeds < 1:
+        raise FalignError(f"--seeds must be at least 1, got {seeds}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    probe = Context(out, size, seeds, device)
+    total = sum(EXPERIMENTS[n].units(probe) for n in names)
+    bar = progress_bar(total, "reproduce", progress)
+    results = []
+    try:
+        for name in names:
+            torch.manual_seed(0)
+            ctx = Context(out, size, seeds, device, tick=bar.update)
+            if hasattr(bar, "set_description"):
+                bar.set_description(f"reproduce: {name}")
+            results.append(EXPERIMENTS[name].run(ctx))
+    finally:
+        bar.close()
+    flags = ("" if size == "quick" else f" --{size}") + (f" --seeds {seeds}" if seeds != 3 else "")
+    meta: dict[str, Any] = {
+        "command": f"falign reproduce{flags}" + (f" --only {','.join(names)}" if only else ""),
+        "rerun": f"falign reproduce{flags}",
+        "size": size, "seeds": seeds, "device": device,
+        "wall time (s)": round(time.perf_counter() - start, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        **{f"version {k}": v for k, v in versions().items()},
+    }
+    return results, write_report(results, out, meta)
+
+
+__all__ = ["EXPERIMENTS", "Context", "ExperimentResult", "reproduce"]

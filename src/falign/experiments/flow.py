@@ -14,12 +14,17 @@ from falign.diagnostics.conservation import LayerPair, conservation, drift, find
 from falign.functional import backprop_mode
 
 
-def full_batch_loss(model: nn.Module, x: Tensor, y: Tensor, loss: str = "ce") -> Tensor:
-    out = model(x)
+def loss_of(out: Tensor, y: Tensor, loss: str = "ce") -> Tensor:
+    """Cross-entropy (``ce``) or square loss ``½‖out − target‖²`` averaged over examples (``mse``;
+    integer labels become one-hot targets)."""
     if loss == "ce":
         return F.cross_entropy(out, y)
     target = y if y.dim() == out.dim() else F.one_hot(y, out.shape[-1]).to(out.dtype)
     return 0.5 * (out - target).pow(2).sum(-1).mean()
+
+
+def full_batch_loss(model: nn.Module, x: Tensor, y: Tensor, loss: str = "ce") -> Tensor:
+    return loss_of(model(x), y, loss)
 
 
 def sgd_flow(model: nn.Module, x: Tensor, y: Tensor, lr: float, horizon: float, *, loss: str = "ce",

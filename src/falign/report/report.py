@@ -1,0 +1,152 @@
+"""The report of ``falign reproduce``: ``report.md``, ``report.html``, ``tables/*.csv``, ``figures/*.png``.
+
+Every number in the report is rendered from the same rows as the CSVs (``format_value``), and every
+verdict is computed by the experiment from its numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from falign.experiments.base import ExperimentResult, Table
+
+MAX_ROWS = 40
+
+
+def format_value(value: Any) -> str:
+    """How a table cell is written in the report (the CSV keeps full precision)."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return "—" if not math.isfinite(value) else f"{value:.4g}"
+    return str(value)
+
+
+def write_csv(table: Table, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(table.columns)
+        for row in table.rows:
+            writer.writerow([_csv_value(row.get(c)) for c in table.columns])
+    return path
+
+
+def _csv_value(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _shown(table: Table) -> tuple[list[dict[str, Any]], str]:
+    if len(table.rows) <= MAX_ROWS:
+        return table.rows, ""
+    return table.rows[:MAX_ROWS], f"first {MAX_ROWS} of {len(table.rows)} rows; all in tables/{table.name}.csv"
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(format_value(r.get(c))) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _headline_rows(results: Sequence[ExperimentResult]) -> list[dict[str, Any]]:
+    return [{"experiment": r.name, "measure": r.headline.get("metric", ""), "value": r.headline.get("value", ""),
+             "verdict": r.headline.get("verdict", ""), "seconds": round(r.seconds, 1)} for r in results]
+
+
+HEADLINE_COLUMNS = ["experiment", "measure", "value", "verdict", "seconds"]
+
+
+def write_report(results: Sequence[ExperimentResult], out: Path, meta: dict[str, Any]) -> dict[str, Path]:
+    """Write the CSVs, ``report.md`` and ``report.html`` into ``out``; returns their paths."""
+    out = Path(out)
+    for r in results:
+        for t in r.tables:
+            write_csv(t, out / "tables" / f"{t.name}.csv")
+    headline = Table("headline", HEADLINE_COLUMNS, _headline_rows(results))
+    write_csv(headline, out / "tables" / "headline.csv")
+    md = _markdown(results, headline, out, meta)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(_html(results, headline, out, meta))
+    return {"markdown": out / "report.md", "html": out / "report.html", "tables": out / "tables"}
+
+
+def _rel(path: Path, out: Path) -> str:
+    return os.path.relpath(path, out).replace(os.sep, "/")
+
+
+def _setup_lines(r: ExperimentResult) -> list[str]:
+    return [f"- {k}: {v}" for k, v in r.setup.items()]
+
+
+def _markdown(results: Sequence[ExperimentResult], headline: Table, out: Path, meta: dict[str, Any]) -> str:
+    parts = ["# falign reproduce: Robertson & Koyejo (ICML 2024), *Implicit Regularization in Feedback Alignment "
+             "Learning Mechanisms for Neural Networks*", ""]
+    parts += [f"- {k}: {v}" for k, v in meta.items()]
+    parts += ["", "## Summary", "", markdown_table(headline.columns, headline.rows), ""]
+    for r in results:
+        parts += [f"## {r.title} (`{r.name}`)", "", f"**Hypothesis.** {r.hypothesis}", "", "**Setup.**", ""]
+        parts += _setup_lines(r)
+        parts += ["", f"Rerun: `{meta.get('rerun', 'falign reproduce')} --only {r.name}`", ""]
+        for fig in r.figures:
+            parts += [f"![{fig.stem}]({_rel(fig, out)})", ""]
+        for t in r.tables:
+            rows, note = _shown(t)
+            parts += [f"**Table `{t.name}`.** {t.caption} (CSV: `tables/{t.name}.csv`)", "",
+                      markdown_table(t.columns, rows), ""]
+            if note:
+                parts += [f"*{note}*", ""]
+        parts += ["**Verdict.**", ""]
+        parts += [f"- **{v.label}**: {v.text}" for v in r.verdicts]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _html_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(format_value(r.get(c)))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html(results: Sequence[ExperimentResult], headline: Table, out: Path, meta: dict[str, Any]) -> str:
+    e = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>falign reproduce</title><style>",
+             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:0.85em}td,th{border:1px solid #ccc;"
+             "padding:2px 6px;text-align:right}th{background:#f3f3f3}img{max-width:100%}"
+             ".supported{color:#186a1b}.not{color:#a31515}code{background:#f5f5f5}",
+             "</style></head><body>",
+             "<h1>falign reproduce: Robertson &amp; Koyejo (ICML 2024)</h1><ul>"]
+    parts += [f"<li>{e(str(k))}: {e(str(v))}</li>" for k, v in meta.items()]
+    parts += ["</ul><h2>Summary</h2>", _html_table(headline.columns, headline.rows)]
+    for r in results:
+        parts += [f"<h2>{e(r.title)} (<code>{e(r.name)}</code>)</h2>", f"<p><b>Hypothesis.</b> {e(r.hypothesis)}</p>",
+                  "<p><b>Setup.</b></p><ul>"]
+        parts += [f"<li>{e(str(k))}: {e(str(v))}</li>" for k, v in r.setup.items()]
+        parts += [f"</ul><p>Rerun: <code>{e(meta.get('rerun', 'falign reproduce'))} --only {e(r.name)}</code></p>"]
+        parts += [f"<p><img src='{e(_rel(fig, out))}' alt='{e(fig.stem)}'></p>" for fig in r.figures]
+        for t in r.tables:
+            rows, note = _shown(t)
+            parts += [f"<p><b>Table <code>{e(t.name)}</code>.</b> {e(t.caption)} (CSV: <code>tables/{e(t.name)}.csv"
+                      f"</code>)</p>", _html_table(t.columns, rows)]
+            if note:
+                parts.append(f"<p><i>{e(note)}</i></p>")
+        parts.append("<p><b>Verdict.</b></p><ul>")
+        parts += [f"<li class='{'supported' if v.supported else 'not'}'><b>{e(v.label)}</b>: {e(v.text)}</li>"
+                  for v in r.verdicts]
+        parts.append("</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
