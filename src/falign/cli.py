@@ -197,6 +197,31 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_EXAMPLE = """examples:
+  falign bench speed                             # step time and memory of every rule vs plain PyTorch
+  falign bench speed --compile --device cuda
+  falign bench accuracy                          # LeNet / Fashion-MNIST vs BioTorch's table (CPU schedule)
+  falign bench accuracy --full                   # the published 100-epoch schedule
+"""
+
+
+def _add_bench(sub) -> None:
+    from falign.bench import accuracy, speed
+
+    p = sub.add_parser("bench", help="speed and accuracy benchmarks", epilog=BENCH_EXAMPLE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Benchmarks: step time and memory against plain PyTorch (speed), and accuracy "
+                                   "against BioTorch's published LeNet / Fashion-MNIST table (accuracy).")
+    kinds = p.add_subparsers(dest="bench", metavar="KIND")
+    sp = kinds.add_parser("speed", help="step time and memory per rule", description=speed.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    speed.build_parser(sp).set_defaults(func=lambda a: speed.run(a) or 0)
+    ap = kinds.add_parser("accuracy", help="accuracy vs BioTorch's published table", description=accuracy.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    accuracy.build_parser(ap).set_defaults(func=lambda a: accuracy.run(a) or 0)
+    p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="falign",
@@ -206,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
     _add_reproduce(sub)
+    _add_bench(sub)
     _add_plot(sub)
     _add_rules(sub)
     return parser

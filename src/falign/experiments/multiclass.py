@@ -72,6 +72,7 @@ def run(ctx: Context) -> ExperimentResult:
             for rule in RULES:
                 for seed in seeds:
                     fields = dict(cfg, rule=rule, seed=seed, model="mlp", batch_size=64, optimizer="sgd", lr=0.02,
+                                  device=ctx.device,
                                   momentum=0.9, diagnostics_every=ctx.pick(5, 20, 50))
                     if dataset == "synthetic":
                         fields["synthetic_classes"] = n

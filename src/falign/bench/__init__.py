@@ -1,0 +1,1 @@
+"""Benchmarks behind ``falign bench``: accuracy against BioTorch's published tables, and step time."""

@@ -1,0 +1,186 @@
+"""Step-time benchmark: each rule against plain PyTorch backprop, measured in the same run.
+
+A *step* is forward + loss + backward + SGD step (+ the rule's own per-step work: brsf's redraw,
+wm's mirror step). Variants are timed round-robin (one step of each, repeated), so drifts in machine
+speed hit every variant alike; the table reports medians and the ratio to plain PyTorch (an
+unconverted ``nn.Module``, the same weights).
+
+Memory: ``state`` is parameters, buffers (feedback), scratch buffers and optimiser state after warm-up;
+``step peak`` is what one step allocates on top (CUDA: ``max_memory_allocated``; CPU: the profiler's
+allocation events). The last column is ``(state + peak) − (bp's state + peak) − feedback matrices``:
+zero or less means "backprop's memory plus the feedback matrices, no more".
+
+Run:  falign bench speed                      # both models, every rule, CPU (= python benchmarks/step_time.py)
+      falign bench speed --compile            # also torch.compile'd models
+      falign bench speed --repeats 300 --device cuda --json out.json
+Targets (issue 2): fa, usf, frsf, kp, dfa <= 1.05x backprop; brsf <= 1.15x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import falign
+from falign.models import MLP, LeNet5
+
+TARGETS = {"fa": 1.05, "usf": 1.05, "frsf": 1.05, "kp": 1.05, "dfa": 1.05, "brsf": 1.15}
+MODELS = {
+    "mlp": (lambda: MLP([784, 1024, 1024, 10]), (784,), 128),
+    "lenet": (lambda: LeNet5(1, 10, 28), (1, 28, 28), 64),
+}
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compile_: bool):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    groups = {}
+    for layer in falign.feedback_layers(model):
+        groups.setdefault(id(layer.rule), (layer.rule, []))[1].append(layer)
+    forward = torch.compile(model) if compile_ else model
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(forward(x), y)
+        loss.backward()
+        opt.step()
+        for rule, layers in groups.values():
+            rule.after_optimizer_step(layers)
+
+    return step, opt
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes of persistent state: parameters, buffers, scratch buffers and optimiser state."""
+    seen: dict[int, int] = {}
+    tensors = [*model.parameters(), *model.buffers()]
+    for m in model.modules():
+        tensors += list(m.__dict__.get("_scratch", {}).values())
+    for st in opt.state.values():
+        tensors += [v for v in st.values() if torch.is_tensor(v)]
+    for t in tensors:
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def step_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak memory a training step allocates on top of what exists before it (gradients included)."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    current = peak = 0
+    for _, delta in changes:
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def bench_model(name: str, rules: list[str], repeats: int, warmup: int, device: torch.device,
+                compile_: bool) -> list[dict]:
+    build, shape, batch = MODELS[name]
+    torch.manual_seed(0)
+    base = build().to(device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, *shape, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    variants = {"torch": base}
+    for rule in rules:
+        variants[rule] = falign.convert(base, rule, seed=0)
+    modes = [False, True] if compile_ else [False]
+    made = {(v, c): make_step(m, x, y, c) for v, m in variants.items() for c in modes}
+    steps = {k: s for k, (s, _) in made.items()}
+    for _ in range(max(warmup, 2)):
+        for s in steps.values():
+            s()
+    memory = {k: (state_bytes(variants[k[0]], opt), step_peak_bytes(steps[k], device)) for k, (_, opt) in made.items()}
+    times: dict[tuple[str, bool], list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for key, s in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            s()
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    rows = []
+    for (variant, compiled), ts in times.items():
+        base_median = statistics.median(times[("torch", compiled)])
+        median = statistics.median(ts)
+        state, peak = memory[(variant, compiled)]
+        base_state, base_peak = memory[("torch", compiled)]
+        feedback = sum(l.feedback_weight.numel() * l.feedback_weight.element_size()
+                       for l in falign.feedback_layers(variants[variant]) if l.feedback_weight is not None)
+        total, allowed = state + peak, base_state + base_peak + feedback
+        rows.append({
+            "model": name, "batch": batch, "variant": variant, "compiled": compiled,
+            "median_ms": median * 1e3, "ratio": median / base_median, "target": TARGETS.get(variant),
+            "state_mib": state / 2**20, "step_peak_mib": peak / 2**20, "feedback_mib": feedback / 2**20,
+            "memory_over_bp_plus_feedback_mib": (total - allowed) / 2**20,
+        })
+    return rows
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="mlp,lenet")
+    parser.add_argument("--rules", default=",".join(r for r in falign.available_rules() if r != "bp"))
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="write the rows to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = []
+    for name in args.models.split(","):
+        rows += bench_model(name, args.rules.split(","), args.repeats, args.warmup, device, args.compile)
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"# step time, median of {args.repeats} steps, {machine}, torch {torch.__version__}")
+    print("| model | variant | compiled | median ms | × torch | target | met | state MiB | step peak MiB | "
+          "feedback MiB | memory beyond bp + feedback, MiB |")
+    print("|" + "---|" * 11)
+    for r in rows:
+        target = r["target"]
+        met = "" if target is None else ("yes" if r["ratio"] <= target else "NO")
+        print(f"| {r['model']} (b={r['batch']}) | {r['variant']} | {'yes' if r['compiled'] else 'no'} | "
+              f"{r['median_ms']:.3f} | {r['ratio']:.3f} | {'' if target is None else f'≤{target}'} | {met} | "
+              f"{r['state_mib']:.1f} | {r['step_peak_mib']:.1f} | {r['feedback_mib']:.1f} | "
+              f"{r['memory_over_bp_plus_feedback_mib']:+.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "torch": torch.__version__, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
