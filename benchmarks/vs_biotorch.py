@@ -86,19 +86,19 @@ def _loss(model: nn.Module, rule: str, x, y, theirs: bool):
     return nn.functional.cross_entropy(out, y)
 
 
-def gradient_check(name: str, rule: str) -> list[dict]:
+def gradient_check(name: str, rule: str, device: str = "cpu") -> list[dict]:
     build, shape, batch = MODELS[name]
     torch.manual_seed(0)
     base = build().double()
-    ours = falign.convert(base, rule, seed=0)
-    theirs = biotorch(base, rule).double()
+    ours = falign.convert(base, rule, seed=0).to(device)
+    theirs = biotorch(base, rule).double().to(device)
     ours.train()
     theirs.train()
     # BioTorch's dfa conv feedback has another shape (a kernel): initialise it once so it is defined
     share_feedback(rule, ours, theirs)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, *shape, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 10, (batch,), generator=g)
+    x = torch.randn(batch, *shape, generator=g, dtype=torch.float64).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
     for model, is_theirs in ((ours, False), (theirs, True)):
         model.zero_grad(set_to_none=True)
         _loss(model, rule, x, y, is_theirs).backward()
@@ -125,17 +125,18 @@ def gradient_check(name: str, rule: str) -> list[dict]:
     return list(reversed(rows))
 
 
-def timing(name: str, rules: list[str], repeats: int, warmup: int) -> list[dict]:
+def timing(name: str, rules: list[str], repeats: int, warmup: int, device: str = "cpu") -> list[dict]:
     build, shape, batch = MODELS[name]
     torch.manual_seed(0)
-    base = build()
+    base = build().to(device)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, *shape, generator=g)
-    y = torch.randint(0, 10, (batch,), generator=g)
+    x = torch.randn(batch, *shape, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     variants = {("torch", "-"): (base, False, "torch")}
     for rule in rules:
         ours = falign.convert(base, rule, seed=0)
-        theirs = biotorch(base, rule)
+        theirs = biotorch(base, rule).to(device)
         share_feedback(rule, ours, theirs)
         variants[("falign", rule)] = (ours, False, rule)
         variants[("biotorch", rule)] = (theirs, True, rule)
@@ -156,8 +157,10 @@ def timing(name: str, rules: list[str], repeats: int, warmup: int) -> list[dict]
     times = {k: [] for k in steps}
     for _ in range(repeats):
         for key, s in steps.items():
+            sync()
             t0 = time.perf_counter()
             s()
+            sync()
             times[key].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
@@ -238,13 +241,15 @@ def main() -> None:
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     models, rules = args.models.split(","), args.rules.split(",")
-    grads = [row for m in models for r in rules for row in gradient_check(m, r)]
-    speed = [row for m in models for row in timing(m, rules, args.repeats, args.warmup)]
+    grads = [row for m in models for r in rules for row in gradient_check(m, r, args.device)]
+    speed = [row for m in models for row in timing(m, rules, args.repeats, args.warmup, args.device)]
     fails = failures()
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
+               else f"{platform.machine()}, {torch.get_num_threads()} threads") + f", torch {torch.__version__}"
     print(f"# falign vs BioTorch 0.0.16 ({machine})\n\n## Gradients with shared weights and feedback (float64)\n")
     print(table(grads))
     print(f"\n## Step time, median of {args.repeats} round-robin steps\n")

@@ -49,11 +49,14 @@ class DiagnosticsRecorder:
     :meth:`step` runs one forward pass and two backward passes through the same graph: the rule's
     (leaving its gradients in ``.grad`` for the optimiser) and the true one in backprop mode (one extra
     vector-Jacobian product). The first record is the reference point of the conservation drift.
+    ``reduce`` averages the true gradients across data-parallel ranks (the rule's are averaged by DDP).
     """
 
-    def __init__(self, model: nn.Module, margin: float = 0.1) -> None:
+    def __init__(self, model: nn.Module, margin: float = 0.1,
+                 reduce: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> None:
         self.model = model
         self.margin = margin
+        self.reduce = reduce  # data-parallel: average the true gradients over ranks
         self.layers = named_feedback_layers(model)
         self.output_layer = conversion_report(model).output_layer
         self.params = {n: p for n, p in model.named_parameters() if not n.endswith("feedback_weight")}
@@ -94,6 +97,8 @@ class DiagnosticsRecorder:
             loss.backward(retain_graph=True)
             cap.next_pass()
             true = backprop_gradients(loss, self.params)
+        if self.reduce is not None:
+            true = self.reduce(true)
         rule = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in self.params.items()}
         record = self.measure(rule, true, cap.passes[0], cap.passes[1])
         record["loss"] = float(loss.detach())

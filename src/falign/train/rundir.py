@@ -19,8 +19,12 @@ import numpy as np
 import torch
 
 
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` through ``write(fileobj)`` into a temporary file, fsync it, then rename."""
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb",
+                 before_replace: Callable[[], None] | None = None) -> None:
+    """Write ``path`` through ``write(fileobj)`` into a temporary file, fsync it, then rename.
+
+    ``before_replace`` runs between the fsync and the rename (fault injection in tests).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -28,6 +32,8 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

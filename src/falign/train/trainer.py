@@ -1,8 +1,9 @@
 """The training loop behind ``falign train``.
 
 A run directory holds ``config.json`` (resolved config), ``versions.json``, ``metrics.jsonl`` (one
-JSON row per epoch, plus diagnostics rows), ``checkpoint.pt`` (latest: model with feedback weights,
-optimiser, scheduler, RNG states, data position) and ``summary.json``.
+JSON row per epoch, plus diagnostics rows; deterministic for a seed), ``timing.jsonl`` (wall-clock time
+per epoch), ``checkpoint.pt`` (latest: model with feedback weights, optimiser, scheduler, RNG states,
+data position, written atomically) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import os
 import random
 import shutil
+import signal
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from falign.data import Dataset, batches, epoch_order, load_dataset
 from falign.diagnostics import DiagnosticsRecorder, conservation_assumptions, find_pairs, jsonable
 from falign.errors import FalignError
 from falign.models import build_model
+from falign.train.checkpoint import load_checkpoint
 from falign.train.config import TrainConfig
 from falign.train.progress import progress_bar
 from falign.train.rundir import atomic_write, read_json, read_metrics, versions, write_json
@@ -136,6 +141,13 @@ class Trainer:
         progress: show a progress bar.
         overwrite: replace an existing run directory.
         resume: continue the run in ``out`` from its latest checkpoint.
+
+    Data-parallel: started by ``torchrun --nproc_per_node=N -m falign train ...`` (``WORLD_SIZE`` > 1),
+    the trainer joins PyTorch's process group (gloo on CPU, nccl on GPU), wraps the model in
+    ``DistributedDataParallel`` and gives each rank an equal slice of every global batch
+    (``--batch-size`` is the global batch). Feedback matrices are identical on every rank (they derive
+    from the seed, brsf's draws from the seed and the step), gradients are averaged as for backprop,
+    and only rank 0 writes metrics, diagnostics and checkpoints.
     """
 
     def __init__(self, config: TrainConfig, out: str | Path | None = None, *, progress: bool = True,
@@ -150,6 +162,58 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.metrics_path = self.out / "metrics.jsonl"
         self.checkpoint_path = self.out / "checkpoint.pt"
+        self.rank, self.world = 0, 1
+        self._owns_process_group = False
+        self._lock = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- distributed ---------------------------------------------------------------------------
+    def _init_distributed(self) -> None:
+        import torch.distributed as dist
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return
+        if self.device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self._owns_process_group = True
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.config.batch_size % self.world:
+            raise RunError(f"--batch-size {self.config.batch_size} (the global batch) must be divisible by the "
+                           f"{self.world} processes")
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _average_grads(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Average a dict of gradients over ranks (diagnostics' true gradients, outside DDP)."""
+        if self.world == 1:
+            return grads
+        import torch.distributed as dist
+
+        for g in grads.values():
+            dist.all_reduce(g)
+            g.div_(self.world)
+        return grads
 
     # -- run directory -------------------------------------------------------------------------
     def _prepare_dir(self) -> None:
@@ -185,6 +249,7 @@ class Trainer:
             "batch": self.batch,
             "step": self.step,
             "epoch_sums": dict(self.sums),
+            "metrics_rows": self.metrics_rows,
             "elapsed": self.elapsed(),
             "rng": rng_state(),
             "diagnostics": self.recorder.state_dict() if self.recorder is not None else None,
@@ -192,12 +257,15 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        """Write ``checkpoint.pt`` atomically (rank 0 only)."""
+        if not self.is_main:
+            return
         state = self._state()
-        atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))
+        fault = os.environ.get("FALIGN_FAULT_KILL_IN_CHECKPOINT")
+        crash = _kill_self if fault is not None and int(fault) == self.step else None
+        atomic_write(self.checkpoint_path, lambda f: torch.save(state, f), before_replace=crash)
 
     def _load_checkpoint(self) -> None:
-        from falign.train.checkpoint import load_checkpoint
-
         state = load_checkpoint(self.checkpoint_path, map_location=self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -208,17 +276,22 @@ class Trainer:
         set_rng_state(state["rng"])
         if self.recorder is not None and state.get("diagnostics"):
             self.recorder.load_state_dict(state["diagnostics"])
-        # keep exactly the metrics rows written up to the checkpoint
-        rows = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
-        rows = [r for r in rows if r["step"] <= self.step]
-        atomic_write(self.metrics_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows)), "w")
+        self.metrics_rows = state["metrics_rows"]
+        if self.is_main:  # keep exactly the rows written when the checkpoint was taken
+            lines = self.metrics_path.read_text().splitlines(keepends=True) if self.metrics_path.exists() else []
+            atomic_write(self.metrics_path, lambda f: f.write("".join(lines[: self.metrics_rows])), "w")
 
     def elapsed(self) -> float:
         return self._elapsed_before + time.perf_counter() - self._t0
 
-    def log(self, row: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as f:
+    def log(self, row: dict[str, Any], path: Path | None = None) -> None:
+        """Append a JSON row to ``metrics.jsonl`` (or ``path``); rank 0 only."""
+        if not self.is_main:
+            return
+        with open(path or self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if path is None:
+            self.metrics_rows += 1
 
     def _tensorboard_diagnostics(self, record: dict[str, Any]) -> None:
         if self.tensorboard is None:
@@ -237,59 +310,84 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------------
     def setup(self) -> None:
+        """Build data, model (+ DDP wrapper), optimiser, scheduler, diagnostics; step 0 state."""
         self.dataset, self.model = build_run(self.config, self.device)
+        self.forward: nn.Module = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = make_optimizer(self.config, self.model)
         self.scheduler = make_scheduler(self.config, self.optimizer)
         groups: dict[int, tuple[Any, list]] = {}
         for layer in falign.feedback_layers(self.model):
             groups.setdefault(id(layer.rule), (layer.rule, []))[1].append(layer)
         self.rule_groups = list(groups.values())
-        self.epoch, self.batch, self.step = 0, 0, 0
+        self.epoch, self.batch, self.step, self.metrics_rows = 0, 0, 0, 0
         self.sums: defaultdict[str, float] = defaultdict(float)
         self._elapsed_before = 0.0
         cfg = self.config
-        self.recorder = DiagnosticsRecorder(self.model) if cfg.diagnostics_every else None
+        self.recorder = (DiagnosticsRecorder(self.model, reduce=self._average_grads)
+                         if cfg.diagnostics_every else None)
         pairs = find_pairs(self.model, self.dataset.x_train[:2])
         self.assumptions = conservation_assumptions(
             pairs, cfg.rule, optimizer=cfg.optimizer, momentum=cfg.momentum if cfg.optimizer == "sgd" else 0.0,
             weight_decay=cfg.weight_decay, single_lr=cfg.lr_schedule == "none")
-        self.tensorboard = _tensorboard_writer(self.out / "tensorboard")
+        self.tensorboard = _tensorboard_writer(self.out / "tensorboard") if self.is_main else None
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """One optimiser step; returns the batch loss and the number of correct predictions.
 
         On a diagnostics step the recorder runs the forward pass, the rule's backward and one extra
         backward in backprop mode, and the measurements go to ``metrics.jsonl`` before the update.
+        A non-finite loss skips the update (the caller decides what happens next).
         """
         self.optimizer.zero_grad(set_to_none=True)
         every = self.config.diagnostics_every
         if self.recorder is not None and self.step % every == 0:
-            def compute() -> tuple[Tensor, Tensor]:
-                out = self.model(x)
-                return loss_fn(self.config, out, y), out
-
-            loss, output, record = self.recorder.step(compute, x)
+            loss, output, record = self.recorder.step(partial(self._forward_loss, x, y), x)
             self.log({"event": "diagnostics", "step": self.step, "epoch": self.epoch + 1, **jsonable(record)})
             self._tensorboard_diagnostics(record)
         else:
-            output = self.model(x)
-            loss = loss_fn(self.config, output, y)
+            loss, output = self._forward_loss(x, y)
             loss.backward()
+        loss = loss.detach()
+        if self.world > 1:  # every rank takes the same divergence decision
+            import torch.distributed as dist
+
+            loss = loss.clone()
+            dist.all_reduce(loss)
+            loss /= self.world
         if not torch.isfinite(loss):
-            return loss.detach(), torch.zeros((), dtype=torch.int64)
+            return loss, torch.zeros((), dtype=torch.int64)
         self.optimizer.step()
         for rule, layers in self.rule_groups:
             rule.after_optimizer_step(layers)
-        return loss.detach(), (output.detach().argmax(-1) == y).sum()
+        return loss, (output.detach().argmax(-1) == y).sum()
+
+    def _forward_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.forward(x)
+        return loss_fn(self.config, out, y), out
 
     def run(self) -> dict[str, Any]:
         """Train to the end (or from the checkpoint to the end); returns the summary."""
-        self._prepare_dir()
-        self._lock_or_fail()
+        self._init_distributed()
         try:
+            if self.is_main:
+                self._prepare_dir()
+                self._lock_or_fail()
+                for stale in self.out.glob(".*.tmp"):  # left by a crash during an atomic write
+                    stale.unlink()
+            self._barrier()
             return self._run()
         finally:
-            self._lock.close()
+            if self._lock is not None:
+                self._lock.close()
+            if self._owns_process_group:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
 
     def _run(self) -> dict[str, Any]:
         cfg = self.config
@@ -297,32 +395,38 @@ class Trainer:
             saved = read_json(self.out / "config.json")
             if saved != cfg.to_dict():
                 cfg = self.config = TrainConfig.from_dict(saved)
-                self.device = resolve_device(cfg.device)
+                if self.world == 1:
+                    self.device = resolve_device(cfg.device)
         self.setup()
         self._t0 = time.perf_counter()
         if self.resume and self.checkpoint_path.exists():
             self._load_checkpoint()
-        elif self.resume:
+        elif self.is_main:
             self.metrics_path.unlink(missing_ok=True)
-        if not self.resume:
+            (self.out / "timing.jsonl").unlink(missing_ok=True)
+        if self.is_main and not self.resume:
             write_json(self.out / "config.json", cfg.to_dict())
-        write_json(self.out / "versions.json", versions())
+        if self.is_main:
+            write_json(self.out / "versions.json", {**versions(), "world_size": self.world})
         n = len(self.dataset.y_train)
         per_epoch = math.ceil(n / cfg.batch_size)
-        bar = progress_bar(cfg.epochs * per_epoch, f"{cfg.rule} {cfg.model} {cfg.data}", self.progress,
-                           initial=self.step)
+        bar = progress_bar(cfg.epochs * per_epoch, f"{cfg.rule} {cfg.model} {cfg.data}",
+                           self.progress and self.is_main, initial=self.step)
+        kill_at = os.environ.get("FALIGN_FAULT_KILL_AT_STEP")
         status, message = "completed", ""
         try:
             while self.epoch < cfg.epochs:
                 order = epoch_order(n, cfg.seed, self.epoch, self.device)
                 for x, y in batches(self.dataset.x_train, self.dataset.y_train, cfg.batch_size, order, self.batch):
+                    if self.world > 1:
+                        x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
                     loss, correct = self.train_step(x, y)
                     loss_value = float(loss)
                     if not math.isfinite(loss_value):
                         if cfg.on_divergence == "stop":
                             status = "diverged"
                             message = (f"loss became {loss_value} at step {self.step} (epoch {self.epoch + 1}) "
-                                       f"under rule {cfg.rule!r}; stopped, last good checkpoint kept")
+                                       f"under rule {cfg.rule!r}; stopped, the last good checkpoint is kept")
                             raise _Diverged
                         self.sums["skipped"] += 1
                     else:
@@ -334,6 +438,13 @@ class Trainer:
                     bar.update(1)
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
+                    if kill_at is not None and int(kill_at) == self.step:
+                        _kill_self()  # fault injection for the crash/resume tests
+                if self.sums["skipped"] and not self.sums["seen"]:
+                    status = "diverged"
+                    message = (f"every batch of epoch {self.epoch + 1} had a non-finite loss under rule "
+                               f"{cfg.rule!r} (--on-divergence skip-batch); stopped")
+                    raise _Diverged
                 self._end_epoch(bar)
         except _Diverged:
             pass
@@ -344,7 +455,8 @@ class Trainer:
         if status == "completed":
             self.save_checkpoint()
         summary = self._summary(status, message)
-        write_json(self.out / "summary.json", summary)
+        if self.is_main:
+            write_json(self.out / "summary.json", summary)
         if status == "diverged":
             raise DivergenceError(message)
         return summary
@@ -352,16 +464,19 @@ class Trainer:
     def _end_epoch(self, bar) -> None:
         cfg = self.config
         test_loss, test_acc = evaluate(self.model, cfg, self.dataset.x_test, self.dataset.y_test)
-        seen = max(self.sums["seen"], 1.0)
+        loss_sum, correct, seen, skipped = self._all_sum(
+            [self.sums["loss"], self.sums["correct"], self.sums["seen"], self.sums["skipped"]])
+        seen = max(seen, 1.0)
         row = {
             "event": "epoch", "epoch": self.epoch + 1, "step": self.step,
-            "train_loss": self.sums["loss"] / seen, "train_acc": self.sums["correct"] / seen,
-            "test_loss": test_loss, "test_acc": test_acc,
-            "lr": self.optimizer.param_groups[0]["lr"], "time": round(self.elapsed(), 3),
+            "train_loss": loss_sum / seen, "train_acc": correct / seen,
+            "test_loss": test_loss, "test_acc": test_acc, "lr": self.optimizer.param_groups[0]["lr"],
         }
-        if self.sums["skipped"]:
-            row["skipped_batches"] = int(self.sums["skipped"])
+        if skipped:
+            row["skipped_batches"] = int(skipped / self.world)
         self.log(row)
+        self.log({"epoch": self.epoch + 1, "step": self.step, "seconds": round(self.elapsed(), 3)},
+                 self.out / "timing.jsonl")
         if self.tensorboard is not None:
             for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
                 self.tensorboard.add_scalar(f"epoch/{key}", row[key], self.step)
@@ -373,7 +488,7 @@ class Trainer:
         self.sums = defaultdict(float)
 
     def _summary(self, status: str, message: str) -> dict[str, Any]:
-        rows = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
+        rows = read_metrics(self.metrics_path) if (self.is_main and self.metrics_path.exists()) else []
         rows = [r for r in rows if r.get("event") == "epoch"]
         final = rows[-1] if rows else {}
         return {
@@ -385,10 +500,16 @@ class Trainer:
             "best_test_acc": max((r["test_acc"] for r in rows), default=None),
             "wall_time_s": round(self.elapsed(), 3),
             "device": str(self.device),
+            "world_size": self.world,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "conversion": [vars(r) for r in falign.conversion_report(self.model).layers],
             "conservation_assumptions": self.assumptions,
         }
+
+
+def _kill_self() -> None:
+    """SIGKILL this process (fault injection: ``FALIGN_FAULT_KILL_AT_STEP`` / ``_IN_CHECKPOINT``)."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _tensorboard_writer(path: Path):
