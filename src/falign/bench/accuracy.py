@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from falign.errors import FalignError
-from falign.train import TrainConfig, Trainer, read_metrics
+from falign.train import DivergenceError, TrainConfig, Trainer, read_metrics
 from falign.train.progress import progress_bar
 
 RULES = ["bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "wm"]
@@ -46,12 +46,18 @@ def run_accuracy(out: Path, *, rules: list[str], seeds: int, epochs: int, lr: fl
                                   lr_schedule="step", lr_milestones=(0.5, 0.75), seed=seed, device=device)
                 run_dir = out / "runs" / f"{rule}-s{seed}"
                 start = time.perf_counter()
-                summary = Trainer(cfg, run_dir, progress=False, overwrite=True).run()
+                try:
+                    Trainer(cfg, run_dir, progress=False, overwrite=True).run()
+                    status = "completed"
+                except DivergenceError:
+                    status = "diverged"
                 epochs_rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["event"] == "epoch"]
                 bar.update(epochs)
-                rows.append({"rule": rule, "seed": seed, "epochs": epochs,
-                             "final error %": 100 * (1 - summary["final"]["test_acc"]),
-                             "best-epoch error %": 100 * (1 - max(r["test_acc"] for r in epochs_rows)),
+                done = status == "completed"
+                rows.append({"rule": rule, "seed": seed, "epochs": epochs, "status": status,
+                             "final error %": 100 * (1 - epochs_rows[-1]["test_acc"]) if done else math.nan,
+                             "best-epoch error %": (100 * (1 - max(r["test_acc"] for r in epochs_rows))
+                                                    if done else math.nan),
                              "seconds": time.perf_counter() - start, "run": str(run_dir)})
     finally:
         bar.close()
@@ -65,10 +71,12 @@ def _std(a: np.ndarray) -> float:
 def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for rule in dict.fromkeys(r["rule"] for r in rows):
-        sub = [r for r in rows if r["rule"] == rule]
+        all_runs = [r for r in rows if r["rule"] == rule]
+        sub = [r for r in all_runs if r["status"] == "completed"] or all_runs
         final = np.array([r["final error %"] for r in sub])
         best = np.array([r["best-epoch error %"] for r in sub])
-        out.append({"rule": rule, "seeds": len(sub), "epochs": sub[0]["epochs"],
+        diverged = sum(r["status"] == "diverged" for r in all_runs)
+        out.append({"rule": rule, "seeds": len(all_runs), "diverged": diverged, "epochs": all_runs[0]["epochs"],
                     "final error % mean": float(final.mean()), "final error % std": _std(final),
                     "best-epoch error % mean": float(best.mean()), "best-epoch error % std": _std(best),
                     "BioTorch published %": PUBLISHED.get(rule, math.nan)})
@@ -107,9 +115,13 @@ def markdown(summary: list[dict], epochs: int, lr: float, machine: str, seconds:
               "|---|---|---|---|"]
     for s in summary:
         pub = s["BioTorch published %"]
-        lines.append(f"| {s['rule']} | {s['best-epoch error % mean']:.2f} ± {s['best-epoch error % std']:.2f} | "
-                     f"{s['final error % mean']:.2f} ± {s['final error % std']:.2f} | "
-                     f"{'—' if math.isnan(pub) else f'{pub:.2f}'} |")
+        note = f" ({s['diverged']} of {s['seeds']} seeds diverged, excluded)" if s["diverged"] else ""
+        if s["diverged"] == s["seeds"]:
+            ours_best = ours_final = "diverged (every seed)"
+        else:
+            ours_best = f"{s['best-epoch error % mean']:.2f} ± {s['best-epoch error % std']:.2f}{note}"
+            ours_final = f"{s['final error % mean']:.2f} ± {s['final error % std']:.2f}"
+        lines.append(f"| {s['rule']} | {ours_best} | {ours_final} | {'—' if math.isnan(pub) else f'{pub:.2f}'} |")
     lines += ["", "BioTorch publishes no kp or wm row.", END]
     return "\n".join(lines)
 

@@ -7,6 +7,9 @@ each layer, ``y = x Wᵀ``, and
     B ← (1 − λ) B + η yᵀ x / N,
 
 whose expectation is ``(1 − λ) B + η σ² W``: ``B`` converges to ``(η σ²/λ) W``, aligned with ``W``.
+The defaults (η = λ = 0.2, N = 128) track ``W`` within a few steps: a slow mirror (λ = 0.05) lags
+behind fast-moving weights, and on LeNet / Fashion-MNIST with SGD momentum 0.9 that lag made
+training diverge, while λ = 0.2 stayed stable (angles 8–30° per layer).
 Convolutions use noise of the kernel's spatial size, so ``yᵀx`` is the weight gradient of a
 ``1×1`` output. :func:`mirror_step` does this for every ``wm`` layer of a model; the trainer calls it
 after every optimiser step (``--wm-steps``).
@@ -17,7 +20,7 @@ Example::
     for x, y in loader:
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(); loss.backward(); opt.step()
-        falign.rules.wm.mirror_step(model, lr=0.05, decay=0.05)
+        falign.rules.wm.mirror_step(model, lr=0.2, decay=0.2, batch_size=128)
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ class WeightMirror(FeedbackRule):
     name = "wm"
     summary = "weight mirror: B learned from noise, B <- (1-λ)B + η yᵀx/N (Akrout et al. 2019)"
 
-    def __init__(self, lr: float = 0.05, decay: float = 0.05, noise_std: float = 1.0,
-                 batch_size: int = 64, steps: int = 1) -> None:
+    def __init__(self, lr: float = 0.2, decay: float = 0.2, noise_std: float = 1.0,
+                 batch_size: int = 128, steps: int = 1) -> None:
         if not (lr > 0 and 0 <= decay < 1 and noise_std > 0 and batch_size >= 1 and steps >= 0):
             raise ValueError("wm needs lr > 0, 0 <= decay < 1, noise_std > 0, batch_size >= 1, steps >= 0")
         self.lr, self.decay, self.noise_std = lr, decay, noise_std
@@ -53,7 +56,7 @@ class WeightMirror(FeedbackRule):
 
 
 @torch.no_grad()
-def mirror_layer(layer, lr: float, decay: float, noise_std: float = 1.0, batch_size: int = 64,
+def mirror_layer(layer, lr: float, decay: float, noise_std: float = 1.0, batch_size: int = 128,
                  generator: torch.Generator | None = None) -> None:
     """One mirror step on one converted layer: ``B ← (1−λ)B + η yᵀx/N`` with ``x ~ N(0, σ²)``."""
     w: Tensor = layer.weight
@@ -75,8 +78,8 @@ def mirror_layer(layer, lr: float, decay: float, noise_std: float = 1.0, batch_s
     b.mul_(1.0 - decay).add_(update, alpha=lr / batch_size)
 
 
-def mirror_step(model: nn.Module, lr: float = 0.05, decay: float = 0.05, noise_std: float = 1.0,
-                batch_size: int = 64, generator: torch.Generator | None = None) -> int:
+def mirror_step(model: nn.Module, lr: float = 0.2, decay: float = 0.2, noise_std: float = 1.0,
+                batch_size: int = 128, generator: torch.Generator | None = None) -> int:
     """Run one mirror step on every ``wm`` layer of ``model``; returns how many layers were updated."""
     from falign.nn.layers import FeedbackLayer
 

@@ -48,8 +48,8 @@ class TrainConfig:
     feedback_init: str = "kaiming_uniform"
     feedback_scale: float = 1.0
     output_signal: str = "rule"
-    wm_lr: float = 0.05
-    wm_decay: float = 0.05
+    wm_lr: float = 0.2
+    wm_decay: float = 0.2
     wm_steps: int = 1
     diagnostics_every: int = 0
     checkpoint_every: int = 0
