@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 import falign
-from falign.models import MLP, LeNet5
+from falign.bench.speed import MODELS, batch_of
 
 try:
     from biotorch.module.biomodule import BioModule
@@ -46,10 +46,6 @@ except ImportError as err:  # pragma: no cover - optional
     raise SystemExit(f"BioTorch is not installed ({err}); run: pip install --no-deps biotorch==0.0.16") from None
 
 RULES = ["fa", "usf", "brsf", "frsf", "dfa"]
-MODELS = {
-    "mlp": (lambda: MLP([784, 1024, 1024, 10]), (784,), 128),
-    "lenet": (lambda: LeNet5(1, 10, 28), (1, 28, 28), 64),
-}
 TARGET_VS_BIOTORCH = 0.9
 TARGET_VS_TORCH = {"brsf": 1.15}
 
@@ -94,7 +90,7 @@ def gradient_check(name: str, rule: str, device: str = "cpu") -> list[dict]:
     theirs = biotorch(base, rule).double().to(device)
     ours.train()
     theirs.train()
-    # BioTorch's dfa conv feedback has another shape (a kernel): initialise it once so it is defined
+    # same feedback in both (where the definitions agree): see share_feedback
     share_feedback(rule, ours, theirs)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, *shape, generator=g, dtype=torch.float64).to(device)
@@ -126,12 +122,7 @@ def gradient_check(name: str, rule: str, device: str = "cpu") -> list[dict]:
 
 
 def timing(name: str, rules: list[str], repeats: int, warmup: int, device: str = "cpu") -> list[dict]:
-    build, shape, batch = MODELS[name]
-    torch.manual_seed(0)
-    base = build().to(device)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, *shape, generator=g).to(device)
-    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    base, x, y, batch = batch_of(name, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     variants = {("torch", "-"): (base, False, "torch")}
     for rule in rules:

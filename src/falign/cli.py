@@ -12,6 +12,7 @@ TRAIN_EXAMPLE = """examples:
   falign train --rule dfa --model lenet --data fashion-mnist --epochs 5 --out runs/dfa-lenet
   falign train --rule kp --weight-decay 1e-3 --diagnostics-every 50
   falign train --resume runs/dfa-lenet           # continue from the latest checkpoint
+  torchrun --nproc_per_node=2 -m falign train --data synthetic --batch-size 64   # data-parallel (global batch)
 """
 
 

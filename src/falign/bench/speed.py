@@ -38,6 +38,17 @@ MODELS = {
 }
 
 
+def batch_of(name: str, device: torch.device | str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, int]:
+    """The plain model of ``name`` (seed 0) and one fixed random batch for it, on ``device``."""
+    build, shape, batch = MODELS[name]
+    torch.manual_seed(0)
+    base = build().to(device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, *shape, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    return base, x, y, batch
+
+
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compile_: bool):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     groups = {}
@@ -97,12 +108,7 @@ def step_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
 
 def bench_model(name: str, rules: list[str], repeats: int, warmup: int, device: torch.device,
                 compile_: bool) -> list[dict]:
-    build, shape, batch = MODELS[name]
-    torch.manual_seed(0)
-    base = build().to(device)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, *shape, generator=g).to(device)
-    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    base, x, y, batch = batch_of(name, device)
     variants = {"torch": base}
     for rule in rules:
         variants[rule] = falign.convert(base, rule, seed=0)

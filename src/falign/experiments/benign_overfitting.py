@@ -15,6 +15,7 @@ import torch
 from falign.data import batches, epoch_order
 from falign.experiments.base import Context, ExperimentResult, Table, Verdict, pyplot
 from falign.experiments.multiclass import fashion_available
+from falign.report.plots import save_figure
 from falign.train import TrainConfig, evaluate
 from falign.train.trainer import build_run, loss_fn, make_optimizer
 
@@ -106,10 +107,7 @@ def run(ctx: Context) -> ExperimentResult:
     axes[1].set(xlabel="epoch", ylabel="clean test accuracy", title="test accuracy")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig_path = ctx.figures / "benign_overfitting.png"
-    fig.savefig(fig_path, dpi=110)
-    plt.close(fig)
+    fig_path = save_figure(fig, ctx.figures / "benign_overfitting.png")
     summary_rows = [{"rule": r, **s} for r, s in summary.items()]
     result_verdicts = verdicts(summary)
     return ExperimentResult(

@@ -19,6 +19,7 @@ from torch import nn
 import falign
 from falign.experiments.base import Context, ExperimentResult, Table, Verdict, float64_digits, loglog_slope, pyplot
 from falign.experiments.flow import sgd_flow
+from falign.report.plots import save_figure
 
 NAME = "conservation"
 TITLE = "Conservation law under SGD"
@@ -119,9 +120,7 @@ def run(ctx: Context) -> ExperimentResult:
     ax.set(xlabel="learning rate η", ylabel="max per-neuron drift of the conserved quantity",
            title=f"drift over a fixed horizon T={horizon:g} (solid: law expected)")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(fig_path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, fig_path)
     law_slopes = [r["slope"] for r in rows if r["law expected"] == "yes"]
     control_slopes = [r["slope"] for r in rows if r["law expected"] == "no"]
     smallest = f"drift η={lrs[-1]:g}"

@@ -20,6 +20,7 @@ from falign.diagnostics import DiagnosticsRecorder
 from falign.experiments.base import Context, ExperimentResult, Table, Verdict, float64_digits, linear_fit, pyplot
 from falign.experiments.flow import full_batch_loss, loss_of
 from falign.models import MLP
+from falign.report.plots import save_figure
 
 NAME = "dominance"
 TITLE = "Alignment dominance and exponential convergence"
@@ -112,10 +113,7 @@ def run(ctx: Context) -> ExperimentResult:
     axes[2].set(xlabel="step", ylabel="ρ", title="dominance ratio ρ")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig_path = ctx.figures / "dominance.png"
-    fig.savefig(fig_path, dpi=110)
-    plt.close(fig)
+    fig_path = save_figure(fig, ctx.figures / "dominance.png")
     summary = [{"rule": r, "fraction of steps with dominance": fractions[r], "log-loss slope per step": fits[r][0],
                 "R² of log-loss fit (second half)": fits[r][1], "final loss": curves[r][0][-1],
                 "min rho": float(np.nanmin([row["rho"] if row["rho"] is not None else math.nan

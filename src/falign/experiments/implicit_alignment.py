@@ -20,6 +20,7 @@ from falign.data import batches, epoch_order, load_digits
 from falign.diagnostics import find_pairs, pair_quantities, weight_alignment
 from falign.experiments.base import Context, ExperimentResult, Table, Verdict, linear_fit, pyplot
 from falign.models import MLP
+from falign.report.plots import save_figure
 
 NAME = "implicit_alignment"
 TITLE = "Implicit alignment from small initialisation"
@@ -128,10 +129,7 @@ def run(ctx: Context) -> ExperimentResult:
     axes[1].plot([0, lim], [0, lim], color="grey", ls=":", label="slope 1 through 0")
     axes[1].set(xlabel="½(‖W_l‖² + ‖b_l‖²)", ylabel="⟨B_(l+1), W_(l+1)⟩", title="the law: a line of slope 1")
     axes[1].legend(fontsize=6)
-    fig.tight_layout()
-    fig_path = ctx.figures / "implicit_alignment.png"
-    fig.savefig(fig_path, dpi=110)
-    plt.close(fig)
+    fig_path = save_figure(fig, ctx.figures / "implicit_alignment.png")
     result_verdicts = verdicts(slopes, final_angle, under90[min(scales)])
     return ExperimentResult(
         NAME, TITLE, HYPOTHESIS,

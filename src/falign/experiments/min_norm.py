@@ -15,6 +15,7 @@ import torch
 import falign
 from falign.experiments.base import Context, ExperimentResult, Table, Verdict, loglog_slope, pyplot
 from falign.models import TwoLayerLinear
+from falign.report.plots import save_figure
 
 NAME = "min_norm"
 TITLE = "Minimum-norm solutions of two-layer linear networks"
@@ -87,10 +88,7 @@ def run(ctx: Context) -> ExperimentResult:
                   label=f"{rule} (slope {slopes[rule]:.2f})")
     ax.set(xlabel="initialisation scale ε", ylabel="‖W₂W₁ − W*‖ / ‖W*‖", title=f"d={d}, n={n}, k={k}, hidden={hidden}")
     ax.legend()
-    fig.tight_layout()
-    fig_path = ctx.figures / "min_norm.png"
-    fig.savefig(fig_path, dpi=110)
-    plt.close(fig)
+    fig_path = save_figure(fig, ctx.figures / "min_norm.png")
     result_verdicts = verdicts(slopes, finals)
     return ExperimentResult(
         NAME, TITLE, HYPOTHESIS,

@@ -16,6 +16,7 @@ import numpy as np
 
 from falign.data.idx import FASHION_MNIST_DIR, FILES
 from falign.experiments.base import Context, ExperimentResult, Table, Verdict, mean_std, pyplot, spearman
+from falign.report.plots import save_figure
 from falign.train import TrainConfig, Trainer, read_metrics
 
 NAME = "multiclass"
@@ -137,10 +138,7 @@ def run(ctx: Context) -> ExperimentResult:
         ax.set(xlabel="mean hidden gradient angle (degrees)", ylabel="test accuracy",
                title=f"{dataset}: Spearman ρ = {rho:.2f} (p = {p:.2g})")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig_path = ctx.figures / "multiclass.png"
-    fig.savefig(fig_path, dpi=110)
-    plt.close(fig)
+    fig_path = save_figure(fig, ctx.figures / "multiclass.png")
     result_verdicts = verdicts(pooled)
     align_cols = ["dataset", "n", "rule", *[k for k in align_rows[0] if k.startswith("angle ")]]
     return ExperimentResult(

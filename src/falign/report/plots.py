@@ -20,6 +20,12 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (PNG, 110 dpi) and close a figure; returns ``path``."""
+
+    return save_figure(fig, path)
+
+
 def _series(rows: Sequence[dict[str, Any]], path: Sequence[str]) -> dict[str, tuple[list[int], list[float]]]:
     """``{key: (steps, values)}`` of ``row[path...][key]`` over diagnostics rows (``None`` skipped)."""
     out: dict[str, tuple[list[int], list[float]]] = {}
@@ -51,10 +57,7 @@ def plot_alignment(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.set(title=title, xlabel="step", ylim=(0, 180))
         ax.legend(fontsize=7)
     axes[0].set_ylabel("angle (degrees)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_conservation(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -74,10 +77,7 @@ def plot_conservation(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.plot(steps, values, ls=":", label=f"{pair}  balancedness (backprop law)")
     ax.set(title="conservation law: max_k |Q_k(t) − Q_k(0)|", xlabel="step", ylabel="drift")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_decomposition(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -97,10 +97,7 @@ def plot_decomposition(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax2.axhline(-(1 - c), color="r", ls="--", label=f"dominance threshold −(1−c), c={c}")
     ax2.set(title="ρ = Σ_{l<L} terms / output term", xlabel="step", ylabel="ρ")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:

@@ -1,0 +1,41 @@
+"""A converted model compiles with torch.compile and trains to the same gradients as eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import falign
+from falign.models import MLP
+
+
+def compiled_vs_eager(rule: str, backend: str) -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = MLP([20, 16, 16, 5])
+    eager = falign.convert(base, rule, seed=0)
+    inner = falign.convert(base, rule, seed=0)
+    compiled = torch.compile(inner, backend=backend)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_c = torch.optim.SGD(inner.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):  # a few training steps: the compiled model follows the eager one
+        x, y = torch.randn(8, 20, generator=g), torch.randint(0, 5, (8,), generator=g)
+        for model, opt in ((eager, opt_e), (compiled, opt_c)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for a, b in zip(eager.state_dict().values(), inner.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["fa", "usf", "kp", "dfa"])
+def test_compile_traces_the_feedback_functions(rule):
+    compiled_vs_eager(rule, "aot_eager")  # dynamo + AOTAutograd tracing of the custom autograd functions
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["fa", "brsf"])
+def test_compile_with_inductor(rule):
+    compiled_vs_eager(rule, "inductor")
