@@ -22,8 +22,11 @@ def _pyplot():
 
 def save_figure(fig, path: Path) -> Path:
     """Lay out, write (PNG, 110 dpi) and close a figure; returns ``path``."""
-
-    return save_figure(fig, path)
+    plt = _pyplot()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _series(rows: Sequence[dict[str, Any]], path: Sequence[str]) -> dict[str, tuple[list[int], list[float]]]:
