@@ -174,7 +174,9 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds of the repeated runs (default: 3)")
     p.add_argument("--full", action="store_true", help="larger models, more steps, full-size data")
     p.add_argument("--size", choices=("tiny", "quick", "full"), default=None, help=argparse.SUPPRESS)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default: cpu)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="device of the training-run experiments (multiclass, benign_overfitting); the small "
+                        "float64 flow experiments run on the CPU (default: cpu)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default: runs/reproduce)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_reproduce)
