@@ -121,3 +121,52 @@ def test_load_dataset_options_in_order():
     ds = load_dataset("synthetic", n_classes=4, label_noise=0.1, train_subset=1000, seed=2)
     assert ds.num_classes == 4 and ds.info["train_subset"] == 1000
     assert ds.info["flipped"] == round(0.1 * len(ds.y_train))
+
+
+def write_cifar(folder: Path, name: str, n: int = 6) -> None:
+    import pickle
+
+    rng = np.random.default_rng(1)
+    key, files = ("labels", ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                             "test_batch"]) if name == "cifar10" else ("fine_labels", ["train", "test"])
+    for stem in files:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 key.encode(): [int(v) for v in rng.integers(0, 10, n)]}
+        with open(folder / stem, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_loader_on_tiny_files(tmp_path, name):
+    write_cifar(tmp_path, name)
+    ds = load_dataset(name, data_dir=tmp_path)
+    train_n = 30 if name == "cifar10" else 6
+    assert ds.x_train.shape == (train_n, 3, 32, 32) and ds.x_test.shape == (6, 3, 32, 32)
+    assert ds.num_classes == (10 if name == "cifar10" else 100)
+    means = ds.x_train.mean(dim=(0, 2, 3))
+    assert torch.allclose(means, torch.zeros(3), atol=1e-5)
+
+
+def test_cifar_errors_and_code_carrying_pickle(tmp_path):
+    import os
+    import pickle
+
+    with pytest.raises(DatasetError, match="--data-dir"):
+        load_dataset("cifar10")
+    with pytest.raises(FileNotFoundError, match="data_batch_1 not found"):
+        load_dataset("cifar10", data_dir=tmp_path)
+    write_cifar(tmp_path, "cifar10")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": Payload(), b"labels": [0]}, f)
+    with pytest.raises(DatasetError, match=r"data_batch_3: not a readable CIFAR batch .*refusing to load"):
+        load_dataset("cifar10", data_dir=tmp_path)
+    assert not marker.exists()
+    (tmp_path / "data_batch_3").write_bytes(b"\x80\x02}q")
+    with pytest.raises(DatasetError, match="data_batch_3"):
+        load_dataset("cifar10", data_dir=tmp_path)

@@ -49,8 +49,9 @@ def _add_train(sub) -> None:
     p.add_argument("--no-bias", dest="bias", action="store_false", help="mlp without biases")
     p.add_argument("--init-scale", type=float, default=d.init_scale, help="multiply initial weights (default: 1)")
     p.add_argument("--data", choices=DATASETS, default=d.data, help="dataset (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="folder of IDX files (fashion-mnist default: "
-                                                    "/usr/share/datasets/fashion-mnist; mnist: required)")
+    p.add_argument("--data-dir", default=None, help="folder of the dataset's files (fashion-mnist default: "
+                                                    "/usr/share/datasets/fashion-mnist; mnist, cifar10, "
+                                                    "cifar100: required)")
     p.add_argument("--n-classes", type=int, default=None, help="keep the first N classes")
     p.add_argument("--label-noise", type=float, default=0.0, help="symmetric label-noise rate in [0, 1)")
     p.add_argument("--train-subset", type=int, default=None, help="seeded random subset of N training examples")

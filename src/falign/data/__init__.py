@@ -16,11 +16,12 @@ from falign.data.base import (
     subsample_train,
     subset_classes,
 )
+from falign.data.cifar import load_cifar
 from falign.data.digits import load_digits
 from falign.data.idx import FASHION_MNIST_DIR, load_idx_dataset, read_idx
 from falign.data.synthetic import synthetic_classification
 
-DATASETS = ("digits", "fashion-mnist", "mnist", "synthetic")
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic")
 
 
 def load_dataset(name: str, *, data_dir: str | Path | None = None, n_classes: int | None = None,
@@ -29,7 +30,8 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, n_classes: in
     """Load a dataset by name and apply the options in a fixed order: train subset, classes, noise.
 
     Args:
-        name: ``digits``, ``fashion-mnist``, ``mnist`` (needs ``data_dir``) or ``synthetic``.
+        name: ``digits``, ``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100`` (the last three need
+            ``data_dir``) or ``synthetic``.
         data_dir: folder of the IDX files (default for Fashion-MNIST: ``/usr/share/datasets/fashion-mnist``).
         n_classes: keep the first ``n`` classes.
         label_noise: symmetric label-noise rate in ``[0, 1)`` on the training labels.
@@ -45,6 +47,11 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, n_classes: in
         if data_dir is None:
             raise DatasetError("mnist: no files are bundled; put the four IDX files in a folder and pass --data-dir")
         ds = load_idx_dataset(data_dir, "mnist")
+    elif name in ("cifar10", "cifar100"):
+        if data_dir is None:
+            raise DatasetError(f"{name}: no files are bundled; extract the CIFAR 'python version' archive and pass "
+                               f"--data-dir with its folder")
+        ds = load_cifar(data_dir, name)
     elif name == "synthetic":
         ds = synthetic_classification(num_classes=synthetic_classes, seed=seed)
     else:
@@ -64,6 +71,7 @@ __all__ = [
     "add_label_noise",
     "batches",
     "epoch_order",
+    "load_cifar",
     "load_dataset",
     "load_digits",
     "load_idx_dataset",
