@@ -172,8 +172,8 @@ def _add_reproduce(sub) -> None:
                                    "report.html, tables/*.csv and figures/*.png. Experiments: "
                                    + ", ".join(EXPERIMENTS) + ".")
     p.add_argument("--only", default=None, help="comma-separated experiment names (default: all)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the repeated runs (default: 3)")
-    p.add_argument("--full", action="store_true", help="larger models, more steps, full-size data")
+    p.add_argument("--seeds", type=int, default=None, help="seeds of the repeated runs (default: 3; --full: 5)")
+    p.add_argument("--full", action="store_true", help="larger models, more steps and seeds, full-size data")
     p.add_argument("--size", choices=("tiny", "quick", "full"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="device of the training-run experiments (multiclass, benign_overfitting); the small "
@@ -189,7 +189,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     size = args.size or ("full" if args.full else "quick")
     only = [n.strip() for n in args.only.split(",")] if args.only else None
-    results, paths = reproduce(args.out, only=only, size=size, seeds=args.seeds, device=args.device,
+    seeds = args.seeds if args.seeds is not None else (5 if size == "full" else 3)
+    results, paths = reproduce(args.out, only=only, size=size, seeds=seeds, device=args.device,
                                progress=not args.no_progress)
     widths = {"experiment": 19, "measure": 44, "value": 30, "verdict": 13, "seconds": 7}
     print("  ".join(c.ljust(widths[c]) for c in HEADLINE_COLUMNS))

@@ -62,7 +62,9 @@ def reproduce(out: str | Path, *, only: Sequence[str] | None = None, size: str =
             results.append(EXPERIMENTS[name].run(ctx))
     finally:
         bar.close()
-    flags = ("" if size == "quick" else f" --{size}") + (f" --seeds {seeds}" if seeds != 3 else "")
+    default_seeds = 5 if size == "full" else 3
+    flags = {"quick": "", "full": " --full", "tiny": " --size tiny"}[size]
+    flags += f" --seeds {seeds}" if seeds != default_seeds else ""
     meta: dict[str, Any] = {
         "command": f"falign reproduce{flags}" + (f" --only {','.join(names)}" if only else ""),
         "rerun": f"falign reproduce{flags}",
