@@ -87,10 +87,6 @@ def backprop_mode() -> Iterator[None]:
         _BACKPROP_MODE -= 1
 
 
-def in_backprop_mode() -> bool:
-    return _BACKPROP_MODE > 0
-
-
 def _saved_feedback(ctx) -> tuple[Tensor, Tensor]:
     """(saved input, B) in the backward: W in backprop mode, else B as saved or made from W."""
     x, weight, feedback = ctx.saved_tensors

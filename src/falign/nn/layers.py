@@ -105,10 +105,6 @@ class FeedbackLayer(nn.Module):
         else:
             self._assign_feedback(value)
 
-    def materialize_feedback(self) -> None:
-        """Create a lazily shaped ``feedback_weight`` once its shape is known."""
-        self.reset_feedback()
-
     def current_feedback(self) -> Tensor | None:
         """The ``B`` (or ``D``) the backward uses at the current weights; ``None`` for ``bp``."""
         if not self.rule.has_feedback:

@@ -38,7 +38,7 @@ class DirectFeedbackAlignment(FeedbackRule):
     def forward(self, layer, x: Tensor) -> Tensor:
         if layer.feedback_weight.numel() == 0:
             layer._dfa_input_shape = tuple(x.shape)
-            layer.materialize_feedback()
+            layer.reset_feedback()  # the shape is known now
         if not self.needs_signal(x):
             return layer.plain_forward(x)
         layer._feedback_used = True

@@ -336,8 +336,8 @@ class Trainer:
             weight_decay=cfg.weight_decay, single_lr=cfg.lr_schedule == "none")
         self.tensorboard = _tensorboard_writer(self.out / "tensorboard") if self.is_main else None
 
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """One optimiser step; returns the batch loss and the number of correct predictions.
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
+        """One optimiser step; returns the batch loss (a float) and the number of correct predictions.
 
         On a diagnostics step the recorder runs the forward pass, the rule's backward and one extra
         backward in backprop mode, and the measurements go to ``metrics.jsonl`` before the update.
@@ -359,12 +359,13 @@ class Trainer:
             loss = loss.clone()
             dist.all_reduce(loss)
             loss /= self.world
-        if not torch.isfinite(loss):
-            return loss, torch.zeros((), dtype=torch.int64)
+        value = float(loss)  # the step's one host synchronisation for the loss
+        if not math.isfinite(value):
+            return value, torch.zeros((), dtype=torch.int64)
         self.optimizer.step()
         for rule, layers in self.rule_groups:
             rule.after_optimizer_step(layers)
-        return loss, (output.detach().argmax(-1) == y).sum()
+        return value, (output.detach().argmax(-1) == y).sum()
 
     def _forward_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         out = self.forward(x)
@@ -420,8 +421,7 @@ class Trainer:
                 for x, y in batches(self.dataset.x_train, self.dataset.y_train, cfg.batch_size, order, self.batch):
                     if self.world > 1:
                         x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
-                    loss, correct = self.train_step(x, y)
-                    loss_value = float(loss)
+                    loss_value, correct = self.train_step(x, y)
                     if not math.isfinite(loss_value):
                         if cfg.on_divergence == "stop":
                             status = "diverged"
