@@ -19,6 +19,8 @@ def compiled_vs_eager(rule: str, backend: str) -> None:
     compiled = torch.compile(inner, backend=backend)
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
     opt_c = torch.optim.SGD(inner.parameters(), lr=0.1)
+    falign.attach(eager, opt_e)
+    falign.attach(inner, opt_c)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):  # a few training steps: the compiled model follows the eager one
         x, y = torch.randn(8, 20, generator=g), torch.randint(0, 5, (8,), generator=g)

@@ -96,14 +96,16 @@ def test_no_convertible_layer_and_bad_options():
         falign.convert(MLP([3, 2]), "fa", feedback_init="orthogonal")
     with pytest.raises(ValueError, match="output_layer"):
         falign.convert(MLP([3, 2]), "fa", output_layer="nope")
-    with pytest.raises(ValueError, match="output_features"):
-        falign.convert(nn.Sequential(nn.Conv2d(1, 2, 3)), "dfa")
+    with pytest.raises(ValueError, match="output_features=3 was given"):
+        falign.convert(MLP([4, 2]), "dfa", output_features=3, example_input=torch.randn(2, 4))
     with pytest.raises(TypeError, match="rule 'fa'"):
         falign.convert(MLP([3, 2]), "fa", lr=0.1)
 
 
 def test_output_signal_backprop_makes_output_layer_bp():
     model = falign.convert(MLP([4, 6, 3]), "fa", output_signal="backprop")
+    assert falign.conversion_report(model).output_layer is None  # found on the first forward pass
+    model(torch.randn(2, 4))
     assert model.fc2.rule.name == "bp" and model.fc1.rule.name == "fa"
     assert "backprop" in falign.conversion_report(model).layers[-1].note
 
@@ -114,17 +116,18 @@ def test_state_dict_round_trip_keeps_feedback(rule):
     net = LeNet5(1, 4, 8)
     a = falign.convert(net, rule, seed=1)
     x = torch.randn(3, 1, 8, 8)
-    a(x).sum().backward()  # dfa conv feedback exists after a forward; brsf has drawn once
+    a(x).sum().backward()  # dfa feedback exists after a forward
+    falign.step_rules(a)  # brsf draws once more
     sd = a.state_dict()
     fb_keys = [k for k in sd if k.endswith("feedback_weight")]
     assert len(fb_keys) == (0 if rule == "bp" else 5)
     b = falign.convert(net, rule, seed=99)  # different seed: different feedback until loaded
-    b.load_state_dict(sd)
+    b.load_state_dict(sd)  # dfa: feedback matrices not made yet are made from the state dict
     for k in fb_keys:
         assert torch.equal(b.state_dict()[k], sd[k]), k
     if rule == "brsf":
         steps = [l._feedback_step for l in falign.feedback_layers(b)]
-        assert steps == [0, 1, 1, 1, 1]  # the first layer's input is data: it never needs B
+        assert steps == [1, 1, 1, 1, 1]
 
 
 @pytest.mark.parametrize("rule", ["fa", "dfa", "frsf", "kp", "wm", "usf"])
@@ -132,6 +135,8 @@ def test_same_seed_same_feedback_and_different_seed_differs(rule):
     a = falign.convert(MLP([6, 8, 8, 3]), rule, seed=5)
     b = falign.convert(MLP([6, 8, 8, 3]), rule, seed=5)
     c = falign.convert(MLP([6, 8, 8, 3]), rule, seed=6)
+    for model in (a, b, c):
+        model(torch.randn(2, 6))  # dfa sizes its feedback from the output of the first forward pass
     la, lb, lc = (falign.feedback_layers(m) for m in (a, b, c))
     for x, y in zip(la, lb):
         assert torch.equal(x.feedback_weight, y.feedback_weight)
@@ -149,13 +154,12 @@ def test_same_seed_identical_training(rule):
         cfg = TrainConfig(rule=rule, hidden=(16,), epochs=1)
         ds, model = build_run(cfg, torch.device("cpu"))
         opt = make_optimizer(cfg, model)
+        falign.attach(model, opt)
         for i in range(5):
             xb, yb = ds.x_train[i * 16 : (i + 1) * 16], ds.y_train[i * 16 : (i + 1) * 16]
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(xb), yb).backward()
             opt.step()
-            for layer in falign.feedback_layers(model):
-                layer.rule.after_optimizer_step([layer])
         return model.state_dict()
 
     a, b = run(), run()
@@ -179,7 +183,7 @@ def test_dfa_on_resnet_and_feedback_shapes():
 
 def test_dfa_wrong_output_features_is_clear():
     model = falign.convert(MLP([4, 6, 3]), "dfa", output_features=5)
-    with pytest.raises(ValueError, match="5 output features"):
+    with pytest.raises(ValueError, match="output_features=5 was given"):
         model(torch.randn(2, 4))
 
 
@@ -187,7 +191,7 @@ def test_dfa_hand_built_layers_need_a_tap():
     net = nn.Sequential(FALinear(4, 6, rule="dfa", output_features=2), nn.ReLU(), FALinear(6, 2, rule="dfa",
                                                                                             output_features=2))
     x = torch.randn(3, 4)
-    with pytest.raises(RuntimeError, match="error tap"):
+    with pytest.raises(RuntimeError, match="outside a forward pass of the converted model"):
         net(x).sum().backward()
     falign.install_error_tap(net, output_features=2)
     net.zero_grad()

@@ -208,15 +208,18 @@ def test_usf_uses_current_sign_each_step():
     torch.testing.assert_close(gx2, -gx)  # the sign flip really reached the backward
 
 
-def test_brsf_redraws_and_frsf_does_not():
+def test_brsf_redraws_at_each_step_and_frsf_does_not():
     x = torch.randn(3, 6, dtype=DT)
     for rule, changes in (("brsf", True), ("frsf", False)):
         layer = FALinear(6, 5, rule=rule, dtype=DT, seed=4)
         seen = []
         for _ in range(3):
             _, g, gx, _, _ = grads(layer, x)
+            _, _, gx_again, _, _ = grads(layer, x)  # a second backward without a step: same B
+            torch.testing.assert_close(gx_again, gx)
             seen.append(layer.feedback_weight.clone())
             torch.testing.assert_close(gx, g @ (seen[-1] * torch.sign(layer.weight.detach())))
+            falign.step_rules(layer)  # what the optimiser step hook of falign.attach runs
         differs = [not torch.equal(seen[i], seen[i + 1]) for i in range(2)]
         assert all(differs) if changes else not any(differs)
 
@@ -227,6 +230,8 @@ def test_brsf_draws_are_reproducible_and_uniform():
     for _ in range(2):
         a(x).sum().backward()
         b(x).sum().backward()
+        falign.step_rules(a)
+        falign.step_rules(b)
     assert torch.equal(a.feedback_weight, b.feedback_weight)
     assert int(a.feedback_step) == 2
     m = a.feedback_weight / (a.feedback_init.std((64, 64)) * 3**0.5)  # U(0, 1) at 16-bit resolution

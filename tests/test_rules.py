@@ -53,6 +53,7 @@ def test_wm_drives_w_b_angle_under_10_degrees():
     torch.manual_seed(0)
     model = falign.convert(MLP([10, 32, 32, 4]), "wm", seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    falign.attach(model, opt)
     x, y = small_task()
     layers = falign.feedback_layers(model)
     before = [angle_deg(l.weight, l.feedback_weight) for l in layers]
@@ -60,7 +61,6 @@ def test_wm_drives_w_b_angle_under_10_degrees():
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        layers[0].rule.after_optimizer_step(layers)
     after = [angle_deg(l.weight, l.feedback_weight) for l in layers]
     assert min(before) > 60
     assert max(after) < 10, after

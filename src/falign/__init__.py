@@ -18,6 +18,7 @@ from falign.convert import (
     install_error_tap,
 )
 from falign.rules import available_rules, get_rule
+from falign.steps import attach, step_rules
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "ConversionError",
     "ConversionReport",
     "__version__",
+    "attach",
     "available_rules",
     "conversion_report",
     "convert",
@@ -34,4 +36,5 @@ __all__ = [
     "install_error_tap",
     "nn",
     "rules",
+    "step_rules",
 ]

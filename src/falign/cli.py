@@ -82,20 +82,50 @@ def _add_train(sub) -> None:
     p.add_argument("--on-divergence", choices=("stop", "skip-batch"), default=d.on_divergence,
                    help="on a NaN/inf loss: stop the run (default) or skip the batch")
     p.add_argument("--out", default=None, help="run directory (default: runs/<rule>-<model>-<data>-<time>)")
-    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue the run in RUN_DIR from its checkpoint; only --epochs (with --lr-schedule none), "
+                        "--checkpoint-every, --device and --eval-batch-size may change, any other flag must "
+                        "match the saved run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out: deletes only the files a falign run writes, and refuses a "
+                        "folder that holds anything else")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="(default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train, parser=p)
+
+
+_NOT_CONFIG = ("func", "command", "out", "resume", "overwrite", "no_progress", "parser", "argv")
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The destinations of the options that ``argv`` gives explicitly (not left at their defaults)."""
+    unset = object()
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = unset
+        namespace, _ = parser.parse_known_args(list(argv))
+    finally:
+        for action, default in saved:
+            action.default = default
+    return {k for k, v in vars(namespace).items() if v is not unset}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from falign.errors import FalignError
     from falign.train import TrainConfig, Trainer
 
     if args.resume:
-        trainer = Trainer(TrainConfig(), args.resume, progress=not args.no_progress, resume=True)
+        given = explicit_options(args.parser, args.argv) - set(_NOT_CONFIG)
+        if args.overwrite:
+            raise FalignError("--resume continues a run; it cannot be combined with --overwrite")
+        if args.out is not None and Path(args.out) != Path(args.resume):
+            raise FalignError(f"--out {args.out} and --resume {args.resume} name different folders; "
+                              f"--resume alone continues the run in its folder")
+        trainer = Trainer(TrainConfig(), args.resume, progress=not args.no_progress, resume=True,
+                          changes={k: getattr(args, k) for k in sorted(given)})
     else:
-        fields = {k: v for k, v in vars(args).items()
-                  if k not in ("func", "command", "out", "resume", "overwrite", "no_progress")}
+        fields = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
         trainer = Trainer(TrainConfig(**fields), args.out, progress=not args.no_progress, overwrite=args.overwrite)
     summary = trainer.run()
     _print_summary(summary, trainer.out)
@@ -151,7 +181,10 @@ def _add_plot(sub) -> None:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from falign.report.plots import plot_run
 
-    for path in plot_run(args.run_dir, args.out):
+    def warn(text: str) -> None:
+        print(f"falign plot: {text}", file=sys.stderr)
+
+    for path in plot_run(args.run_dir, args.out, warn=warn):
         print(path)
     return 0
 
@@ -188,7 +221,13 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from falign.report.report import HEADLINE_COLUMNS, format_value
 
     size = args.size or ("full" if args.full else "quick")
-    only = [n.strip() for n in args.only.split(",")] if args.only else None
+    only = None
+    if args.only is not None:
+        only = [n.strip() for n in args.only.split(",") if n.strip()]
+        if not only:
+            from falign.errors import FalignError
+
+            raise FalignError("--only names no experiment; give a comma-separated list, or leave it out to run all")
     seeds = args.seeds if args.seeds is not None else (5 if size == "full" else 3)
     results, paths = reproduce(args.out, only=only, size=size, seeds=seeds, device=args.device,
                                progress=not args.no_progress)
@@ -244,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv[argv.index(args.command) + 1 :] if args.command in argv else argv
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

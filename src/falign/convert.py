@@ -1,37 +1,53 @@
 """``falign.convert``: turn any ``nn.Module`` into one trained by a feedback-alignment-family rule.
 
-Conversion is driven by :data:`LAYER_MAP`, a ``{PyTorch layer type: converted layer type}`` map.
-Every module whose *exact* type is in the map is replaced by its converted counterpart, sharing the
-same weight and bias parameters. Everything else keeps backpropagating, by this policy:
+Conversion is driven by :data:`LAYER_MAP`, a ``{PyTorch layer type: converted layer type}`` map. A
+module is converted when its type is in the map, or is a subclass of a type in the map that does not
+override ``forward`` (a parametrized layer — spectral or weight norm —, a pruned layer, a user subclass
+that only adds attributes). Conversion changes the module's class in place (on a deep copy unless
+``inplace=True``): parameters, buffers, hooks, parametrizations and other attributes stay as they are,
+and a module used in several places (``nn.ModuleList([lin] * 3)``, one layer under two names) is
+converted once and stays shared. Everything else keeps backpropagating, by this policy:
 
 - modules without parameters of their own (activations, pooling, dropout, flatten, containers,
   residual additions written in ``forward``) pass signals on by the ordinary chain rule;
 - normalisation layers and ``PReLU`` (per-channel affine or elementwise parameters, no weight
   transport) keep their exact gradients: :data:`KEPT_ON_BACKPROP`;
-- any other module with parameters (``nn.LSTM``, ``nn.MultiheadAttention``'s packed projection,
-  ``nn.Embedding``, a user subclass of ``nn.Linear`` with its own ``forward``, ...) raises
-  :class:`ConversionError` naming it, unless ``unsupported="backprop"`` leaves it on backprop. Its
-  children are then left alone too (``MultiheadAttention`` reads ``out_proj.weight`` directly).
+- any other module with parameters of its own (``nn.LSTM``, ``nn.Embedding``, a block holding a
+  layer-scale ``gamma``, a subclass of ``nn.Linear`` with its own ``forward``, ...) raises
+  :class:`ConversionError` naming every such module at once, unless ``unsupported="backprop"``: then
+  its own parameters get exact gradients and its children are still converted. Modules whose ``forward``
+  reads their children's weights directly (:data:`OPAQUE`: ``nn.MultiheadAttention``) are left whole.
+
+The *output layer* is the converted layer that produces the model's output. It is found on the first
+forward pass (or at once, from ``example_input=``): one extra forward pass in eval mode, gradients
+enabled, whose autograd graph is walked back from the output to the nearest converted layer. The same
+probe measures the output's size, from which ``dfa`` sizes its feedback matrices.
 
 :func:`conversion_report` tells afterwards what was converted and what was left on backprop.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from falign.errors import FalignError
 from falign.functional import ErrorTap
+from falign.nn import layers as _layers
 from falign.nn.layers import FAConv1d, FAConv2d, FAConv3d, FALinear, FeedbackLayer
 from falign.rules import FeedbackRule, get_rule, mix_seed
 
 __all__ = [
     "KEPT_ON_BACKPROP",
     "LAYER_MAP",
+    "OPAQUE",
     "ConversionError",
     "ConversionReport",
     "conversion_report",
@@ -57,6 +73,10 @@ KEPT_ON_BACKPROP: tuple[type[nn.Module], ...] = (
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     KEPT_ON_BACKPROP = (*KEPT_ON_BACKPROP, nn.RMSNorm)
 
+# Modules whose forward reads their children's parameters directly (converting a child would change
+# nothing): left whole, with every parameter they hold listed.
+OPAQUE: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
 
 class ConversionError(FalignError, TypeError):
     """A module with parameters that no converted layer can stand in for."""
@@ -64,7 +84,7 @@ class ConversionError(FalignError, TypeError):
 
 @dataclass
 class LayerRecord:
-    """One line of a :class:`ConversionReport`."""
+    """One line of a :class:`ConversionReport`: one *use* of a module (a shared module has several)."""
 
     name: str
     type: str
@@ -75,11 +95,15 @@ class LayerRecord:
 
 @dataclass
 class ConversionReport:
-    """What :func:`convert` did, layer by layer (``str(report)`` is a table)."""
+    """What :func:`convert` did, layer by layer (``str(report)`` is a table).
+
+    ``output_layer`` is ``None`` until the first forward pass has found it (unless it was given).
+    """
 
     rule: str
     output_layer: str | None
     layers: list[LayerRecord] = field(default_factory=list)
+    output_layer_source: str = "found on the first forward pass"
 
     @property
     def converted(self) -> list[str]:
@@ -98,33 +122,101 @@ class ConversionReport:
         rows = [("layer", "type", "status", "rule", "note")]
         rows += [(r.name, r.type, r.status, r.rule, r.note) for r in self.layers]
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+        table = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+        output = self.output_layer or "not known yet (found on the first forward pass)"
+        return f"{table}\noutput layer: {output}"
 
 
-def _has_own_parameters(module: nn.Module) -> bool:
-    return any(p is not None for p in module._parameters.values())
+def _own_parameters(module: nn.Module) -> list[str]:
+    return [k for k, v in module._parameters.items() if v is not None]
 
 
-def _walk(module: nn.Module, prefix: str, map_: dict, records: list, found: list, unsupported: str) -> None:
-    for name, child in module.named_children():
-        full = f"{prefix}.{name}" if prefix else name
-        if type(child) in map_ or isinstance(child, FeedbackLayer):
-            found.append((module, name, full, child))
-        elif isinstance(child, KEPT_ON_BACKPROP):
-            records.append(LayerRecord(full, type(child).__name__, "kept-backprop", "bp",
-                                       "normalisation/elementwise parameters: exact gradient"))
-        elif _has_own_parameters(child):
-            params = ", ".join(k for k, v in child._parameters.items() if v is not None)
-            if unsupported == "error":
-                raise ConversionError(
-                    f"cannot convert {full!r} ({type(child).__name__}, parameters: {params}): falign has no "
-                    f"feedback version of this layer. Pass unsupported='backprop' to leave it on backprop "
-                    f"(its parameters then get exact gradients), or add it to layer_map="
-                )
-            records.append(LayerRecord(full, type(child).__name__, "unsupported-backprop", "bp",
-                                       f"no feedback version; parameters {params} trained by backprop"))
-        else:
-            _walk(child, full, map_, records, found, unsupported)
+def _overrides_forward(cls: type, base: type) -> bool:
+    """Whether a class between ``cls`` and ``base`` in the MRO defines its own forward computation."""
+    for klass in cls.__mro__:
+        if klass is base:
+            return False
+        if any(name in vars(klass) for name in ("forward", "_conv_forward")):
+            return True
+    return False
+
+
+def _target(child: nn.Module, map_: dict) -> type[FeedbackLayer] | None:
+    if isinstance(child, FeedbackLayer):
+        return next(cls for cls in map_.values() if isinstance(child, cls.torch_base))
+    if type(child) in map_:
+        return map_[type(child)]
+    for base, cls in map_.items():
+        if isinstance(child, base) and not _overrides_forward(type(child), base):
+            return cls
+    return None
+
+
+def _lazy(child: nn.Module) -> bool:
+    return isinstance(child, nn.modules.lazy.LazyModuleMixin) and child.has_uninitialized_params()
+
+
+class _Plan:
+    """One walk over every path to every module (a shared module is met once per use)."""
+
+    def __init__(self, map_: dict, unsupported: str) -> None:
+        self.map = map_
+        self.unsupported_mode = unsupported
+        self.records: list[LayerRecord] = []
+        self.layers: list[tuple[str, nn.Module, type[FeedbackLayer]]] = []  # unique, first-use order
+        self.first: dict[int, str] = {}
+        self.problems: list[str] = []
+
+    def _record(self, name: str, child: nn.Module, status: str, note: str) -> None:
+        self.records.append(LayerRecord(name, type(child).__name__, status, "bp", note))
+
+    def _unsupported(self, name: str, child: nn.Module, params: list[str], why: str, again: bool) -> None:
+        if not again:
+            self.problems.append(f"{name!r} ({type(child).__name__}, parameters: {', '.join(params)}): {why}")
+        self._record(name, child, "unsupported-backprop", f"{why}; parameters {', '.join(params)} trained by "
+                                                          f"backprop")
+
+    def walk(self, module: nn.Module, prefix: str = "", path: tuple[int, ...] = ()) -> None:
+        for attr, child in module._modules.items():
+            if child is None or id(child) in path:
+                continue
+            name = f"{prefix}.{attr}" if prefix else attr
+            again = id(child) in self.first
+            self.first.setdefault(id(child), name)
+            shared = f"same module as {self.first[id(child)]!r}" if again else ""
+            target = None if _lazy(child) else _target(child, self.map)
+            if target is not None:
+                if not again:
+                    self.layers.append((name, child, target))
+                self.records.append(LayerRecord(name, type(child).__name__, "converted", "", shared))
+            elif _lazy(child):
+                self._unsupported(name, child, _own_parameters(child),
+                                  "lazy layer not initialised yet: run one forward pass, then convert", again)
+            elif isinstance(child, KEPT_ON_BACKPROP):
+                note = "normalisation/elementwise parameters: exact gradient"
+                self._record(name, child, "kept-backprop", f"{note}; {shared}" if shared else note)
+            elif isinstance(child, OPAQUE):
+                params = [n for n, _ in child.named_parameters()]
+                self._unsupported(name, child, params, "no feedback version (its forward reads the weights of "
+                                                       "its children directly)", again)
+            else:
+                own = _own_parameters(child)
+                if own:
+                    why = ("a subclass that overrides forward" if any(isinstance(child, b) for b in self.map)
+                           else "no feedback version")
+                    self._unsupported(name, child, own, why, again)
+                self.walk(child, name, (*path, id(child)))
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copies pruned layers (their computed ``weight`` is not a leaf tensor,
+    which deepcopy refuses; the forward pre-hook of pruning recomputes it anyway)."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and not value.is_leaf and not isinstance(value, nn.Parameter):
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def convert(
@@ -140,24 +232,31 @@ def convert(
     unsupported: str = "error",
     layer_map: dict[type[nn.Module], type[FeedbackLayer]] | None = None,
     inplace: bool = False,
+    example_input: Any = None,
     **rule_options: Any,
 ) -> nn.Module:
     """Convert every Linear/Conv layer of ``model`` to ``rule``; returns the converted model.
 
     Args:
-        model: any ``nn.Module`` (nested, ``Sequential``, residual, ...).
+        model: any ``nn.Module`` (nested, ``Sequential``, residual, shared modules, ...).
         rule: a name from :func:`falign.available_rules` or a rule instance.
         feedback_init, feedback_scale: distribution and scale of feedback matrices
             (:class:`~falign.rules.FeedbackInit`).
-        seed: every feedback matrix is reproducible from it (layer ``i`` uses ``mix_seed(seed, i)``).
+        seed: every feedback matrix is reproducible from it (the ``i``-th distinct layer, in the order
+            the modules are first met, uses ``mix_seed(seed, i)``).
         output_signal: ``"rule"`` (default) or ``"backprop"``: whether the output layer's *input
             signal* uses the rule or ``g W``. Its weight gradient is always the true local one.
-        output_layer: name of the output layer (default: the last converted layer in module order).
-        output_features: ``n_out`` for ``dfa`` (default: ``out_features`` of the last ``nn.Linear``).
-        unsupported: ``"error"`` (default) or ``"backprop"`` for parameterised layers with no
-            feedback version.
-        layer_map: extra ``{type: converted type}`` entries, e.g. for a user's ``nn.Linear`` subclass.
+        output_layer: name of the output layer (default: found from the first forward pass: the converted
+            layer nearest the output in the autograd graph).
+        output_features: for ``dfa``, the number of output features the model must produce (a check;
+            the feedback matrices are sized from the output measured on the first forward pass).
+        unsupported: ``"error"`` (default) or ``"backprop"`` for modules with parameters that have no
+            feedback version (their own parameters then get exact gradients; their children are converted).
+        layer_map: extra ``{type: converted type}`` entries, e.g. for a user's ``nn.Linear`` subclass
+            with its own ``forward`` (whose forward the converted layer's then replaces).
         inplace: modify ``model`` itself instead of a deep copy.
+        example_input: an input (or a tuple of positional inputs) to find the output layer and the
+            output size now rather than on the first forward pass.
         **rule_options: options of the rule's constructor (e.g. ``wm``'s mirror ``lr``).
 
     Returns:
@@ -177,93 +276,190 @@ def convert(
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     map_ = {**LAYER_MAP, **(layer_map or {})}
-    if not inplace:
-        model = copy.deepcopy(model)
-    if type(model) in map_:
+    if _target(model, map_) is not None:
         raise ConversionError("convert a model that contains the layer (e.g. nn.Sequential(layer)), "
                               "not a bare layer; or use FALinear.from_module")
 
-    records: list[LayerRecord] = []
-    found: list[tuple[nn.Module, str, str, nn.Module]] = []
-    _walk(model, "", map_, records, found, unsupported)
-    if not found:
+    plan = _Plan(map_, unsupported)
+    plan.walk(model)
+    if plan.problems and unsupported == "error":
+        raise ConversionError(
+            f"cannot convert {len(plan.problems)} module(s) of {type(model).__name__}: "
+            + "; ".join(plan.problems)
+            + ". Pass unsupported='backprop' to leave them on backprop (their own parameters then get exact "
+              "gradients, their children are still converted), or add a type to layer_map=")
+    if not plan.layers:
         raise ConversionError(f"{type(model).__name__} contains no layer falign can convert "
                               f"(types: {', '.join(t.__name__ for t in map_)})")
-    names = [full for _, _, full, _ in found]
-    if output_layer is None:
-        output_layer = names[-1]
-    elif output_layer not in names:
+    names = [r.name for r in plan.records if r.status == "converted"]
+    if output_layer is not None and output_layer not in names:
         raise ValueError(f"output_layer {output_layer!r} is not a convertible layer; candidates: {names}")
 
-    tap = None
-    if rule_obj.name == "dfa":
-        if output_features is None:
-            linears = [c for *_, c in found if isinstance(c, nn.Linear)]
-            if not linears:
-                raise ValueError("dfa needs the model's output size: pass output_features= (the model has "
-                                 "no nn.Linear to read it from)")
-            output_features = linears[-1].out_features
-        tap = ErrorTap()
+    if not inplace:
+        index = {id(m): i for i, m in enumerate(model.modules())}
+        model = _deepcopy(model)
+        copies = list(model.modules())
+        plan.layers = [(name, copies[index[id(child)]], target) for name, child, target in plan.layers]
+    for old in getattr(model, "_falign_root_handles", ()):  # converted again: the old hooks go
+        old.remove()
 
-    for index, (parent, attr, full, child) in enumerate(found):
-        layer_rule = rule_obj
-        note = ""
-        if full == output_layer and output_signal == "backprop":
-            layer_rule, note = get_rule("bp"), "output layer: input signal by backprop"
-        elif full == output_layer:
-            note = "output layer"
-        target = type(child) if isinstance(child, FeedbackLayer) else map_[type(child)]
-        new = target.from_module(
-            child, rule=layer_rule, feedback_init=feedback_init, feedback_scale=feedback_scale,
-            seed=mix_seed(seed, index), output_features=output_features if layer_rule.name == "dfa" else None,
-            error_tap=tap if layer_rule.name == "dfa" else None,
-        )
-        setattr(parent, attr, new)
-        records.append(LayerRecord(full, type(child).__name__, "converted", layer_rule.name, note))
+    tap = ErrorTap() if rule_obj.name == "dfa" else None
+    options = {"feedback_init": feedback_init, "feedback_scale": feedback_scale}
+    for index, (_, child, target) in enumerate(plan.layers):
+        target.convert_in_place(child, rule=rule_obj, seed=mix_seed(seed, index), error_tap=tap, **options)
 
-    for key, hook in list(model._forward_hooks.items()):  # a re-converted dfa model drops its old tap
-        if isinstance(hook, _ErrorTapHook):
-            del model._forward_hooks[key]
-    order = {name: i for i, (name, *_) in enumerate(model.named_modules())}
-    records.sort(key=lambda r: order.get(r.name, len(order)))
-    model.falign_report = ConversionReport(rule_obj.name, output_layer, records)
-    if tap is not None:
-        install_error_tap(model, tap, output_features)
+    for record in plan.records:
+        if record.status == "converted":
+            record.rule = rule_obj.name
+    report = ConversionReport(rule_obj.name, output_layer, plan.records,
+                              "given" if output_layer is not None else "found on the first forward pass")
+    model.falign_report = report
+    root = _Root(tap, report, output_signal, output_features, options)
+    if output_layer is not None:
+        root.set_output_layer(model, model.get_submodule(output_layer))
+    root.install(model, probe=tap is not None or output_layer is None)
+    if example_input is not None:
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        root.probe(model, args, {})
     return model
 
 
-class _ErrorTapHook:
-    """Forward hook on the model's root: passes the output through the DFA error tap."""
+class _Root:
+    """The hooks :func:`convert` installs on the model's root: the one-time probe of the first forward
+    pass (output layer, output size) and, for ``dfa``, the error tap's session around every forward pass."""
 
-    def __init__(self, tap: ErrorTap, output_features: int | None) -> None:
+    def __init__(self, tap: ErrorTap | None, report: ConversionReport | None, output_signal: str = "rule",
+                 output_features: int | None = None, options: dict[str, Any] | None = None) -> None:
         self.tap = tap
+        self.report = report
+        self.output_signal = output_signal
         self.output_features = output_features
+        self.options = options or {}
+        self.probed = False
 
-    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Tensor:
+    def install(self, model: nn.Module, probe: bool) -> None:
+        self.probed = not probe
+        handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                   model.register_forward_hook(self._post, always_call=True)]
+        model._falign_root_handles = handles
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.probed:
+            self.probe(module, args, kwargs)
+        if self.tap is not None:
+            self.tap.begin()
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if self.tap is None:
+            return None
+        if output is None:  # the forward raised (always_call hook)
+            self.tap.abort()
+            return None
         if not isinstance(output, Tensor):
-            raise TypeError(f"dfa needs the model to return one tensor, got {type(output).__name__}")
-        n = self.output_features
-        if n is not None and output.dim() > 0 and output.shape[-1] != n and output[0].numel() != n:
-            raise ValueError(f"dfa: the model's output has shape {tuple(output.shape)} but the feedback "
-                             f"matrices were built for {n} output features; pass output_features= to convert")
-        return self.tap.attach(output)
+            self.tap.abort()
+            raise TypeError(f"dfa needs the model to return one tensor (its output error is projected), "
+                            f"got {type(output).__name__}")
+        return self.tap.end(output)
+
+    @torch.compiler.disable
+    def probe(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """One forward pass in eval mode with gradients on: which converted layer produces the output, and
+        the output's size (for dfa). Runs once; touches no parameter, buffer or running statistic."""
+        self.probed = True
+        nodes: dict[Any, FeedbackLayer] = {}
+        inputs: list[tuple[FeedbackLayer, Tensor]] = []
+
+        def record(layer: FeedbackLayer, x: Tensor) -> Tensor:
+            out = layer.plain_forward(x)
+            inputs.append((layer, x))
+            if out.grad_fn is not None:
+                nodes[out.grad_fn] = layer
+            return out
+
+        modes = {m: m.training for m in model.modules()}
+        previous = _layers._PROBE
+        _layers._PROBE = record
+        try:
+            model.eval()
+            with torch.enable_grad():
+                output = model.forward(*args, **kwargs)
+        finally:
+            _layers._PROBE = previous
+            for m, mode in modes.items():
+                m.training = mode
+        tensors = [t for t in tree_leaves(output) if isinstance(t, Tensor)]
+        layer = _nearest_layer([t.grad_fn for t in tensors if t.grad_fn is not None], nodes)
+        if layer is None and inputs:
+            layer = inputs[-1][0]  # no autograd graph (every parameter frozen): the last converted layer run
+        if layer is not None and (self.report is None or self.report.output_layer is None):
+            self.set_output_layer(model, layer)
+        if self.tap is not None and tensors and inputs:
+            self.tap.output_sizes = _output_sizes(tensors[0], inputs[0], self.output_features)
+
+    def set_output_layer(self, model: nn.Module, layer: FeedbackLayer) -> None:
+        if self.report is not None:
+            names = [r.name for r in self.report.layers if r.status == "converted"]
+            name = next((n for n in names if model.get_submodule(n) is layer), None)
+            self.report.output_layer = name
+            for r in self.report.layers:
+                if r.name == name:
+                    r.note = ("output layer: input signal by backprop" if self.output_signal == "backprop"
+                              else "output layer") + (f"; {r.note}" if r.note else "")
+        if self.output_signal == "backprop" and layer.rule.name != "bp":
+            layer._setup_feedback(rule="bp", seed=layer.feedback_seed, **self.options)
+            if self.report is not None:
+                for r in self.report.layers:
+                    if r.name == self.report.output_layer:
+                        r.rule = "bp"
+
+
+def _nearest_layer(roots: list[Any], nodes: dict[Any, FeedbackLayer]) -> FeedbackLayer | None:
+    """Breadth-first from the output's autograd nodes to the nearest node a converted layer produced."""
+    queue = collections.deque(roots)
+    seen = {id(r) for r in roots}
+    while queue:
+        node = queue.popleft()
+        if node in nodes:
+            return nodes[node]
+        for nxt, _ in node.next_functions:
+            if nxt is not None and id(nxt) not in seen:
+                seen.add(id(nxt))
+                queue.append(nxt)
+    return None
+
+
+def _output_sizes(output: Tensor, first: tuple[FeedbackLayer, Tensor], expected: int | None) -> tuple[int, tuple]:
+    """``(entries per sample, positions)`` of the model output, the batch read off the first converted layer's
+    input (``(N, …)``; a 1-D Linear input or an unbatched conv input is one sample)."""
+    layer, x = first
+    unbatched = x.dim() == (1 if layer.weight.dim() == 2 else layer.weight.dim() - 1)
+    n = 1 if unbatched else x.shape[0]
+    shape = tuple(output.shape)
+    if not unbatched and shape and shape[0] == n:
+        sizes = (math.prod(shape[1:]), shape[1:-1])
+    else:
+        sizes = (math.prod(shape), shape[:-1])
+    if expected is not None and (not shape or shape[-1] != expected) and sizes[0] != expected:
+        raise ValueError(f"dfa: the model's output has shape {shape} but output_features={expected} was given")
+    return sizes
 
 
 def install_error_tap(model: nn.Module, tap: ErrorTap | None = None, output_features: int | None = None) -> ErrorTap:
-    """Attach a DFA :class:`~falign.functional.ErrorTap` to ``model``'s output and its dfa layers.
-
-    :func:`convert` does this; call it yourself for a model assembled from ``FALinear(rule='dfa')``.
-    """
+    """Give a model assembled by hand from ``FALinear(rule='dfa')`` layers what :func:`convert` gives a
+    converted one: an :class:`~falign.functional.ErrorTap` on its output shared by its dfa layers, and the
+    probe of its first forward pass that sizes their feedback matrices."""
     tap = tap or ErrorTap()
     for layer in feedback_layers(model):
         if layer.rule.name == "dfa":
             layer.error_tap = tap
-    model.register_forward_hook(_ErrorTapHook(tap, output_features))
+    for old in getattr(model, "_falign_root_handles", ()):
+        old.remove()
+    _Root(tap, getattr(model, "falign_report", None), output_features=output_features).install(model, probe=True)
     return tap
 
 
 def feedback_layers(model: nn.Module) -> list[FeedbackLayer]:
-    """Every converted layer of ``model``, in module order."""
+    """Every converted layer of ``model`` (each once, also when shared), in module order."""
     return [m for m in model.modules() if isinstance(m, FeedbackLayer)]
 
 
@@ -279,4 +475,3 @@ def conversion_report(model: nn.Module) -> ConversionReport:
     if not isinstance(report, ConversionReport):
         raise ValueError("this model was not produced by falign.convert")
     return report
-

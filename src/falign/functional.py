@@ -19,7 +19,7 @@ Passing ``feedback=weight`` reproduces backpropagation exactly. When ``feedback`
 gradient (Kolen–Pollack), it receives exactly the weight gradient.
 
 Direct feedback alignment (Nøkland 2016) replaces the input signal by ``e D`` where
-``e = ∂L/∂output`` is read from an :class:`ErrorTap` attached to the model's output.
+``e = ∂L/∂output`` is recorded, per forward pass, by the :class:`ErrorTap` of the model's output.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from torch import Tensor
 from torch.autograd import Function
 
 __all__ = [
+    "PER_POSITION",
+    "PER_SAMPLE",
+    "ErrorSession",
     "ErrorTap",
     "FeedbackSource",
     "backprop_mode",
@@ -182,75 +185,124 @@ def feedback_conv(
 
 
 class ErrorTap:
-    """Holds the error ``e = ∂L/∂output`` of the latest backward pass, for DFA.
+    """The output error ``e = ∂L/∂output`` of a converted model, for the direct rules (DFA).
 
-    :meth:`attach` is applied to a model's output: identity forward; in the backward it records the
-    incoming gradient (the output error) before any layer's backward runs, and passes it on unchanged.
-    One tap is shared by every DFA layer of a converted model.
+    One tap is shared by a model's DFA layers. Every forward pass of the model's root opens a
+    :class:`ErrorSession` (:meth:`begin`, a forward pre-hook installed by :func:`falign.convert`), the
+    layers that run inside it keep a reference to it, and :meth:`end` (a forward hook) passes the output
+    through an identity autograd node that records, in the backward, the incoming gradient into that
+    session before any layer's backward runs. A layer's backward therefore always reads the error of its
+    own forward pass: two forward passes before their backward passes are safe, and a converted
+    submodule called on its own (no session) raises instead of reusing a stale error.
+
+    ``output_sizes`` is ``(entries per sample, positions)`` of the model's output, measured on the first
+    forward pass by the probe of :func:`falign.convert` (``positions`` are the dimensions between the
+    batch and the features, e.g. ``(T,)`` for a ``(N, T, C)`` output); DFA layers size their feedback
+    matrices from it.
     """
+
+    def __init__(self) -> None:
+        self._open: list[ErrorSession] = []
+        self.output_sizes: tuple[int, tuple[int, ...]] | None = None
+
+    def begin(self) -> None:
+        self._open.append(ErrorSession())
+
+    def end(self, output: Tensor) -> Tensor:
+        session = self._open.pop() if self._open else None
+        if session is None or not isinstance(output, Tensor) or not output.requires_grad:
+            return output
+        return _Tap.apply(output, session)
+
+    def abort(self) -> None:
+        """Close the innermost session after a forward pass that raised."""
+        if self._open:
+            self._open.pop()
+
+    @property
+    def current(self) -> ErrorSession | None:
+        """The session of the forward pass running now (``None`` outside the model's forward)."""
+        return self._open[-1] if self._open else None
+
+    def __getstate__(self):  # sessions are transient: never saved or copied
+        return {"_open": [], "output_sizes": self.output_sizes}
+
+
+class ErrorSession:
+    """The output error of one forward pass (filled in by the backward)."""
+
+    __slots__ = ("error",)
 
     def __init__(self) -> None:
         self.error: Tensor | None = None
 
-    def attach(self, output: Tensor) -> Tensor:
-        if not output.requires_grad:
-            return output
-        return _Tap.apply(output, self)
-
-    def read(self) -> Tensor:
-        if self.error is None:
+    @staticmethod
+    def read(session: ErrorSession | None) -> Tensor:
+        if session is None:
             raise RuntimeError(
-                "DFA: no output error recorded. The model's output must pass through the error tap "
-                "(falign.convert installs it as a forward hook on the converted model's root); calling a "
-                "converted submodule on its own is not supported under 'dfa'."
+                "dfa: this layer ran outside a forward pass of the converted model (a submodule called on "
+                "its own), so there is no output error to project. Call the whole model, or compute true "
+                "gradients inside falign.functional.backprop_mode()."
             )
-        return self.error
-
-    def __getstate__(self):  # the recorded error is transient state, never saved or copied
-        return {"error": None}
+        if session.error is None:
+            raise RuntimeError(
+                "dfa: no output error was recorded for this forward pass: the backward did not start from "
+                "the model's output (e.g. a loss on an intermediate activation). DFA projects the error of "
+                "the model output; use falign.functional.backprop_mode() for other gradients."
+            )
+        return session.error
 
 
 class _Tap(Function):
     @staticmethod
-    def forward(ctx, output, tap):
-        ctx.tap = tap
+    def forward(ctx, output, session):
+        ctx.session = session
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, g):
-        ctx.tap.error = g.detach()
+        # Under create_graph the error keeps its graph, so a double backward differentiates e·D as well.
+        ctx.session.error = g if torch.is_grad_enabled() else g.detach()
         return g, None
 
 
-def _project_error(e: Tensor, feedback: Tensor, x_shape: torch.Size, per_position: bool) -> Tensor:
-    """``e D`` reshaped to the layer input's shape.
+PER_POSITION, PER_SAMPLE = "per-position", "per-sample"
 
-    ``per_position``: a Linear layer whose input has the same leading dimensions as the output error
-    (e.g. ``(N, T, ·)`` both) gets ``e D`` at every position; otherwise the error is taken per sample,
-    ``(N, n_out)``, projected, and broadcast (Linear) or reshaped (conv) to the input.
+
+def _project_error(e: Tensor, feedback: Tensor, x_shape: torch.Size, mode: str) -> Tensor:
+    """``e D`` shaped like the layer input ``x``.
+
+    ``per-position`` (a Linear layer whose input has the output's positions, e.g. ``(N, T, ·)`` both):
+    ``e D`` at every position. ``per-sample``: the error of each sample flattened to ``(N, E)``, projected,
+    and reshaped to the input (conv: ``D`` is ``(E, C·H·W)``) or, for a Linear layer applied over other
+    positions than the output's, the same signal at every position (``D`` is ``(E, in)``).
     """
-    if per_position:
+    if mode == PER_POSITION:
+        if e.shape[:-1] != x_shape[:-1] and e.numel() == x_shape[:-1].numel() * feedback.shape[0]:
+            e = e.reshape(*x_shape[:-1], feedback.shape[0])  # e.g. an (N,) output of one feature per sample
+        if e.shape[:-1] != x_shape[:-1]:
+            raise RuntimeError(f"dfa: the output error has shape {tuple(e.shape)} but this layer's input has "
+                               f"shape {tuple(x_shape)}; per-position feedback needs the same leading dimensions")
         return e.matmul(feedback)
-    n = x_shape[0]
-    e2 = e.reshape(n, -1)
-    if e2.shape[1] != feedback.shape[0]:
+    n = x_shape[0] if len(x_shape) > 1 else 1
+    per_sample = e.numel() // n if n else feedback.shape[0]
+    if per_sample != feedback.shape[0] or (n and e.numel() % n):
         raise RuntimeError(
-            f"DFA: the output error has {e2.shape[1]} features per sample but the feedback matrix "
-            f"expects {feedback.shape[0]}; pass output_features= to falign.convert"
-        )
-    signal = e2.mm(feedback)
-    if signal.shape[1] == x_shape[1:].numel():
+            f"dfa: the output error has {per_sample} features per sample (shape {tuple(e.shape)}) but this layer's "
+            f"feedback matrix was sized for {feedback.shape[0]} at the first forward pass; the output size of a "
+            f"dfa model must stay fixed")
+    signal = e.reshape(n, feedback.shape[0]).mm(feedback)
+    if signal.shape[1] == x_shape[1:].numel() or len(x_shape) < 2:
         return signal.reshape(x_shape)
-    # Linear applied over extra positions (N, ..., in) with a per-sample output: same signal everywhere.
     shape = (n,) + (1,) * (len(x_shape) - 2) + (x_shape[-1],)
     return signal.reshape(shape).expand(x_shape)
 
 
 class _DirectFeedbackLinear(Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, tap):
+    def forward(ctx, x, weight, bias, feedback, session, mode):
         ctx.save_for_backward(x, weight, feedback)
-        ctx.tap = tap
+        ctx.session, ctx.mode = session, mode
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
@@ -262,35 +314,33 @@ class _DirectFeedbackLinear(Function):
         if need_x and _BACKPROP_MODE:
             grad_x = g.matmul(weight)
         elif need_x:
-            e = ctx.tap.read()
-            per_position = e.dim() > 2 and e.shape[:-1] == x.shape[:-1]
-            grad_x = _project_error(e, feedback, x.shape, per_position)
+            grad_x = _project_error(ErrorSession.read(ctx.session), feedback, x.shape, ctx.mode)
         grad_w = _weight_grad_linear(g, x) if need_w else None
         grad_b = _bias_grad_linear(g) if (ctx.has_bias and need_b) else None
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
-def direct_feedback_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor, tap: ErrorTap
-) -> Tensor:
+def direct_feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor,
+                           session: ErrorSession | None, mode: str = PER_POSITION) -> Tensor:
     """Linear map whose input signal is ``e D`` (direct feedback alignment, Nøkland 2016).
 
-    ``e`` is the model output's error read from ``tap`` during the backward pass. Weight and bias
-    gradients are the local ``gᵀ x`` and ``Σ g``.
+    ``e`` is the model output's error, read in the backward pass from ``session`` (the forward pass's
+    :class:`ErrorSession`). Weight and bias gradients are the local ``gᵀ x`` and ``Σ g``.
 
     Shape:
-        - x: ``(*, in)``; weight: ``(out, in)``; feedback ``D``: ``(n_out, in)``
-        - the error ``e``: ``(*, n_out)`` with x's leading dimensions, or ``(N, n_out)``
+        - x: ``(*, in)``; weight: ``(out, in)``
+        - ``per-position``: D ``(n_out, in)``, error ``(*, n_out)`` with x's leading dimensions
+        - ``per-sample``: D ``(E, in)``, error ``(N, …)`` with E entries per sample
     """
-    return _DirectFeedbackLinear.apply(x, weight, bias, feedback, tap)
+    return _DirectFeedbackLinear.apply(x, weight, bias, feedback, session, mode)
 
 
 class _DirectFeedbackConv(Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, tap, pad, pad_mode, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, feedback, session, pad, pad_mode, stride, padding, dilation, groups):
         xp = F.pad(x, pad, mode=pad_mode) if pad is not None else x
         ctx.save_for_backward(x, xp, weight, feedback)
-        ctx.tap = tap
+        ctx.session = session
         ctx.pad = (pad, pad_mode)
         ctx.conf = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]])
         n = weight.dim() - 2
@@ -311,7 +361,7 @@ class _DirectFeedbackConv(Function):
         if true_x:
             grad_x = grad_xp if ctx.pad[0] is None else _unpad_grad(x, grad_xp, *ctx.pad)
         elif need_x:
-            grad_x = _project_error(ctx.tap.read(), feedback, x.shape, False)
+            grad_x = _project_error(ErrorSession.read(ctx.session), feedback, x.shape, PER_SAMPLE)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
@@ -328,7 +378,7 @@ def direct_feedback_conv(
     weight: Tensor,
     bias: Tensor | None,
     feedback: Tensor,
-    tap: ErrorTap,
+    session: ErrorSession | None,
     pad: Sequence[int] | None,
     pad_mode: str,
     stride: Sequence[int],
@@ -339,9 +389,10 @@ def direct_feedback_conv(
     """Convolution whose input signal is ``e D`` reshaped to the (unpadded) input, DFA.
 
     ``pad``/``pad_mode`` is the explicit padding applied before the convolution (as ``F.pad``), so
-    ``D`` always refers to the layer's own input. Shape: ``D`` is ``(n_out, C·H·W)`` of that input.
+    ``D`` always refers to the layer's own input. Shape: ``D`` is ``(E, C·H·W)`` of that input, ``E`` the
+    number of output-error entries per sample.
     """
     return _DirectFeedbackConv.apply(
-        x, weight, bias, feedback, tap, None if pad is None else list(pad), pad_mode,
+        x, weight, bias, feedback, session, None if pad is None else list(pad), pad_mode,
         list(stride), list(padding), list(dilation), groups,
     )

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from falign.errors import FalignError
+from falign.outdir import OutputDir, check_file
 from falign.train import DivergenceError, TrainConfig, Trainer, read_metrics
 from falign.train.progress import progress_bar
 
@@ -146,8 +147,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", default="runs/bench-accuracy", help="run directories and CSVs")
-    parser.add_argument("--docs", default="docs/benchmarks.md", help="Markdown file whose accuracy section is "
-                                                                     "regenerated ('' to skip)")
+    parser.add_argument("--docs", default=None,
+                        help="Markdown file whose accuracy section is regenerated (default: docs/benchmarks.md "
+                             "when it exists, i.e. run from the repository; '' to skip)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -160,7 +162,18 @@ def run(args: argparse.Namespace) -> None:
     if args.seeds < 1:
         raise FalignError(f"--seeds must be at least 1, got {args.seeds}")
     epochs = args.epochs or (100 if args.full else 5)
-    out = Path(args.out)
+    if epochs < 1:
+        raise FalignError(f"--epochs must be at least 1, got {epochs}")
+    if args.docs is None:
+        args.docs = "docs/benchmarks.md" if Path("docs/benchmarks.md").is_file() else ""
+    if args.docs:
+        check_file(args.docs, "--docs")
+    from falign.data import load_dataset
+
+    target = OutputDir(args.out, "bench", "--out")
+    target.check()
+    load_dataset("fashion-mnist", data_dir=args.data_dir)  # a missing or malformed file fails before any work
+    out = target.claim()
     start = time.perf_counter()
     rows = run_accuracy(out, rules=rules, seeds=args.seeds, epochs=epochs, lr=args.lr, data_dir=args.data_dir,
                         device=args.device, progress=not args.no_progress)

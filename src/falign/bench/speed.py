@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 import falign
+from falign.errors import FalignError
 from falign.models import MLP, LeNet5
+from falign.outdir import check_file
 
 TARGETS = {"fa": 1.05, "usf": 1.05, "frsf": 1.05, "kp": 1.05, "dfa": 1.05, "brsf": 1.15}
 MODELS = {
@@ -51,9 +53,7 @@ def batch_of(name: str, device: torch.device | str) -> tuple[nn.Module, torch.Te
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compile_: bool):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    groups = {}
-    for layer in falign.feedback_layers(model):
-        groups.setdefault(id(layer.rule), (layer.rule, []))[1].append(layer)
+    falign.attach(model, opt)
     forward = torch.compile(model) if compile_ else model
 
     def step() -> None:
@@ -61,8 +61,6 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compile_: bool
         loss = nn.functional.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
-        for rule, layers in groups.values():
-            rule.after_optimizer_step(layers)
 
     return step, opt
 
@@ -163,13 +161,44 @@ def main(argv: list[str] | None = None) -> None:
     run(build_parser().parse_args(argv))
 
 
+def bench_device(name: str) -> torch.device:
+    """``cpu`` or ``cuda[:i]``, checked to exist (a clear error otherwise)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FalignError(f"unknown --device {name!r}; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise FalignError(f"--device {name}: falign benchmarks run on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FalignError("--device cuda was asked for but torch.cuda.is_available() is False")
+    return device
+
+
+def names(text: str, known: list[str], what: str) -> list[str]:
+    """A comma-separated list, every entry known (a clear error naming the unknown ones)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in items if t not in known]
+    if not items or unknown:
+        raise FalignError(f"--{what} {text!r}: unknown {', '.join(unknown) or '(empty)'}; choose from "
+                          f"{', '.join(known)}")
+    return items
+
+
 def run(args: argparse.Namespace) -> None:
+    models = names(args.models, list(MODELS), "models")
+    rules = names(args.rules, falign.available_rules(), "rules")
+    if args.repeats < 1 or args.warmup < 0:
+        raise FalignError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise FalignError(f"--threads must be >= 1, got {args.threads}")
+    device = bench_device(args.device)
+    if args.json:
+        check_file(args.json, "--json")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     rows = []
-    for name in args.models.split(","):
-        rows += bench_model(name, args.rules.split(","), args.repeats, args.warmup, device, args.compile)
+    for name in models:
+        rows += bench_model(name, rules, args.repeats, args.warmup, device, args.compile)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"# step time, median of {args.repeats} steps, {machine}, torch {torch.__version__}")

@@ -10,32 +10,51 @@ Convolutions: the same per output channel (``W_l[k]`` the whole filter, ``W_{l+1
 reading channel k, also through a flatten into a Linear layer). The sign rules use the ``B`` of the
 current step; DFA's law holds for its last hidden layer with ``D_L`` as ``B``.
 
-Pairs are found from the order in which modules run on one forward pass (:func:`find_pairs`);
-activations applied with ``torch.nn.functional`` inside a ``forward`` are invisible to that trace.
+Pairs are found from how layers connect (:func:`find_pairs`): the autograd graph of one forward pass is
+walked back from each converted layer's input to the converted layer that produced it. A pair needs a
+single chain of elementwise or per-channel operations (activations, pooling, reshapes, normalisation)
+with no merge (residual additions, concatenations) and no branching off; every other converted layer is
+reported "law not applicable" with the reason.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from falign.diagnostics.angles import inner
+from falign.nn import layers as _layers
 from falign.nn.layers import FeedbackLayer
 
-HOMOGENEOUS: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.Identity, nn.LeakyReLU, nn.Flatten, nn.Dropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-)
-NORMALISATION: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
-)
-# Rules whose feedback is fixed (or a function of sign(W) only) between steps: the law is exact.
-EXACT_RULES = ("fa", "usf", "frsf")
+# Autograd nodes (``type(grad_fn).__name__`` without the ``Backward<k>`` suffix) allowed on the path between
+# two paired layers. Positively homogeneous ones keep the law exact; the others keep the pairing (each unit
+# still maps to one unit) but break exactness; anything else makes the pair "law not applicable".
+HOMOGENEOUS_OPS = frozenset({
+    "Relu", "Threshold", "LeakyRelu", "PreluKernel", "View", "Reshape", "ReshapeAlias", "UnsafeView", "Alias",
+    "Squeeze", "SqueezeDim", "SqueezeDims", "Unsqueeze", "Clone", "ToCopy", "Mean",
+    "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices", "MaxPool1D", "MaxPool2D",
+    "AvgPool1D", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool1D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D",
+    "AdaptiveMaxPool1D", "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
+})
+NONHOMOGENEOUS_OPS = frozenset({
+    "Tanh", "Sigmoid", "Gelu", "Silu", "Elu", "Softplus", "Hardtanh", "Hardswish", "Hardsigmoid", "Mish",
+    "LogSigmoid", "Celu", "Selu", "Softsign", "Tanhshrink",
+})
+NORMALISATION_OPS = frozenset({
+    "NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "NativeLayerNorm", "NativeGroupNorm",
+    "BatchNorm", "LayerNorm", "GroupNorm",
+})
+
+
+def op_name(node: Any) -> str:
+    """``ReluBackward0`` → ``Relu``."""
+    return re.sub(r"Backward\d*$", "", type(node).__name__)
 
 
 @dataclass
@@ -60,40 +79,127 @@ class LayerPair:
         return self.layer_in.weight.shape[0]
 
 
-def find_pairs(model: nn.Module, example: Tensor) -> list[LayerPair]:
-    """Consecutive converted layers in execution order on ``example``, with compatible shapes.
+def find_pairs(model: nn.Module, example: Any, *, not_applicable: dict[str, str] | None = None) -> list[LayerPair]:
+    """Pairs of converted layers joined by a chain of elementwise operations, from one forward pass.
 
-    Records every leaf module's call during one ``no_grad`` forward; the leaves between two converted
-    layers decide ``homogeneous`` and ``normalisation``. Pairs whose outgoing layer does not read the
-    incoming layer's units one-to-one (shape mismatch, grouped convolutions) are skipped.
+    Runs ``model(example)`` once in eval mode with gradients enabled (no parameter or running statistic
+    changes), and walks the autograd graph back from each converted layer's input: the chain must reach
+    another converted layer's output through operations of :data:`HOMOGENEOUS_OPS`,
+    :data:`NONHOMOGENEOUS_OPS` or :data:`NORMALISATION_OPS` only, with one input each and no other
+    consumer (no residual addition, concatenation or branch). Pairs whose outgoing layer does not read the
+    incoming layer's units one-to-one (grouped convolutions) are left out too.
+
+    ``not_applicable``, when given, receives ``{layer name: reason}`` for every converted layer that is not
+    the outgoing layer of a pair (its incoming neurons have no conservation law here).
     """
-    names = {m: n for n, m in model.named_modules()}
-    order: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
-             for m in model.modules() if not list(m.children())]
-    was_training = model.training
+    names: dict[int, str] = {}
+    for name, m in model.named_modules():
+        names.setdefault(id(m), name)
+    calls: dict[int, list[tuple[Tensor, Any]]] = {}
+    layers: dict[int, FeedbackLayer] = {}
+    order: list[int] = []
+
+    def pre(module, args):
+        if _layers._PROBE is None:
+            calls.setdefault(id(module), []).append([args[0] if args else None, None])
+
+    def post(module, args, out):
+        if _layers._PROBE is None and calls.get(id(module)) and isinstance(out, Tensor):
+            calls[id(module)][-1][1] = out.grad_fn
+            order.append(id(module))
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, FeedbackLayer):
+            layers[id(m)] = m
+            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    modes = {m: m.training for m in model.modules()}
+    used = {id(m): m._feedback_used for m in layers.values()}
     try:
         model.eval()
-        with torch.no_grad():
-            model(example)
+        with torch.enable_grad():
+            output = model(*example) if isinstance(example, tuple) else model(example)
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
         for h in hooks:
             h.remove()
-    converted = [i for i, m in enumerate(order) if isinstance(m, FeedbackLayer)]
+        for key, flag in used.items():
+            layers[key]._feedback_used = flag
+    roots = [t.grad_fn for t in tree_leaves(output) if isinstance(t, Tensor) and t.grad_fn is not None]
+    consumers = _consumers(roots)
+    producers = {}
+    for key, made in calls.items():
+        if len(made) == 1 and made[0][1] is not None:
+            producers[made[0][1]] = key
+    last = order[-1] if order else None
+    report = getattr(model, "falign_report", None)
+    if report is not None and report.output_layer is not None:
+        last = id(model.get_submodule(report.output_layer))
     pairs = []
-    for a, b in zip(converted[:-1], converted[1:]):
-        lin, lout = order[a], order[b]
-        if _column_view(lin, lout) is None:
+    reasons = {}
+    for key in dict.fromkeys(order):
+        name = names.get(key, "?")
+        if len(calls[key]) != 1:
+            reasons[name] = f"the layer runs {len(calls[key])} times in one forward pass"
             continue
-        between = order[a + 1 : b]
+        x = calls[key][0][0]
+        found, between, why = _walk_back(x, producers, consumers)
+        if found is None:
+            reasons[name] = why
+            continue
+        lin, lout = layers[found], layers[key]
+        if _column_view(lin, lout) is None:
+            reasons[name] = f"{names[found]}'s units are not read one to one (shapes or groups)"
+            continue
         pairs.append(LayerPair(
-            names[lin], names[lout], lin, lout, [type(m).__name__ for m in between],
-            homogeneous=all(isinstance(m, (*HOMOGENEOUS, *NORMALISATION)) for m in between),
-            normalisation=any(isinstance(m, NORMALISATION) for m in between),
-            last=(b == converted[-1]),
+            names[found], name, lin, lout, between,
+            homogeneous=all(op in HOMOGENEOUS_OPS or op in NORMALISATION_OPS for op in between),
+            normalisation=any(op in NORMALISATION_OPS for op in between),
+            last=(key == last),
         ))
+    if not_applicable is not None:
+        not_applicable.update(reasons)
     return pairs
+
+
+def _consumers(roots: list[Any]) -> dict[Any, int]:
+    """How many edges of the autograd graph (from ``roots``) lead into each node."""
+    count: dict[Any, int] = {}
+    stack, seen = list(roots), {id(r) for r in roots}
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            count[nxt] = count.get(nxt, 0) + 1
+            if id(nxt) not in seen:
+                seen.add(id(nxt))
+                stack.append(nxt)
+    return count
+
+
+def _walk_back(x: Any, producers: dict[Any, int], consumers: dict[Any, int]) -> tuple[int | None, list[str], str]:
+    """From a layer input back to the converted layer that produced it: ``(producer, ops between, reason)``."""
+    if not isinstance(x, Tensor) or x.grad_fn is None:
+        return None, [], "its input is not produced by another layer (model input, or no gradient)"
+    node, between = x.grad_fn, []
+    while True:
+        if node in producers:
+            if consumers.get(node, 0) > 1:
+                return None, between, "the previous layer's output is also used elsewhere (a branch or skip)"
+            return producers[node], list(reversed(between)), ""
+        op = op_name(node)
+        if op not in HOMOGENEOUS_OPS and op not in NONHOMOGENEOUS_OPS and op not in NORMALISATION_OPS:
+            article = "an" if op[:1] in "AEIOU" else "a"
+            return None, between, f"{article} {op} operation joins it to the previous layer (not elementwise)"
+        parents = [n for n, _ in node.next_functions if n is not None and op_name(n) != "AccumulateGrad"]
+        if len(parents) != 1:
+            return None, between, f"{op} merges {len(parents)} inputs before this layer"
+        if consumers.get(node, 0) > 1:
+            return None, between, f"the output of {op} is also used elsewhere (a branch)"
+        between.append(op)
+        node = parents[0]
 
 
 def _column_view(lin: nn.Module, lout: nn.Module):
@@ -172,7 +278,7 @@ def drift(now: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, float]:
 
 def conservation_assumptions(pairs: list[LayerPair], rule: str, *, optimizer: str = "sgd",
                              momentum: float = 0.0, weight_decay: float = 0.0,
-                             single_lr: bool = True) -> dict[str, Any]:
+                             single_lr: bool = True, not_applicable: dict[str, str] | None = None) -> dict[str, Any]:
     """Which of the law's assumptions a run satisfies, per pair, and whether drift is expected.
 
     The law (for the rule's own quantity; backprop's balancedness under ``bp``) needs: positively
@@ -180,6 +286,7 @@ def conservation_assumptions(pairs: list[LayerPair], rule: str, *, optimizer: st
     momentum or weight decay, one learning rate for every layer, and feedback that does not change
     between steps except through ``sign(W)`` (``fa``, ``usf``, ``frsf``; ``dfa`` for its last hidden
     layer; ``bp`` for balancedness). Even then SGD drifts by ``O(η)`` over a fixed time horizon.
+    ``not_applicable`` (from :func:`find_pairs`) lists the layers that are in no pair, with the reason.
     """
     run_reasons = []
     if optimizer != "sgd":
@@ -206,4 +313,4 @@ def conservation_assumptions(pairs: list[LayerPair], rule: str, *, optimizer: st
         quantity = "balancedness" if rule == "bp" else "feedback"
         per_pair[p.key] = {"holds": not reasons, "quantity": quantity, "between": p.between, "reasons": reasons}
     return {"holds": bool(per_pair) and all(v["holds"] for v in per_pair.values()), "run_reasons": run_reasons,
-            "pairs": per_pair}
+            "pairs": per_pair, "not_applicable": dict(not_applicable or {})}

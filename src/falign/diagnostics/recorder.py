@@ -58,7 +58,6 @@ class DiagnosticsRecorder:
         self.margin = margin
         self.reduce = reduce  # data-parallel: average the true gradients over ranks
         self.layers = named_feedback_layers(model)
-        self.output_layer = conversion_report(model).output_layer
         self.params = {n: p for n, p in model.named_parameters() if not n.endswith("feedback_weight")}
         layer_of = {}
         for lname in self.layers:
@@ -103,6 +102,11 @@ class DiagnosticsRecorder:
         record = self.measure(rule, true, cap.passes[0], cap.passes[1])
         record["loss"] = float(loss.detach())
         return loss.detach(), output.detach(), record
+
+    @property
+    def output_layer(self) -> str | None:
+        """The model's output layer (known once a forward pass has run)."""
+        return conversion_report(self.model).output_layer
 
     def state_dict(self) -> dict[str, Any]:
         """The conservation reference point (saved in checkpoints so a resumed run's drift is exact)."""

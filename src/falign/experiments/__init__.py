@@ -36,18 +36,20 @@ def reproduce(out: str | Path, *, only: Sequence[str] | None = None, size: str =
               device: str = "cpu", progress: bool = True) -> tuple[list[ExperimentResult], dict[str, Path]]:
     """Run the experiments (all, or ``only``) into ``out`` and write the report; returns the results and
     the report's paths."""
+    from falign.outdir import OutputDir
     from falign.report.report import write_report
     from falign.train.progress import progress_bar
     from falign.train.rundir import versions
 
-    names = list(only) if only else list(EXPERIMENTS)
+    if only is not None and not list(only):
+        raise FalignError("no experiment selected (only= is empty)")
+    names = list(only) if only is not None else list(EXPERIMENTS)
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise FalignError(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
     if seeds < 1:
         raise FalignError(f"--seeds must be at least 1, got {seeds}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = OutputDir(out, "report", "--out").claim()
     start = time.perf_counter()
     probe = Context(out, size, seeds, device)
     total = sum(EXPERIMENTS[n].units(probe) for n in names)

@@ -16,7 +16,9 @@ tensor of the same shape, or write into it in place, to set the feedback by hand
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import warnings
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,11 +26,30 @@ from torch import Tensor, nn
 from falign import functional as FF
 from falign.rules import FeedbackInit, FeedbackRule, get_rule
 
-__all__ = ["FAConv1d", "FAConv2d", "FAConv3d", "FALinear", "FeedbackLayer"]
+__all__ = ["FAConv1d", "FAConv2d", "FAConv3d", "FALinear", "FeedbackLayer", "TracedBackpropWarning"]
+
+
+_PROBE: Any = None  # set by falign.convert's probe of the first forward pass (see _probe_forward)
+
+
+class TracedBackpropWarning(UserWarning):
+    """A converted model was traced with ``torch.jit.trace``: the trace's backward is backprop."""
+
+
+def _warn_traced() -> None:
+    warnings.warn(
+        "torch.jit.trace of a falign model records the plain forward pass: the traced module computes the same "
+        "outputs, but its backward is backprop, not the rule. Trace for inference or export; train the eager "
+        "model.", TracedBackpropWarning, stacklevel=3)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
 class FeedbackLayer(nn.Module):
-    """Mixin holding the rule, its options and ``feedback_weight`` (see the module docstring).
+    """Base class of the converted layers: the rule, its options and ``feedback_weight`` (see the module
+    docstring). A concrete layer also derives from the PyTorch layer it stands for (``torch_base``).
 
     Attributes:
         rule: the :class:`~falign.rules.FeedbackRule` instance.
@@ -38,6 +59,7 @@ class FeedbackLayer(nn.Module):
         error_tap: the model's :class:`~falign.functional.ErrorTap` (``dfa`` only).
     """
 
+    torch_base: ClassVar[type[nn.Module]]
     rule: FeedbackRule
     feedback_init: FeedbackInit
     feedback_seed: int
@@ -59,10 +81,15 @@ class FeedbackLayer(nn.Module):
         self.feedback_seed = int(seed)
         self.dfa_output_features = output_features
         self.error_tap = error_tap
-        self._dfa_input_shape: tuple[int, ...] | None = None
+        self.dfa_mode = FF.PER_POSITION
+        self.dfa_shape: tuple[int, ...] | None = (
+            (output_features, self.weight.shape[1]) if output_features is not None and self.weight.dim() == 2 else None)
         self._feedback_used = False
-        self._parameters.pop("feedback_weight", None)
-        self._buffers.pop("feedback_weight", None)
+        self._step_key: tuple[int, ...] | None = None
+        self._step_hooks = 0
+        for name in ("feedback_weight", "feedback_step"):  # a layer converted again starts afresh
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
         if not self.rule.has_feedback:
             self.register_buffer("feedback_weight", None)
         else:
@@ -128,7 +155,35 @@ class FeedbackLayer(nn.Module):
         return self._feedback_used
 
     def forward(self, x: Tensor) -> Tensor:
+        if _PROBE is not None:
+            return _PROBE(self, x)
+        if torch.jit.is_tracing():
+            _warn_traced()
+            return self.plain_forward(x)
+        if self.rule.per_step and not self._step_hooks and torch.is_grad_enabled() and not _compiling():
+            self._check_stepped()
         return self.rule.forward(self, x)
+
+    # -- per-step work (falign.attach) ----------------------------------------------------------------
+    def _params_key(self) -> tuple[int, ...]:
+        return tuple(p._version for name, p in self.named_parameters() if not name.endswith("feedback_weight"))
+
+    def mark_stepped(self) -> None:
+        """Record that the rule's per-step work has run for the current weights (called by the step hook
+        of :func:`falign.attach` and by hand-run per-step functions such as ``wm``'s ``mirror_step``)."""
+        self._step_key = self._params_key()
+
+    def _check_stepped(self) -> None:
+        """A per-step rule whose weights changed without its per-step work having run fails loudly."""
+        key = self._params_key()
+        if self._step_key is None:
+            self._step_key = key
+        elif key != self._step_key:
+            raise RuntimeError(
+                f"{self.rule.name}: the weights of this layer changed (an optimiser step) but the rule's per-step "
+                f"work ({self.rule.step_work}) did not run. Call "
+                f"falign.attach(model, optimizer) once after building the optimizer, so every optimizer.step() "
+                f"runs it, or run falign.step_rules(model) yourself after each step")
 
     # Implemented by the concrete layers.
     def plain_forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -137,16 +192,8 @@ class FeedbackLayer(nn.Module):
     def feedback_forward(self, x: Tensor, feedback: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def direct_forward(self, x: Tensor, feedback: Tensor, tap: FF.ErrorTap | None) -> Tensor:
+    def direct_forward(self, x: Tensor, feedback: Tensor, session: FF.ErrorSession | None, mode: str) -> Tensor:
         raise NotImplementedError  # pragma: no cover
-
-    def _check_tap(self, tap: FF.ErrorTap | None) -> FF.ErrorTap:
-        if tap is None:
-            raise RuntimeError(
-                "this dfa layer has no error tap: convert the whole model with falign.convert(model, 'dfa'), "
-                "or call falign.install_error_tap(model) on a model built from FA layers by hand"
-            )
-        return tap
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "feedback_weight"
@@ -161,22 +208,45 @@ class FeedbackLayer(nn.Module):
         return f"{super().extra_repr()}, rule={self.rule.name}"
 
     @classmethod
-    def _constructor_args(cls, module: nn.Module) -> dict[str, Any]:  # pragma: no cover
-        raise NotImplementedError
+    def converted_class(cls, base: type[nn.Module]) -> type[FeedbackLayer]:
+        """The converted class for a module of type ``base``: ``cls`` itself for the exact PyTorch layer,
+        else a subclass of both (a parametrized layer, a user subclass without its own ``forward``)."""
+        if issubclass(base, cls):
+            return base
+        if base is cls.torch_base:
+            return cls
+        key = (cls, base)
+        if key not in _CONVERTED_CLASSES:
+            _CONVERTED_CLASSES[key] = type(f"{cls.__name__[:2]}{base.__name__}", (cls, base),
+                                           {"__module__": base.__module__, "__doc__": cls.__doc__})
+        return _CONVERTED_CLASSES[key]
+
+    @classmethod
+    def convert_in_place(cls, module: nn.Module, **feedback_options: Any) -> FeedbackLayer:
+        """Turn ``module`` itself into a converted layer (its class changes; parameters, buffers, hooks,
+        parametrizations and attributes stay as they are). ``feedback_options``: :meth:`_setup_feedback`."""
+        if not isinstance(module, cls.torch_base):
+            raise TypeError(f"{cls.__name__} converts {cls.torch_base.__name__} modules, got {type(module).__name__}")
+        module.__class__ = cls.converted_class(type(module))
+        assert isinstance(module, FeedbackLayer)
+        module._setup_feedback(**feedback_options)
+        return module
 
     @classmethod
     def from_module(cls, module: nn.Module, **feedback_options: Any) -> FeedbackLayer:
-        """A converted copy of ``module`` that *shares* its weight and bias parameters.
+        """A converted copy of ``module`` that *shares* its parameters and buffers (``module`` is unchanged).
 
         ``feedback_options`` are those of :meth:`_setup_feedback` (rule, feedback_init,
         feedback_scale, seed, output_features, error_tap).
         """
-        layer = cls(**cls._constructor_args(module), rule="bp", device="meta", dtype=module.weight.dtype)
-        layer.weight = module.weight
-        layer.bias = module.bias
-        layer._setup_feedback(**feedback_options)
-        layer.train(module.training)
-        return layer
+        new = copy.copy(module)
+        for name, value in vars(module).items():  # own containers (parameters, buffers, hooks), shared entries
+            if isinstance(value, (dict, set)):
+                setattr(new, name, copy.copy(value))
+        return cls.convert_in_place(new, **feedback_options)
+
+
+_CONVERTED_CLASSES: dict[tuple[type, type], type] = {}
 
 
 class FALinear(FeedbackLayer, nn.Linear):
@@ -202,6 +272,8 @@ class FALinear(FeedbackLayer, nn.Linear):
         torch.Size([8, 5, 30])
     """
 
+    torch_base = nn.Linear
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  rule: str | FeedbackRule = "fa", feedback_init: str = "kaiming_uniform",
                  feedback_scale: float = 1.0, seed: int = 0, output_features: int | None = None,
@@ -209,19 +281,14 @@ class FALinear(FeedbackLayer, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._setup_feedback(rule, feedback_init, feedback_scale, seed, output_features, error_tap)
 
-    @classmethod
-    def _constructor_args(cls, module: nn.Module) -> dict[str, Any]:
-        return {"in_features": module.in_features, "out_features": module.out_features,
-                "bias": module.bias is not None}
-
     def plain_forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
 
     def feedback_forward(self, x: Tensor, feedback: Tensor) -> Tensor:
         return FF.feedback_linear(x, self.weight, self.bias, feedback)
 
-    def direct_forward(self, x: Tensor, feedback: Tensor, tap: FF.ErrorTap | None) -> Tensor:
-        return FF.direct_feedback_linear(x, self.weight, self.bias, feedback, self._check_tap(tap))
+    def direct_forward(self, x: Tensor, feedback: Tensor, session: FF.ErrorSession | None, mode: str) -> Tensor:
+        return FF.direct_feedback_linear(x, self.weight, self.bias, feedback, session, mode)
 
 
 class _FAConvNd(FeedbackLayer):
@@ -255,14 +322,10 @@ class _FAConvNd(FeedbackLayer):
             return list(self._reversed_padding_repeated_twice), "constant", [0] * n
         return None, "constant", list(self.padding)
 
-    @classmethod
-    def _constructor_args(cls, module: nn.Module) -> dict[str, Any]:
-        return {
-            "in_channels": module.in_channels, "out_channels": module.out_channels,
-            "kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
-            "dilation": module.dilation, "groups": module.groups, "bias": module.bias is not None,
-            "padding_mode": module.padding_mode,
-        }
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == len(self.kernel_size) + 1:  # unbatched (C, *spatial), as the PyTorch layer accepts
+            return super().forward(x.unsqueeze(0)).squeeze(0)
+        return super().forward(x)
 
     def plain_forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.weight, self.bias)
@@ -274,9 +337,9 @@ class _FAConvNd(FeedbackLayer):
         return FF.feedback_conv(x, self.weight, self.bias, feedback, self.stride, padding,
                                 self.dilation, self.groups)
 
-    def direct_forward(self, x: Tensor, feedback: Tensor, tap: FF.ErrorTap | None) -> Tensor:
-        pad, mode, padding = self._padding_plan()
-        return FF.direct_feedback_conv(x, self.weight, self.bias, feedback, self._check_tap(tap), pad, mode,
+    def direct_forward(self, x: Tensor, feedback: Tensor, session: FF.ErrorSession | None, mode: str) -> Tensor:
+        pad, pad_mode, padding = self._padding_plan()
+        return FF.direct_feedback_conv(x, self.weight, self.bias, feedback, session, pad, pad_mode,
                                        self.stride, padding, self.dilation, self.groups)
 
 
@@ -298,11 +361,14 @@ _CONV_DOC = """``nn.Conv{n}d`` whose input gradient is the transposed convolutio
 
 class FAConv1d(_FAConvNd, nn.Conv1d):
     __doc__ = _CONV_DOC.format(n=1)
+    torch_base = nn.Conv1d
 
 
 class FAConv2d(_FAConvNd, nn.Conv2d):
     __doc__ = _CONV_DOC.format(n=2)
+    torch_base = nn.Conv2d
 
 
 class FAConv3d(_FAConvNd, nn.Conv3d):
     __doc__ = _CONV_DOC.format(n=3)
+    torch_base = nn.Conv3d

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,19 +103,30 @@ def plot_decomposition(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+def plot_run(run_dir: str | Path, out: str | Path | None = None,
+             warn: Callable[[str], None] | None = None) -> list[Path]:
     """Write ``alignment.png``, ``conservation.png`` and ``decomposition.png`` for a run directory
-    (into ``RUN_DIR/plots`` by default). The run needs diagnostics (``--diagnostics-every``)."""
+    (into ``RUN_DIR/plots`` by default). The run needs diagnostics (``--diagnostics-every``).
+
+    Lines of ``metrics.jsonl`` that are not JSON (a torn last line after a kill) are skipped and reported
+    through ``warn``. ``out`` must be a new folder, an empty one or one that holds falign plots.
+    """
+    from falign.outdir import OutputDir
     from falign.train.rundir import read_metrics
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FalignError(f"{run_dir} is not a folder: give a run directory written by falign train")
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
-        raise FileNotFoundError(f"{metrics} not found: {run_dir} is not a falign run directory")
-    rows = [r for r in read_metrics(metrics) if r.get("event") == "diagnostics"]
+        raise FalignError(f"{metrics} not found: {run_dir} is not a falign run directory")
+    skipped: list[str] = []
+    rows = [r for r in read_metrics(metrics, skipped=skipped) if r.get("event") == "diagnostics"]
+    for line in skipped:
+        (warn or (lambda text: None))(f"skipped {line}")
     if not rows:
         raise FalignError(f"{metrics} has no diagnostics rows: train with --diagnostics-every K")
-    out = Path(out) if out is not None else run_dir / "plots"
-    out.mkdir(parents=True, exist_ok=True)
+    target = OutputDir(Path(out) if out is not None else run_dir / "plots", "plots", "--out")
+    out = target.claim()
     return [plot_alignment(rows, out / "alignment.png"), plot_conservation(rows, out / "conservation.png"),
             plot_decomposition(rows, out / "decomposition.png")]

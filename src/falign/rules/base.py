@@ -88,12 +88,16 @@ class FeedbackRule:
         has_feedback: whether converted layers keep a ``feedback_weight``.
         learned: whether ``feedback_weight`` is a trained ``nn.Parameter`` (Kolen–Pollack).
         sign_concordant: ``B = |feedback_weight| ⊙ sign(W)`` (the sign-symmetry family).
+        per_step: the rule has work to do after every optimiser step (:meth:`after_step`), which
+            :func:`falign.attach` installs as an optimiser step hook.
     """
 
     name: ClassVar[str] = ""
     has_feedback: ClassVar[bool] = True
     learned: ClassVar[bool] = False
     sign_concordant: ClassVar[bool] = False
+    per_step: ClassVar[bool] = False
+    step_work: ClassVar[str] = ""
     summary: ClassVar[str] = ""
 
     def feedback_shape(self, layer: FeedbackLayer) -> tuple[int, ...] | None:
@@ -115,8 +119,9 @@ class FeedbackRule:
     def after_load(self, layer: FeedbackLayer) -> None:
         """Refresh Python-side state after ``load_state_dict``."""
 
-    def after_optimizer_step(self, layers: list[FeedbackLayer]) -> None:
-        """Called by the trainer after each optimiser step with every layer using this rule."""
+    def after_step(self, layers: list[FeedbackLayer]) -> None:
+        """The rule's work after each optimiser step, for every layer using this rule (``per_step`` rules;
+        run by the hook of :func:`falign.attach`)."""
 
     def current_feedback(self, layer: FeedbackLayer) -> Tensor:
         """The ``B`` the backward pass uses at the current weights, without advancing any state."""

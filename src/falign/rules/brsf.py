@@ -1,10 +1,11 @@
 """``brsf``: batchwise random-magnitude sign-concordant feedback (Liao, Leibo & Poggio, AAAI 2016).
 
-``B_t = |R_t| ⊙ sign(W)`` with ``R_t`` redrawn at every training step (every backward pass that
-sends a signal to the layer's input; the draw happens there, so two forward passes before one
-backward pass are safe). The draw for step ``t`` is a pure function of the layer's feedback seed and ``t``,
-so runs are reproducible, identical across data-parallel ranks and resume exactly. The step count is
-the buffer ``feedback_step``; ``feedback_weight`` holds the magnitudes of the latest draw.
+``B_t = |R_t| ⊙ sign(W)`` with ``R_t`` redrawn after every optimiser step (by the step hook that
+:func:`falign.attach` installs), so every update uses a fresh draw. Draw ``t`` is a pure function of
+the layer's feedback seed and ``t`` (the number of optimiser steps taken), whatever the tensor's memory
+layout, so runs are reproducible, identical across data-parallel ranks and resume exactly. Forward and
+backward passes never draw: evaluating a model, or computing input gradients of it, changes nothing.
+``feedback_step`` (a buffer) is ``t``; ``feedback_weight`` holds ``|R_t|``.
 
 Magnitudes follow the feedback initialisation: for the uniform inits ``|R| ~ U(0, a)``; on the CPU
 this is drawn at 16-bit resolution (``a·(k + ½)/2¹⁶``, k uniform) because a full-precision draw would
@@ -33,12 +34,40 @@ def _fill_uniform16(out: Tensor, bound: float, generator: torch.Generator, words
     out.add_(32768.5).mul_(bound / 65536.0)
 
 
+def draw_magnitudes(out: Tensor, init: FeedbackInit, seed: int, step: int, scratch: Tensor | None = None) -> Tensor:
+    """Fill ``out`` with ``|R_step|`` for a layer with feedback seed ``seed``.
+
+    The values depend only on (shape, init, seed, step, device type): a non-contiguous ``out`` (e.g.
+    ``channels_last``) receives the same values, in logical order, as a contiguous one.
+    """
+    std = init.std(tuple(out.shape))
+    generator = torch.Generator(device=out.device)
+    generator.manual_seed(mix_seed(seed, step))
+    target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    with torch.no_grad():
+        if init.uniform and out.device.type == "cpu":
+            words = scratch if scratch is not None else torch.empty((out.numel() + 3) // 4, dtype=torch.int64)
+            _fill_uniform16(target, std * math.sqrt(3.0), generator, words)
+        elif init.uniform:
+            target.uniform_(0.0, std * math.sqrt(3.0), generator=generator)
+        else:
+            target.normal_(0.0, std, generator=generator).abs_()
+        if target is not out:
+            out.copy_(target)
+    return out
+
+
 class BatchwiseRandomSignFeedback(SignConcordantRule):
     name = "brsf"
+    per_step = True
+    step_work = "the redraw of |R_t| after each step"
     summary = "batchwise random-magnitude sign-concordant feedback: B_t = |R_t|⊙sign(W) (Liao et al. 2016)"
 
     def initial_feedback(self, layer, shape, init, generator):
-        return init.sample(shape, generator, layer.weight.dtype).abs_()
+        if hasattr(layer, "feedback_step"):  # redrawn from scratch (reset_parameters): back to step 0
+            layer._feedback_step = 0
+            layer.feedback_step.fill_(0)
+        return draw_magnitudes(torch.empty(shape, dtype=layer.weight.dtype), init, layer.feedback_seed, 0)
 
     def register_state(self, layer) -> None:
         layer.register_buffer("feedback_step", torch.zeros((), dtype=torch.int64))
@@ -48,23 +77,14 @@ class BatchwiseRandomSignFeedback(SignConcordantRule):
         layer._feedback_step = int(layer.feedback_step)
 
     def redraw(self, layer) -> None:
-        """Draw the magnitudes of the next step into ``feedback_weight`` and advance the step."""
-        init: FeedbackInit = layer.feedback_init
+        """Advance to the next step's magnitudes ``|R_{t+1}|`` in ``feedback_weight``."""
         m = layer.feedback_weight
-        std = init.std(tuple(m.shape))
-        generator = torch.Generator(device=m.device)
-        generator.manual_seed(mix_seed(layer.feedback_seed, layer._feedback_step))
-        with torch.no_grad():
-            if init.uniform and m.device.type == "cpu" and m.is_contiguous():
-                words = layer.scratch("words", m, ((m.numel() + 3) // 4,), torch.int64)
-                _fill_uniform16(m, std * math.sqrt(3.0), generator, words)
-            elif init.uniform:
-                m.uniform_(0.0, std * math.sqrt(3.0), generator=generator)
-            else:
-                m.normal_(0.0, std, generator=generator).abs_()
-        layer._feedback_step += 1
-        layer.feedback_step.fill_(layer._feedback_step)
+        step = layer._feedback_step + 1
+        words = layer.scratch("words", m, ((m.numel() + 3) // 4,), torch.int64) if m.device.type == "cpu" else None
+        draw_magnitudes(m, layer.feedback_init, layer.feedback_seed, step, words)
+        layer._feedback_step = step
+        layer.feedback_step.fill_(step)
 
-    def backward_feedback(self, layer, weight: Tensor) -> Tensor:
-        self.redraw(layer)
-        return super().backward_feedback(layer, weight)
+    def after_step(self, layers) -> None:
+        for layer in layers:
+            self.redraw(layer)

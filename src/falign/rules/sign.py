@@ -29,6 +29,12 @@ class SignConcordantRule(FeedbackRule):
         return partial(self.backward_feedback, layer)
 
     def backward_feedback(self, layer, weight: Tensor) -> Tensor:
-        """``B = M ⊙ sign(W)`` for the ``W`` saved by the forward pass, in the layer's scratch buffer."""
+        """``B = M ⊙ sign(W)`` for the ``W`` saved by the forward pass, in the layer's scratch buffer.
+
+        Under ``create_graph=True`` (a double backward) ``B`` is built out of place, so the input signal
+        ``g B`` stays differentiable (its derivative with respect to W is zero, as ``sign`` is flat).
+        """
+        if torch.is_grad_enabled():
+            return torch.sign(weight) * layer.feedback_weight
         out = layer.scratch("feedback", weight)
         return torch.sign(weight, out=out).mul_(layer.feedback_weight)

@@ -11,16 +11,18 @@ The defaults (η = λ = 0.2, N = 128) track ``W`` within a few steps: a slow mir
 behind fast-moving weights, and on LeNet / Fashion-MNIST with SGD momentum 0.9 that lag made
 training diverge, while λ = 0.2 stayed stable (angles 8–30° per layer).
 Convolutions use noise of the kernel's spatial size, so ``yᵀx`` is the weight gradient of a
-``1×1`` output. :func:`mirror_step` does this for every ``wm`` layer of a model; the trainer calls it
-after every optimiser step (``--wm-steps``).
+``1×1`` output. The mirror steps run after every optimiser step through the step hook that
+:func:`falign.attach` installs (``steps`` of them; ``--wm-steps`` in ``falign train``);
+:func:`mirror_step` runs them by hand, with each layer's own options unless told otherwise.
 
 Example::
 
-    model = falign.convert(net, "wm")
+    model = falign.convert(net, "wm", lr=0.2, decay=0.2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    falign.attach(model, opt)            # mirror steps after every opt.step(), in any loop
     for x, y in loader:
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(); loss.backward(); opt.step()
-        falign.rules.wm.mirror_step(model, lr=0.2, decay=0.2, batch_size=128)
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class WeightMirror(FeedbackRule):
     ``batch_size`` (N) and ``steps`` (mirror steps after each optimiser step)."""
 
     name = "wm"
+    per_step = True
+    step_work = "the mirror steps that teach B the weights"
     summary = "weight mirror: B learned from noise, B <- (1-λ)B + η yᵀx/N (Akrout et al. 2019)"
 
     def __init__(self, lr: float = 0.2, decay: float = 0.2, noise_std: float = 1.0,
@@ -45,7 +49,7 @@ class WeightMirror(FeedbackRule):
         self.lr, self.decay, self.noise_std = lr, decay, noise_std
         self.batch_size, self.steps = batch_size, steps
 
-    def after_optimizer_step(self, layers) -> None:
+    def after_step(self, layers) -> None:
         for _ in range(self.steps):
             for layer in layers:
                 mirror_layer(layer, self.lr, self.decay, self.noise_std, self.batch_size)
@@ -78,14 +82,23 @@ def mirror_layer(layer, lr: float, decay: float, noise_std: float = 1.0, batch_s
     b.mul_(1.0 - decay).add_(update, alpha=lr / batch_size)
 
 
-def mirror_step(model: nn.Module, lr: float = 0.2, decay: float = 0.2, noise_std: float = 1.0,
-                batch_size: int = 128, generator: torch.Generator | None = None) -> int:
-    """Run one mirror step on every ``wm`` layer of ``model``; returns how many layers were updated."""
+def mirror_step(model: nn.Module, lr: float | None = None, decay: float | None = None,
+                noise_std: float | None = None, batch_size: int | None = None,
+                generator: torch.Generator | None = None) -> int:
+    """One mirror step on every ``wm`` layer of ``model``; returns how many layers were updated.
+
+    Each option left at ``None`` takes the value the layer was converted with (``falign.convert(net, "wm",
+    lr=..., decay=...)``); a value given here overrides it for this call.
+    """
     from falign.nn.layers import FeedbackLayer
 
     count = 0
     for module in model.modules():
         if isinstance(module, FeedbackLayer) and isinstance(module.rule, WeightMirror):
-            mirror_layer(module, lr, decay, noise_std, batch_size, generator)
+            rule = module.rule
+            mirror_layer(module, rule.lr if lr is None else lr, rule.decay if decay is None else decay,
+                         rule.noise_std if noise_std is None else noise_std,
+                         rule.batch_size if batch_size is None else batch_size, generator)
+            module.mark_stepped()
             count += 1
     return count

@@ -58,9 +58,42 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.hidden = tuple(int(h) for h in self.hidden)
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
         self.validate()
+
+    def _check_types(self) -> None:
+        """Every field has its declared type (a config read from JSON may hold anything)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = _FIELD_TYPES.get(f.name)
+            if kind is None:
+                continue
+            optional, base = kind
+            if value is None and optional:
+                continue
+            if base is tuple:
+                ok = isinstance(value, (list, tuple)) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                want = "a list of numbers"
+            elif base is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                want = "a number"
+            elif base is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+                want = "an integer"
+            elif base is bool:
+                ok = isinstance(value, bool)
+                want = "true or false"
+            elif base is dict:
+                ok = isinstance(value, dict)
+                want = "a mapping"
+            else:
+                ok = isinstance(value, str)
+                want = "a string"
+            if not ok:
+                raise ConfigError(f"{f.name} must be {want}{' or null' if optional else ''}, got {value!r}")
 
     def validate(self) -> None:
         def choice(name: str, options) -> None:
@@ -122,3 +155,21 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return self.from_dict({**self.to_dict(), **changes})
+
+
+def _field_types() -> dict[str, tuple[bool, type]]:
+    """``{field: (optional, base type)}`` read off the annotations of :class:`TrainConfig`."""
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        text = str(f.type).replace(" ", "")
+        optional = text.endswith("|None")
+        text = text.removesuffix("|None")
+        base = {"int": int, "float": float, "bool": bool, "str": str}.get(text)
+        if base is None:
+            base = tuple if text.startswith("tuple") else dict if text.startswith("dict") else None
+        if base is not None:
+            out[f.name] = (optional, base)
+    return out
+
+
+_FIELD_TYPES = _field_types()

@@ -54,10 +54,30 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All rows of a ``metrics.jsonl`` file."""
+def read_metrics(path: Path, *, skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """All rows of a ``metrics.jsonl`` file.
+
+    A line that is not a JSON object (the torn last line of a run killed while writing) raises
+    ``ValueError`` naming the file and line, unless ``skipped`` is a list: then the line is left out
+    and a description of it appended to ``skipped``.
+    """
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                where = f"{path}:{number}: not a JSON object ({line.strip()[:40]!r})"
+                if skipped is None:
+                    raise ValueError(where)
+                skipped.append(where)
+                continue
+            rows.append(row)
+    return rows
 
 
 def versions() -> dict[str, str]:

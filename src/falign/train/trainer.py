@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import time
 from collections import defaultdict
@@ -31,10 +30,11 @@ from falign.data import Dataset, batches, epoch_order, load_dataset
 from falign.diagnostics import DiagnosticsRecorder, conservation_assumptions, find_pairs, jsonable
 from falign.errors import FalignError
 from falign.models import build_model
+from falign.outdir import OutputDir
 from falign.train.checkpoint import load_checkpoint
-from falign.train.config import TrainConfig
+from falign.train.config import ConfigError, TrainConfig
 from falign.train.progress import progress_bar
-from falign.train.rundir import atomic_write, read_json, read_metrics, versions, write_json
+from falign.train.rundir import atomic_write, read_metrics, versions, write_json
 
 
 class RunError(FalignError, RuntimeError):
@@ -139,8 +139,12 @@ class Trainer:
         config: the run's :class:`TrainConfig`.
         out: run directory (default ``runs/<rule>-<model>-<data>-<time>``).
         progress: show a progress bar.
-        overwrite: replace an existing run directory.
+        overwrite: replace an existing run directory: only the files a falign run writes are deleted, and a
+            folder holding anything else is refused (:mod:`falign.outdir`).
         resume: continue the run in ``out`` from its latest checkpoint.
+        changes: on resume, config fields given again (e.g. by command-line flags): fields in
+            :data:`RESUMABLE` may change (recorded in ``resumes.jsonl`` and ``summary.json``); any other
+            field must equal the saved value, else :class:`RunError`.
 
     Data-parallel: started by ``torchrun --nproc_per_node=N -m falign train ...`` (``WORLD_SIZE`` > 1),
     the trainer joins PyTorch's process group (gloo on CPU, nccl on GPU), wraps the model in
@@ -151,15 +155,21 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, out: str | Path | None = None, *, progress: bool = True,
-                 overwrite: bool = False, resume: bool = False) -> None:
+                 overwrite: bool = False, resume: bool = False, changes: dict[str, Any] | None = None) -> None:
+        if changes and not resume:
+            raise ValueError("changes= is for resume=True")
         self.config = config
+        self.changes = dict(changes or {})
+        self.applied_changes: dict[str, list[Any]] = {}
         stamp = time.strftime("%Y%m%d-%H%M%S")
         default = Path("runs") / f"{config.rule}-{config.model}-{config.data}-{stamp}"
         self.out = Path(out) if out is not None else default
+        self.outdir = OutputDir(self.out, "run", "run directory")
         self.progress = progress
         self.overwrite = overwrite
         self.resume = resume
         self.device = resolve_device(config.device)
+        self.tensorboard = None
         self.metrics_path = self.out / "metrics.jsonl"
         self.checkpoint_path = self.out / "checkpoint.pt"
         self.rank, self.world = 0, 1
@@ -216,28 +226,75 @@ class Trainer:
         return grads
 
     # -- run directory -------------------------------------------------------------------------
-    def _prepare_dir(self) -> None:
-        existing = self.out.exists() and any(self.out.iterdir())
+    def _check_dir(self) -> None:
+        """Refuse an unusable run directory before any work (nothing is written here)."""
         if self.resume:
+            if self.out.exists() and not self.out.is_dir():
+                raise RunError(f"--resume {self.out} is a file, not a run directory")
             if not (self.out / "config.json").is_file():
                 raise RunError(f"{self.out}: no run to resume here (config.json missing)")
             return
-        if existing and not self.overwrite:
-            raise RunError(f"{self.out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        if existing:
+        self.outdir.check()
+        if self.outdir.holds_output() and not self.overwrite:
+            raise RunError(f"{self.out} already holds a run; pass --resume to continue it or --overwrite to "
+                           f"replace it (which deletes only the files a falign run writes)")
+
+    def _prepare_dir(self) -> None:
+        """Claim the run directory (rank 0): marker, lock; ``--overwrite`` deletes only a run's own files."""
+        self._check_dir()
+        if self.resume:
+            self._lock_or_fail()
+            return
+        if self.outdir.holds_output():
             self._lock_or_fail()  # refuse to wipe a directory another process is writing
             self._lock.close()
-            shutil.rmtree(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+            self._lock = None
+        self.outdir.claim(overwrite=self.overwrite)
+        self._lock_or_fail()
 
     def _lock_or_fail(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.out / ".lock", "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock.close()
+            self._lock = None
             raise RunError(f"{self.out} is locked by another falign process writing this run") from None
+
+    def _resolve_resume(self) -> None:
+        """Read the saved config of the run to resume and apply the changes allowed on resume."""
+        path = self.out / "config.json"
+        try:
+            saved = json.loads(path.read_text())
+        except OSError as err:
+            raise RunError(f"{path}: cannot read it: {err.strerror or err}") from None
+        except ValueError as err:
+            raise RunError(f"{path} is not valid JSON ({err}); the run cannot be resumed") from None
+        if not isinstance(saved, dict):
+            raise RunError(f"{path} must hold a JSON object of config fields, got a {type(saved).__name__}")
+        try:
+            config = TrainConfig.from_dict(saved)
+        except ConfigError as err:
+            raise RunError(f"{path}: {err}") from None
+        changes = dict(self.changes)
+        saved_values = config.to_dict()
+        conflicts = [k for k, v in changes.items()
+                     if k not in RESUMABLE and _normal(v) != _normal(saved_values.get(k))]
+        if conflicts:
+            listed = ", ".join(f"--{k.replace('_', '-')} {_normal(changes[k])!r} (the run has "
+                               f"{_normal(saved_values.get(k))!r})" for k in conflicts)
+            verb = "conflicts" if len(conflicts) == 1 else "conflict"
+            raise RunError(f"--resume {self.out}: {listed} {verb} with the saved run; on resume only "
+                           f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE))} may change. "
+                           f"Start a new run (--out) to train with other settings")
+        applied = {k: v for k, v in changes.items() if k in RESUMABLE and _normal(v) != _normal(saved_values[k])}
+        if "epochs" in applied and config.lr_schedule != "none":
+            raise RunError(f"--resume {self.out}: --epochs cannot change for a run with --lr-schedule "
+                           f"{config.lr_schedule}: its learning-rate schedule is laid out over the epochs")
+        self.config = config.replace(**applied) if applied else config
+        self.applied_changes = {k: [saved_values[k], _normal(v)] for k, v in applied.items()}
+        if self.world == 1:
+            self.device = resolve_device(self.config.device)
 
     # -- state ---------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -320,21 +377,18 @@ class Trainer:
             self.forward = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = make_optimizer(self.config, self.model)
         self.scheduler = make_scheduler(self.config, self.optimizer)
-        groups: dict[int, tuple[Any, list]] = {}
-        for layer in falign.feedback_layers(self.model):
-            groups.setdefault(id(layer.rule), (layer.rule, []))[1].append(layer)
-        self.rule_groups = list(groups.values())
+        falign.attach(self.model, self.optimizer)  # brsf's redraws, wm's mirror steps after every step
         self.epoch, self.batch, self.step, self.metrics_rows = 0, 0, 0, 0
         self.sums: defaultdict[str, float] = defaultdict(float)
         self._elapsed_before = 0.0
         cfg = self.config
         self.recorder = (DiagnosticsRecorder(self.model, reduce=self._average_grads)
                          if cfg.diagnostics_every else None)
-        pairs = find_pairs(self.model, self.dataset.x_train[:2])
+        unpaired: dict[str, str] = {}
+        pairs = find_pairs(self.model, self.dataset.x_train[:2], not_applicable=unpaired)
         self.assumptions = conservation_assumptions(
             pairs, cfg.rule, optimizer=cfg.optimizer, momentum=cfg.momentum if cfg.optimizer == "sgd" else 0.0,
-            weight_decay=cfg.weight_decay, single_lr=cfg.lr_schedule == "none")
-        self.tensorboard = _tensorboard_writer(self.out / "tensorboard") if self.is_main else None
+            weight_decay=cfg.weight_decay, single_lr=cfg.lr_schedule == "none", not_applicable=unpaired)
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
         """One optimiser step; returns the batch loss (a float) and the number of correct predictions.
@@ -363,8 +417,6 @@ class Trainer:
         if not math.isfinite(value):
             return value, torch.zeros((), dtype=torch.int64)
         self.optimizer.step()
-        for rule, layers in self.rule_groups:
-            rule.after_optimizer_step(layers)
         return value, (output.detach().argmax(-1) == y).sum()
 
     def _forward_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -372,12 +424,21 @@ class Trainer:
         return loss_fn(self.config, out, y), out
 
     def run(self) -> dict[str, Any]:
-        """Train to the end (or from the checkpoint to the end); returns the summary."""
+        """Train to the end (or from the checkpoint to the end); returns the summary.
+
+        Everything that can be checked is checked before the run directory is touched (the folder,
+        the saved config on resume, the data and the model), so a run that fails to start leaves
+        nothing behind.
+        """
         self._init_distributed()
         try:
             if self.is_main:
+                self._check_dir()
+            if self.resume:
+                self._resolve_resume()
+            self.setup()
+            if self.is_main:
                 self._prepare_dir()
-                self._lock_or_fail()
                 for stale in self.out.glob(".*.tmp"):  # left by a crash during an atomic write
                     stale.unlink()
             self._barrier()
@@ -392,23 +453,23 @@ class Trainer:
 
     def _run(self) -> dict[str, Any]:
         cfg = self.config
-        if self.resume:
-            saved = read_json(self.out / "config.json")
-            if saved != cfg.to_dict():
-                cfg = self.config = TrainConfig.from_dict(saved)
-                if self.world == 1:
-                    self.device = resolve_device(cfg.device)
-        self.setup()
         self._t0 = time.perf_counter()
         if self.resume and self.checkpoint_path.exists():
             self._load_checkpoint()
+            if self.epoch > cfg.epochs:
+                raise RunError(f"--resume {self.out}: --epochs {cfg.epochs} is fewer than the "
+                               f"{self.epoch} epochs already completed")
         elif self.is_main:
             self.metrics_path.unlink(missing_ok=True)
             (self.out / "timing.jsonl").unlink(missing_ok=True)
-        if self.is_main and not self.resume:
+        if self.is_main and (not self.resume or self.applied_changes):
             write_json(self.out / "config.json", cfg.to_dict())
+        if self.is_main and self.applied_changes:
+            self.log({"step": self.step, "epoch": self.epoch, "changes": self.applied_changes},
+                     self.out / "resumes.jsonl")
         if self.is_main:
             write_json(self.out / "versions.json", {**versions(), "world_size": self.world})
+            self.tensorboard = _tensorboard_writer(self.out / "tensorboard")
         n = len(self.dataset.y_train)
         per_epoch = math.ceil(n / cfg.batch_size)
         bar = progress_bar(cfg.epochs * per_epoch, f"{cfg.rule} {cfg.model} {cfg.data}",
@@ -504,7 +565,21 @@ class Trainer:
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "conversion": [vars(r) for r in falign.conversion_report(self.model).layers],
             "conservation_assumptions": self.assumptions,
+            "resumes": _read_rows(self.out / "resumes.jsonl") if self.is_main else [],
         }
+
+
+# Config fields that may change when a run is resumed (every other field must match the saved run).
+RESUMABLE = frozenset({"epochs", "checkpoint_every", "device", "eval_batch_size"})
+
+
+def _normal(value: Any) -> Any:
+    """Config values compared on resume as JSON sees them (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    return read_metrics(path) if path.exists() else []
 
 
 def _kill_self() -> None:

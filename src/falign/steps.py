@@ -1,0 +1,77 @@
+"""Per-step work of the rules (``brsf``'s redraw, ``wm``'s mirror steps) in any training loop.
+
+:func:`attach` registers one optimiser step hook (``optimizer.register_step_post_hook``), so every
+``optimizer.step()`` — in falign's trainer, in a plain loop, in PyTorch Lightning — runs the work of every
+converted layer whose rule has some. :func:`step_rules` runs it by hand (a loop without a
+``torch.optim`` optimiser). A layer of such a rule whose weights change while neither has run raises
+at its next forward pass instead of silently training under another rule.
+
+Example::
+
+    model = falign.convert(net, "wm")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    falign.attach(model, opt)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from falign.nn.layers import FeedbackLayer
+
+
+def _groups(model: nn.Module) -> list[tuple[Any, list[FeedbackLayer]]]:
+    groups: dict[int, tuple[Any, list[FeedbackLayer]]] = {}
+    for layer in model.modules():
+        if isinstance(layer, FeedbackLayer) and layer.rule.per_step:
+            groups.setdefault(id(layer.rule), (layer.rule, []))[1].append(layer)
+    return list(groups.values())
+
+
+def step_rules(model: nn.Module) -> int:
+    """Run every converted layer's per-step work once (what the hook of :func:`attach` does after each
+    optimiser step); returns the number of layers that had some."""
+    count = 0
+    with torch.no_grad():
+        for rule, layers in _groups(model):
+            rule.after_step(layers)
+            for layer in layers:
+                layer.mark_stepped()
+            count += len(layers)
+    return count
+
+
+class StepHook:
+    """Handle of :func:`attach`: ``remove()`` detaches the hook."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.layers = [layer for _, group in _groups(model) for layer in group]
+        self.model = model
+        self._handle = optimizer.register_step_post_hook(self._after_step)
+        for layer in self.layers:
+            layer._step_hooks += 1
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        step_rules(self.model)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+            for layer in self.layers:
+                layer._step_hooks -= 1
+
+
+def attach(model: nn.Module, optimizer: torch.optim.Optimizer) -> StepHook:
+    """Run the rules' per-step work after every ``optimizer.step()``; returns a handle with ``remove()``.
+
+    Call it once, after building the optimiser over the converted model (for any rule: it does nothing
+    for rules without per-step work). ``brsf`` redraws ``|R_t|``; ``wm`` takes its mirror steps.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}; without one, "
+                        f"call falign.step_rules(model) after each update")
+    return StepHook(model, optimizer)
