@@ -11,10 +11,15 @@ from torch.nn.grad import conv1d_input, conv2d_input
 
 import falign
 from falign.nn import FAConv1d, FAConv2d, FALinear
+from falign.rules import RULES
 from tests.conftest import make_upstream
+from tests.rule_reference import REFERENCE
 
 DT = torch.float64
-FEEDBACK_RULES = ["fa", "usf", "frsf", "brsf", "kp", "wm"]
+# every registered rule whose signal travels layer by layer through a B of W's shape (direct rules have
+# their own tests: their D maps the output error, not this layer's g)
+LAYER_RULES = [name for name in falign.available_rules() if not RULES[name]().direct]
+FEEDBACK_RULES = [name for name in LAYER_RULES if RULES[name]().has_feedback]
 
 
 def grads(module: nn.Module, x: torch.Tensor, g_seed: int = 7):
@@ -29,46 +34,28 @@ def grads(module: nn.Module, x: torch.Tensor, g_seed: int = 7):
 
 
 def set_b_equal_w(layer) -> None:
-    """Make the rule's backward matrix equal W: B = W (fa/kp/wm) or M = |W| (sign rules)."""
-    with torch.no_grad():
-        target = layer.weight.abs() if layer.rule.sign_concordant else layer.weight
-        layer.feedback_weight.copy_(target)
+    """Make the rule's backward matrix equal W, as the reference table says for this rule."""
+    assert REFERENCE[layer.rule.name].exact(layer, False)
 
 
 def rule_b(layer) -> torch.Tensor:
-    """The rule's defining formula for B, written out independently of the library's code path."""
-    w, m = layer.weight.detach(), layer.feedback_weight.detach()
-    name = layer.rule.name
-    if name in ("fa", "kp", "wm"):
-        return m
-    if name == "usf":
-        s = layer.feedback_init.std(tuple(w.shape))
-        assert torch.all(m == s)
-        return s * torch.sign(w)
-    if name in ("frsf", "brsf"):
-        assert torch.all(m >= 0)
-        return m.abs() * torch.sign(w)
-    raise AssertionError(name)
+    """The rule's defining formula for B, from the reference table (independent of the library's code)."""
+    return REFERENCE[layer.rule.name].matrix(layer)
 
 
 LINEAR_CASES = [((5, 7), True), ((5, 7), False), ((3, 4, 7), True), ((2, 3, 4, 7), False)]
 
 
-@pytest.mark.parametrize("rule", [*FEEDBACK_RULES, "bp"])
+@pytest.mark.parametrize("rule", LAYER_RULES)
 @pytest.mark.parametrize(("shape", "bias"), LINEAR_CASES)
 def test_linear_b_equals_w_matches_autograd(rule, shape, bias):
     ref = nn.Linear(7, 6, bias=bias, dtype=DT)
     layer = FALinear.from_module(ref, rule=rule, seed=3)
-    if rule != "bp":
-        set_b_equal_w(layer)
+    set_b_equal_w(layer)
     x = torch.randn(shape, dtype=DT)
     y0, _, gx0, gw0, gb0 = grads(ref, x)
-    if rule == "brsf":  # brsf redraws M each step: pin the draw to |W| by checking the formula instead
-        y1, g, gx1, gw1, gb1 = grads(layer, x)
-        torch.testing.assert_close(gx1, g @ rule_b(layer))
-    else:
-        y1, _, gx1, gw1, gb1 = grads(layer, x)
-        torch.testing.assert_close(gx1, gx0)
+    y1, _, gx1, gw1, gb1 = grads(layer, x)
+    torch.testing.assert_close(gx1, gx0)
     torch.testing.assert_close(y1, y0)
     torch.testing.assert_close(gw1, gw0)
     if bias:
@@ -113,13 +100,12 @@ def conv2d_pair(kernel: int, opts: dict, rule: str):
     return ref, FAConv2d.from_module(ref, rule=rule, seed=5)
 
 
-@pytest.mark.parametrize("rule", ["fa", "usf", "frsf", "kp", "wm", "bp"])
+@pytest.mark.parametrize("rule", LAYER_RULES)
 @pytest.mark.parametrize("opts", [*CONV2D_OPTIONS, EVEN_KERNEL_SAME], ids=str)
 def test_conv2d_b_equals_w_matches_autograd(rule, opts):
     kernel = 4 if opts is EVEN_KERNEL_SAME else 3
     ref, layer = conv2d_pair(kernel, opts, rule)
-    if rule != "bp":
-        set_b_equal_w(layer)
+    set_b_equal_w(layer)
     x = torch.randn(2, 4, 9, 10, dtype=DT)
     y0, _, gx0, gw0, gb0 = grads(ref, x)
     y1, _, gx1, gw1, gb1 = grads(layer, x)
@@ -149,17 +135,16 @@ def test_conv2d_b_not_w_is_transposed_conv_with_b(rule, opts):
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
-@pytest.mark.parametrize("rule", ["fa", "kp", "bp"])
+@pytest.mark.parametrize("rule", LAYER_RULES)
 def test_conv1d_matches_autograd_and_formula(rule, padding_mode):
     ref = nn.Conv1d(3, 4, 3, stride=2, padding=1, padding_mode=padding_mode, dtype=DT)
     layer = FAConv1d.from_module(ref, rule=rule, seed=2)
     x = torch.randn(2, 3, 11, dtype=DT)
-    if rule != "bp" and padding_mode == "zeros":
+    if padding_mode == "zeros":
         _, g, gx, _, _ = grads(layer, x)
-        expected = conv1d_input(x.shape, layer.feedback_weight.detach(), g, stride=2, padding=1)
+        expected = conv1d_input(x.shape, rule_b(layer), g, stride=2, padding=1)
         torch.testing.assert_close(gx, expected)
-    if rule != "bp":
-        set_b_equal_w(layer)
+    set_b_equal_w(layer)
     y0, _, gx0, gw0, gb0 = grads(ref, x)
     y1, _, gx1, gw1, gb1 = grads(layer, x)
     for a, b in ((y0, y1), (gx0, gx1), (gw0, gw1), (gb0, gb1)):

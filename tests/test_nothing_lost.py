@@ -25,7 +25,9 @@ from falign.cli import main
 from falign.diagnostics import conservation_assumptions, find_pairs
 from falign.models import MLP
 from falign.nn import FALinear, FeedbackLayer
+from falign.rules import Feedback, Signal
 from falign.train import RunError, TrainConfig, Trainer
+from tests.rule_reference import REFERENCE
 
 RULES = falign.available_rules()
 DT = torch.float64
@@ -415,29 +417,31 @@ def _straight_through(x, weight, bias, feedback):
 @pytest.mark.parametrize("rule", RULES)
 def test_gradient_penalty_double_backward_follows_the_rule(rule):
     """A penalty on the input signal, ``‖∂L/∂x‖²``, differentiated once more: every backward pass through the
-    network (the first one, and the second one through the graph it built) uses the rule."""
+    network (the first one, and the second one through the graph it built) uses the rule (formulas from the
+    reference table; backprop's is plain autograd)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
     model = falign.convert(net, rule, seed=2, example_input=torch.randn(1, 5, dtype=DT))
     x = torch.randn(4, 5, dtype=DT, requires_grad=True)
     target = torch.randn(4, 3, dtype=DT)
+    if falign.uses_target(model):
+        falign.set_target(model, target)
     loss = (model(x) - target).pow(2).sum()
     (gx,) = torch.autograd.grad(loss, x, create_graph=True)
     gx.pow(2).sum().backward()
 
-    ref = copy.deepcopy(net)
+    ref, entry = copy.deepcopy(net), REFERENCE[rule]
     xr = x.detach().clone().requires_grad_()
-    b0, b2 = (layer.weight if layer.rule.name == "bp" else layer.current_feedback() for layer in (model[0], model[2]))
-    if rule == "bp":
+    if falign.get_rule(rule).feedback is Feedback.NONE:
         (gx_ref,) = torch.autograd.grad((ref(xr) - target).pow(2).sum(), xr, create_graph=True)
-    elif rule == "dfa":  # the hidden input signal is e·D₂, the first layer's e·D₀, e = ∂L/∂output
+    elif entry.projected is not None:  # the hidden input signal is q·D₂, the first layer's q·D₀
         h = torch.tanh(ref[0](xr))
         o = _straight_through(h, ref[2].weight, ref[2].bias, model[2].feedback_weight)
         e = torch.autograd.grad((o - target).pow(2).sum(), o, create_graph=True)[0]
-        gx_ref = e @ model[0].feedback_weight
+        gx_ref = entry.projected(e, target) @ model[0].feedback_weight
     else:
-        h = torch.tanh(_straight_through(xr, ref[0].weight, ref[0].bias, b0))
-        o = _straight_through(h, ref[2].weight, ref[2].bias, b2)
+        h = torch.tanh(_straight_through(xr, ref[0].weight, ref[0].bias, entry.matrix(model[0])))
+        o = _straight_through(h, ref[2].weight, ref[2].bias, entry.matrix(model[2]))
         (gx_ref,) = torch.autograd.grad((o - target).pow(2).sum(), xr, create_graph=True)
     torch.testing.assert_close(gx.detach(), gx_ref.detach())
     gx_ref.pow(2).sum().backward()
@@ -481,7 +485,7 @@ def test_dfa_with_sequence_downsampling_trains():
     model = falign.convert(Downsample(), "dfa")
     x = torch.randn(4, 10, 6)
     model(x).pow(2).sum().backward()
-    assert model.out.dfa_mode == "per-position" and model.inp.dfa_mode == "per-sample"
+    assert model.out.direct_mode == "per-position" and model.inp.direct_mode == "per-sample"
     assert tuple(model.inp.feedback_weight.shape) == (5 * 3, 6)
     assert torch.isfinite(model.inp.weight.grad).all()
 
@@ -526,7 +530,8 @@ def _lazy_after_call():
 
 
 @pytest.mark.parametrize("build", [_pruned, _spectral, _weight_norm, _subclass, _lazy_after_call])
-@pytest.mark.parametrize("rule", ["fa", "usf", "kp"])
+@pytest.mark.parametrize("rule", [r for r in RULES if falign.get_rule(r).has_feedback and falign.get_rule(r).signal
+                                  is Signal.LAYER])
 def test_special_linear_layers_convert_and_follow_the_rule(build, rule):
     torch.manual_seed(0)
     net = build()
@@ -539,9 +544,11 @@ def test_special_linear_layers_convert_and_follow_the_rule(build, rule):
     h = torch.relu(model[0](x)).detach().requires_grad_()
     g = torch.randn(5, 3)
     special(h).backward(g)
-    torch.testing.assert_close(h.grad, g @ special.current_feedback())
-    assert not torch.allclose(special.current_feedback(), special.weight)
+    b = REFERENCE[rule].matrix(special)
+    torch.testing.assert_close(h.grad, g @ b)
+    assert not torch.allclose(b, special.weight)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    falign.attach(model, opt)
     losses = []
     for _ in range(20):
         opt.zero_grad()

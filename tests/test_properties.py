@@ -10,6 +10,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import falign
+from tests.rule_reference import REFERENCE
+
+# every registered rule whose signal travels layer by layer (B = W makes it backprop)
+LAYER_RULES = [r for r in falign.available_rules() if not falign.get_rule(r).direct]
 
 DT = torch.float64
 
@@ -64,12 +68,10 @@ def grads(model: nn.Module, x: torch.Tensor):
 def check(net: nn.Module, shape: tuple[int, ...], seed: int) -> None:
     x = torch.randn(3, *shape, dtype=DT, generator=torch.Generator().manual_seed(seed))
     expected = grads(copy.deepcopy(net), x)
-    for rule in ("bp", "fa", "kp", "usf"):
+    for rule in LAYER_RULES:
         model = falign.convert(net, rule, seed=seed)
-        with torch.no_grad():
-            for layer in falign.feedback_layers(model):
-                if layer.feedback_weight is not None:  # B = W (sign rules: magnitudes |W|)
-                    layer.feedback_weight.copy_(layer.weight.abs() if layer.rule.sign_concordant else layer.weight)
+        for layer in falign.feedback_layers(model):
+            assert REFERENCE[rule].exact(layer, False)  # B = W as the reference table sets it
         for got, want in zip(grads(model, x), expected):
             torch.testing.assert_close(got, want)
 

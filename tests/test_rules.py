@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import falign
 from falign.models import MLP
-from falign.rules import FeedbackInit, get_rule, mirror_step
+from falign.rules import RULES, Feedback, FeedbackInit, Law, Signal, get_rule, mirror_step
 from falign.train import TrainConfig, train
 
 
@@ -19,12 +20,21 @@ def angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_registry():
-    assert falign.available_rules() == ["bp", "brsf", "dfa", "fa", "frsf", "kp", "usf", "wm"]
-    assert get_rule("wm", lr=0.1).lr == 0.1
-    rule = get_rule("fa")
-    assert get_rule(rule) is rule
+    names = falign.available_rules()
+    assert names == sorted(RULES) and len(set(names)) == len(names)
+    for name, cls in RULES.items():
+        assert cls.name == name and cls.summary and isinstance(cls.feedback, Feedback)
+        assert isinstance(cls.signal, Signal) and isinstance(cls.law, Law)
+        assert dataclasses.is_dataclass(cls.Options) and cls.Options.__dataclass_params__.frozen
+        rule = get_rule(name)
+        assert get_rule(rule) is rule and repr(rule).startswith(cls.__name__)
+    assert get_rule("wm", lr=0.1).options.lr == 0.1
     with pytest.raises(ValueError, match="available rules: bp, brsf"):
         get_rule("sfa")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) lr for rule 'fa' \(its options: none\)"):
+        get_rule("fa", lr=0.1)
+    with pytest.raises(ValueError, match="0 <= decay < 1"):
+        get_rule("wm", decay=1.5)
 
 
 def small_task(seed=0):

@@ -8,7 +8,7 @@ Networks" (ICML 2024, arXiv:2306.01870).
 ['bp', 'brsf', 'dfa', 'fa', 'frsf', 'kp', 'usf', 'wm']
 """
 
-from falign import functional, nn, rules
+from falign import diagnostics, functional, nn, rules
 from falign.convert import (
     ConversionError,
     ConversionReport,
@@ -16,6 +16,9 @@ from falign.convert import (
     convert,
     feedback_layers,
     install_error_tap,
+    set_target,
+    unconvert,
+    uses_target,
 )
 from falign.rules import available_rules, get_rule
 from falign.steps import attach, step_rules
@@ -30,11 +33,15 @@ __all__ = [
     "available_rules",
     "conversion_report",
     "convert",
+    "diagnostics",
     "feedback_layers",
     "functional",
     "get_rule",
     "install_error_tap",
     "nn",
     "rules",
+    "set_target",
     "step_rules",
+    "unconvert",
+    "uses_target",
 ]

@@ -1,8 +1,9 @@
-"""The ``falign`` command line: ``train``, ``rules`` (and, as they land, ``plot``, ``reproduce``, ``bench``)."""
+"""The ``falign`` command line: ``train``, ``reproduce``, ``bench``, ``plot`` and ``rules``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,7 @@ TRAIN_EXAMPLE = """examples:
   falign train                                   # MLP with fa on sklearn digits (about a second)
   falign train --rule dfa --model lenet --data fashion-mnist --epochs 5 --out runs/dfa-lenet
   falign train --rule kp --weight-decay 1e-3 --diagnostics-every 50
+  falign train --rule wm --rule-option decay=0.1 --rule-option steps=2   # a rule's own options (falign rules)
   falign train --resume runs/dfa-lenet           # continue from the latest checkpoint
   torchrun --nproc_per_node=2 -m falign train --data synthetic --batch-size 64   # data-parallel (global batch)
 """
@@ -28,6 +30,27 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _rule_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key.strip().replace("-", "_"), parsed
+
+
+class _MergeDict(argparse.Action):
+    """Collect repeated ``KEY=VALUE`` options into one dictionary."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        merged = dict(getattr(namespace, self.dest) or {})
+        key, value = values
+        merged[key] = value
+        setattr(namespace, self.dest, merged)
 
 
 def _add_train(sub) -> None:
@@ -72,9 +95,9 @@ def _add_train(sub) -> None:
     p.add_argument("--feedback-scale", type=float, default=d.feedback_scale, help="(default: 1)")
     p.add_argument("--output-signal", choices=("rule", "backprop"), default=d.output_signal,
                    help="whether the output layer's input signal uses the rule (default) or backprop")
-    p.add_argument("--wm-lr", type=float, default=d.wm_lr, help="weight-mirror step size η")
-    p.add_argument("--wm-decay", type=float, default=d.wm_decay, help="weight-mirror decay λ")
-    p.add_argument("--wm-steps", type=int, default=d.wm_steps, help="mirror steps after each optimiser step")
+    p.add_argument("--rule-option", dest="rule_options", type=_rule_option, action=_MergeDict, default={},
+                   metavar="KEY=VALUE", help="an option of the rule, repeatable (e.g. --rule wm --rule-option "
+                                             "decay=0.1); `falign rules` lists each rule's options")
     p.add_argument("--diagnostics-every", type=int, default=0, metavar="K",
                    help="record alignment/conservation/loss-decomposition diagnostics every K steps (0: off)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
@@ -128,37 +151,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
         fields = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
         trainer = Trainer(TrainConfig(**fields), args.out, progress=not args.no_progress, overwrite=args.overwrite)
     summary = trainer.run()
-    _print_summary(summary, trainer.out)
+    if trainer.is_main:
+        from falign.train import read_metrics
+        from falign.train.logging import summary_table
+
+        rows = [r for r in read_metrics(trainer.out / "metrics.jsonl") if r.get("event") == "epoch"]
+        print(summary_table(summary, rows, trainer.out))
     return 0
 
 
-def _print_summary(summary: dict, out: Path) -> None:
-    from falign.train import read_metrics
-
-    rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "epoch"]
-    step = max(1, len(rows) // 5)
-    shown = rows[step - 1 :: step]
-    if rows and shown[-1] is not rows[-1]:
-        shown.append(rows[-1])
-    print(f"{summary['rule']} / {summary['model']} / {summary['data']}  ({summary['device']}, "
-          f"{summary['wall_time_s']:.1f} s)")
-    print(f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test loss':>9}  {'test acc':>8}")
-    for r in shown:
-        print(f"{r['epoch']:>5}  {r['train_loss']:>10.4f}  {r['train_acc']:>9.2%}  {r['test_loss']:>9.4f}  "
-              f"{r['test_acc']:>8.2%}")
-    print(f"run directory: {out}")
-
-
 def _add_rules(sub) -> None:
-    p = sub.add_parser("rules", help="list the learning rules", description="List the registered learning rules.")
+    p = sub.add_parser("rules", help="list the learning rules and their options",
+                       description="List the registered learning rules: what each one is, how its feedback "
+                                   "changes, what a hidden layer receives, whether the conservation law holds, "
+                                   "and its options (give them to falign train as --rule-option KEY=VALUE).")
     p.set_defaults(func=_cmd_rules)
 
 
 def _cmd_rules(args: argparse.Namespace) -> int:
-    from falign.rules import RULES
+    from falign.rules import RULES, option_help
 
     for name in sorted(RULES):
-        print(f"{name:<5} {RULES[name].summary}")
+        rule = RULES[name]
+        print(f"{name:<5} {rule.summary}")
+        print(f"      feedback: {rule.feedback.value}; signal: {rule.signal.value}; conservation law: "
+              f"{rule.law.value}" + (f"; after each step: {rule.step_work}" if rule.step_work else ""))
+        for option, default, text in option_help(rule):
+            print(f"      --rule-option {option}={default}  {text}")
     return 0
 
 

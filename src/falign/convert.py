@@ -42,7 +42,8 @@ from falign.errors import FalignError
 from falign.functional import ErrorTap
 from falign.nn import layers as _layers
 from falign.nn.layers import FAConv1d, FAConv2d, FAConv3d, FALinear, FeedbackLayer
-from falign.rules import FeedbackRule, get_rule, mix_seed
+from falign.rules import FeedbackInit, FeedbackRule, Signal, get_rule
+from falign.seeding import mix_seed
 
 __all__ = [
     "KEPT_ON_BACKPROP",
@@ -54,6 +55,9 @@ __all__ = [
     "convert",
     "feedback_layers",
     "install_error_tap",
+    "set_target",
+    "unconvert",
+    "uses_target",
 ]
 
 LAYER_MAP: dict[type[nn.Module], type[FeedbackLayer]] = {
@@ -248,8 +252,8 @@ def convert(
             signal* uses the rule or ``g W``. Its weight gradient is always the true local one.
         output_layer: name of the output layer (default: found from the first forward pass: the converted
             layer nearest the output in the autograd graph).
-        output_features: for ``dfa``, the number of output features the model must produce (a check;
-            the feedback matrices are sized from the output measured on the first forward pass).
+        output_features: for the direct rules (``dfa``), the number of output features the model must
+            produce (a check; ``D`` is sized from the output measured on the first forward pass).
         unsupported: ``"error"`` (default) or ``"backprop"`` for modules with parameters that have no
             feedback version (their own parameters then get exact gradients; their children are converted).
         layer_map: extra ``{type: converted type}`` entries, e.g. for a user's ``nn.Linear`` subclass
@@ -303,10 +307,10 @@ def convert(
     for old in getattr(model, "_falign_root_handles", ()):  # converted again: the old hooks go
         old.remove()
 
-    tap = ErrorTap() if rule_obj.name == "dfa" else None
-    options = {"feedback_init": feedback_init, "feedback_scale": feedback_scale}
+    tap = ErrorTap() if rule_obj.direct else None
+    init = FeedbackInit(feedback_init, feedback_scale)
     for index, (_, child, target) in enumerate(plan.layers):
-        target.convert_in_place(child, rule=rule_obj, seed=mix_seed(seed, index), error_tap=tap, **options)
+        target.convert_in_place(child, rule=rule_obj, init=init, seed=mix_seed(seed, index), error_tap=tap)
 
     for record in plan.records:
         if record.status == "converted":
@@ -314,7 +318,7 @@ def convert(
     report = ConversionReport(rule_obj.name, output_layer, plan.records,
                               "given" if output_layer is not None else "found on the first forward pass")
     model.falign_report = report
-    root = _Root(tap, report, output_signal, output_features, options)
+    root = _Root(tap, report, output_signal, output_features)
     if output_layer is not None:
         root.set_output_layer(model, model.get_submodule(output_layer))
     root.install(model, probe=tap is not None or output_layer is None)
@@ -329,12 +333,11 @@ class _Root:
     pass (output layer, output size) and, for ``dfa``, the error tap's session around every forward pass."""
 
     def __init__(self, tap: ErrorTap | None, report: ConversionReport | None, output_signal: str = "rule",
-                 output_features: int | None = None, options: dict[str, Any] | None = None) -> None:
+                 output_features: int | None = None) -> None:
         self.tap = tap
         self.report = report
         self.output_signal = output_signal
         self.output_features = output_features
-        self.options = options or {}
         self.probed = False
 
     def install(self, model: nn.Module, probe: bool) -> None:
@@ -342,6 +345,7 @@ class _Root:
         handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
                    model.register_forward_hook(self._post, always_call=True)]
         model._falign_root_handles = handles
+        model._falign_root = self
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self.probed:
@@ -357,8 +361,8 @@ class _Root:
             return None
         if not isinstance(output, Tensor):
             self.tap.abort()
-            raise TypeError(f"dfa needs the model to return one tensor (its output error is projected), "
-                            f"got {type(output).__name__}")
+            raise TypeError(f"the direct rules need the model to return one tensor (its output error is "
+                            f"projected), got {type(output).__name__}")
         return self.tap.end(output)
 
     @torch.compiler.disable
@@ -395,6 +399,9 @@ class _Root:
             self.set_output_layer(model, layer)
         if self.tap is not None and tensors and inputs:
             self.tap.output_sizes = _output_sizes(tensors[0], inputs[0], self.output_features)
+            for layer, x in inputs:  # the direct rules' D are made now (a layer not run here: at its first call)
+                if layer.rule.direct and layer.feedback_weight.numel() == 0:
+                    layer._plan_direct(x)
 
     def set_output_layer(self, model: nn.Module, layer: FeedbackLayer) -> None:
         if self.report is not None:
@@ -405,12 +412,13 @@ class _Root:
                 if r.name == name:
                     r.note = ("output layer: input signal by backprop" if self.output_signal == "backprop"
                               else "output layer") + (f"; {r.note}" if r.note else "")
-        if self.output_signal == "backprop" and layer.rule.name != "bp":
-            layer._setup_feedback(rule="bp", seed=layer.feedback_seed, **self.options)
+        if self.output_signal == "backprop" and layer.rule.has_feedback:
+            backprop = get_rule("bp")
+            layer.setup_feedback(backprop, layer.feedback_init, layer.feedback_seed)
             if self.report is not None:
                 for r in self.report.layers:
                     if r.name == self.report.output_layer:
-                        r.rule = "bp"
+                        r.rule = backprop.name
 
 
 def _nearest_layer(roots: list[Any], nodes: dict[Any, FeedbackLayer]) -> FeedbackLayer | None:
@@ -440,22 +448,68 @@ def _output_sizes(output: Tensor, first: tuple[FeedbackLayer, Tensor], expected:
     else:
         sizes = (math.prod(shape), shape[:-1])
     if expected is not None and (not shape or shape[-1] != expected) and sizes[0] != expected:
-        raise ValueError(f"dfa: the model's output has shape {shape} but output_features={expected} was given")
+        raise ValueError(f"the model's output has shape {shape} but output_features={expected} was given")
     return sizes
 
 
 def install_error_tap(model: nn.Module, tap: ErrorTap | None = None, output_features: int | None = None) -> ErrorTap:
-    """Give a model assembled by hand from ``FALinear(rule='dfa')`` layers what :func:`convert` gives a
-    converted one: an :class:`~falign.functional.ErrorTap` on its output shared by its dfa layers, and the
-    probe of its first forward pass that sizes their feedback matrices."""
+    """Give a model assembled by hand from direct-rule layers (``FALinear(rule='dfa')``) what :func:`convert`
+    gives a converted one: an :class:`~falign.functional.ErrorTap` on its output shared by those layers, and
+    the probe of its first forward pass that sizes their feedback matrices."""
     tap = tap or ErrorTap()
     for layer in feedback_layers(model):
-        if layer.rule.name == "dfa":
+        if layer.rule.direct:
             layer.error_tap = tap
     for old in getattr(model, "_falign_root_handles", ()):
         old.remove()
     _Root(tap, getattr(model, "falign_report", None), output_features=output_features).install(model, probe=True)
     return tap
+
+
+def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """A plain PyTorch model with the weights of a converted one, for export and inference.
+
+    Every converted layer becomes the module it was converted from again (``nn.Linear``, a parametrized or
+    subclassed layer, ...) with the same parameters and hooks; feedback matrices, the rules' buffers and
+    falign's hooks on the root are removed, so ``state_dict`` has the plain model's keys.
+
+    Example::
+
+        plain = falign.unconvert(model)
+        torch.save(plain.state_dict(), "plain.pt")      # loads into the unconverted architecture
+    """
+    if not inplace:
+        model = _deepcopy(model)
+    for handle in getattr(model, "_falign_root_handles", ()):
+        handle.remove()
+    for name in ("_falign_root_handles", "_falign_root", "falign_report"):
+        model.__dict__.pop(name, None)
+    for module in list(model.modules()):
+        if isinstance(module, FeedbackLayer):
+            module.unconvert_in_place()
+    return model
+
+
+def uses_target(model: nn.Module) -> bool:
+    """Whether a layer of ``model`` follows a rule that projects the target (it needs :func:`set_target`)."""
+    return any(layer.rule.signal is Signal.TARGET for layer in feedback_layers(model))
+
+
+def set_target(model: nn.Module, target: Tensor) -> None:
+    """Give the rules that project the target (``rule.signal`` is ``Signal.TARGET``) the target of the next
+    forward pass of ``model``: class indices ``(N,)`` / ``(N, T)`` or a tensor of the output's shape
+    (one-hot or soft targets). Call it before each forward pass; it does nothing for other rules.
+
+    Example::
+
+        falign.set_target(model, y)
+        loss = F.cross_entropy(model(x), y)
+    """
+    root = getattr(model, "_falign_root", None)
+    if root is None:
+        raise ValueError("set_target needs a model produced by falign.convert")
+    if root.tap is not None:
+        root.tap.target = target
 
 
 def feedback_layers(model: nn.Module) -> list[FeedbackLayer]:

@@ -18,8 +18,12 @@ Convolutions use the transposed convolution with ``B`` in place of ``W`` for the
 Passing ``feedback=weight`` reproduces backpropagation exactly. When ``feedback`` itself requires a
 gradient (Kolen–Pollack), it receives exactly the weight gradient.
 
-Direct feedback alignment (Nøkland 2016) replaces the input signal by ``e D`` where
-``e = ∂L/∂output`` is recorded, per forward pass, by the :class:`ErrorTap` of the model's output.
+The direct rules replace the input signal by ``q D`` where ``q`` is known at the model's output: the
+error ``e = ∂L/∂output`` recorded, per forward pass, by the :class:`ErrorTap` of the model's output, or
+the target. When ``D`` requires a gradient (direct Kolen–Pollack) it receives ``∂⟨q D, x⟩/∂D``.
+
+The functions use the ``setup_context`` form of :class:`torch.autograd.Function`, so ``torch.func``
+transforms (``grad``, ``vmap`` for per-example gradients) run through them.
 """
 
 from __future__ import annotations
@@ -69,6 +73,25 @@ def _split(feedback: FeedbackSource, weight: Tensor) -> tuple[Tensor | None, Cal
     return None, feedback
 
 
+class _Function(Function):
+    """``torch.autograd.Function`` in the ``setup_context`` form, with a direct ``apply``.
+
+    ``Function.apply`` binds the arguments to ``forward``'s signature with ``inspect`` on every call when
+    ``setup_context`` is defined — tens of microseconds per layer per step. falign always passes every
+    argument positionally, so in eager mode it calls the C++ entry point directly (which runs ``forward``
+    and then ``setup_context``); inside ``torch.func`` transforms and ``torch.compile`` it takes PyTorch's
+    full path.
+    """
+
+    generate_vmap_rule = True
+
+    @classmethod
+    def apply(cls, *args):
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return Function.apply.__func__(cls, *args)
+        return super(Function, cls).apply(*args)
+
+
 _BACKPROP_MODE = 0
 
 
@@ -79,8 +102,8 @@ def backprop_mode() -> Iterator[None]:
 
     With ``loss.backward(retain_graph=True)`` first (the rule's gradients), one more
     ``torch.autograd.grad(loss, ...)`` inside this context gives the true gradients at the same
-    weights and batch without a second forward pass or a copy of the model. DFA layers send ``g W``
-    and sign-concordant rules draw nothing. Process-wide; not for concurrent backward passes.
+    weights and batch without a second forward pass or a copy of the model. The direct rules send
+    ``g W``; nothing is drawn or recorded. Process-wide; not for concurrent backward passes.
     """
     global _BACKPROP_MODE
     _BACKPROP_MODE += 1
@@ -90,29 +113,32 @@ def backprop_mode() -> Iterator[None]:
         _BACKPROP_MODE -= 1
 
 
-def _saved_feedback(ctx) -> tuple[Tensor, Tensor]:
-    """(saved input, B) in the backward: W in backprop mode, else B as saved or made from W."""
-    x, weight, feedback = ctx.saved_tensors
+def _feedback_for_backward(weight: Tensor, feedback: Tensor | None, feedback_fn) -> Tensor:
+    """``W`` in backprop mode, else ``B`` as given or made from the saved ``W``."""
     if _BACKPROP_MODE:
-        return x, weight
-    return x, (feedback if ctx.feedback_fn is None else ctx.feedback_fn(weight))
+        return weight
+    return feedback if feedback_fn is None else feedback_fn(weight)
 
 
-class _FeedbackLinear(Function):
+class _FeedbackLinear(_Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, feedback_fn):
+    def forward(x, weight, bias, feedback, feedback_fn):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, feedback, feedback_fn = inputs
         # A lazy B is built in the backward from the saved W, so autograd's version check still
         # catches an in-place change of W between forward and backward.
         ctx.save_for_backward(x, weight, feedback)
         ctx.feedback_fn = feedback_fn
         ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        x, weight, feedback = ctx.saved_tensors
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
-        x, feedback = _saved_feedback(ctx) if need_x else (ctx.saved_tensors[0], None)
-        grad_x = g.matmul(feedback) if need_x else None
+        grad_x = g.matmul(_feedback_for_backward(weight, feedback, ctx.feedback_fn)) if need_x else None
         grad_w = _weight_grad_linear(g, x) if (need_w or need_fb) else None
         grad_b = _bias_grad_linear(g) if (ctx.has_bias and need_b) else None
         # Kolen-Pollack: B receives W's gradient; autograd gives each parameter its own copy.
@@ -137,24 +163,29 @@ def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Fe
     return _FeedbackLinear.apply(x, weight, bias, tensor, fn)
 
 
-class _FeedbackConv(Function):
+class _FeedbackConv(_Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, feedback_fn, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, weight, feedback)
-        ctx.feedback_fn = feedback_fn
-        ctx.conf = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]])
+    def forward(x, weight, bias, feedback, feedback_fn, stride, padding, dilation, groups):
         n = weight.dim() - 2
         return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * n, groups)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, feedback, feedback_fn, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x, weight, feedback)
+        ctx.feedback_fn = feedback_fn
+        ctx.conf = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]])
+
+    @staticmethod
     def backward(ctx, g):
         stride, padding, dilation, groups, bias_sizes = ctx.conf
+        x, weight, feedback = ctx.saved_tensors
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
-        x, feedback = _saved_feedback(ctx) if need_x else ctx.saved_tensors[:2]
+        matrix = _feedback_for_backward(weight, feedback, ctx.feedback_fn) if need_x else weight
         mask = [need_x, need_w or need_fb, bias_sizes is not None and need_b]
-        n = feedback.dim() - 2
+        n = weight.dim() - 2
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            g, x, feedback, bias_sizes, stride, padding, dilation, False, [0] * n, groups, mask
+            g, x, matrix, bias_sizes, stride, padding, dilation, False, [0] * n, groups, mask
         )
         return (grad_x, grad_w if need_w else None, grad_b, grad_w if need_fb else None, None,
                 None, None, None, None)
@@ -184,29 +215,34 @@ def feedback_conv(
     return _FeedbackConv.apply(x, weight, bias, tensor, fn, list(stride), list(padding), list(dilation), groups)
 
 
+# ---- direct rules --------------------------------------------------------------------------------------
 class ErrorTap:
-    """The output error ``e = ∂L/∂output`` of a converted model, for the direct rules (DFA).
+    """The output error ``e = ∂L/∂output`` (and the target) of a converted model, for the direct rules.
 
-    One tap is shared by a model's DFA layers. Every forward pass of the model's root opens a
+    One tap is shared by a model's direct-rule layers. Every forward pass of the model's root opens an
     :class:`ErrorSession` (:meth:`begin`, a forward pre-hook installed by :func:`falign.convert`), the
     layers that run inside it keep a reference to it, and :meth:`end` (a forward hook) passes the output
     through an identity autograd node that records, in the backward, the incoming gradient into that
     session before any layer's backward runs. A layer's backward therefore always reads the error of its
     own forward pass: two forward passes before their backward passes are safe, and a converted
-    submodule called on its own (no session) raises instead of reusing a stale error.
+    submodule called on its own (no session) raises instead of reusing a stale error. The target given
+    by :func:`falign.set_target` before a forward pass is kept by that pass's session.
 
     ``output_sizes`` is ``(entries per sample, positions)`` of the model's output, measured on the first
     forward pass by the probe of :func:`falign.convert` (``positions`` are the dimensions between the
-    batch and the features, e.g. ``(T,)`` for a ``(N, T, C)`` output); DFA layers size their feedback
-    matrices from it.
+    batch and the features, e.g. ``(T,)`` for a ``(N, T, C)`` output); direct-rule layers size their
+    feedback matrices from it.
     """
 
     def __init__(self) -> None:
         self._open: list[ErrorSession] = []
         self.output_sizes: tuple[int, tuple[int, ...]] | None = None
+        self.target: Tensor | None = None
 
     def begin(self) -> None:
-        self._open.append(ErrorSession())
+        session = ErrorSession()
+        session.target, self.target = self.target, None
+        self._open.append(session)
 
     def end(self, output: Tensor) -> Tensor:
         session = self._open.pop() if self._open else None
@@ -224,145 +260,191 @@ class ErrorTap:
         """The session of the forward pass running now (``None`` outside the model's forward)."""
         return self._open[-1] if self._open else None
 
-    def __getstate__(self):  # sessions are transient: never saved or copied
-        return {"_open": [], "output_sizes": self.output_sizes}
+    def __getstate__(self):  # sessions and targets are transient: never saved or copied
+        return {"_open": [], "output_sizes": self.output_sizes, "target": None}
 
 
 class ErrorSession:
-    """The output error of one forward pass (filled in by the backward)."""
+    """The output error (filled in by the backward) and the target of one forward pass."""
 
-    __slots__ = ("error",)
+    __slots__ = ("error", "target")
 
     def __init__(self) -> None:
         self.error: Tensor | None = None
+        self.target: Tensor | None = None
 
     @staticmethod
     def read(session: ErrorSession | None) -> Tensor:
         if session is None:
             raise RuntimeError(
-                "dfa: this layer ran outside a forward pass of the converted model (a submodule called on "
-                "its own), so there is no output error to project. Call the whole model, or compute true "
-                "gradients inside falign.functional.backprop_mode()."
+                "direct feedback: this layer ran outside a forward pass of the converted model (a submodule "
+                "called on its own), so there is no output error to project. Call the whole model, or compute "
+                "true gradients inside falign.functional.backprop_mode()."
             )
         if session.error is None:
             raise RuntimeError(
-                "dfa: no output error was recorded for this forward pass: the backward did not start from "
-                "the model's output (e.g. a loss on an intermediate activation). DFA projects the error of "
-                "the model output; use falign.functional.backprop_mode() for other gradients."
+                "direct feedback: no output error was recorded for this forward pass: the backward did not "
+                "start from the model's output (e.g. a loss on an intermediate activation). The direct rules "
+                "project the error of the model output; use falign.functional.backprop_mode() for other "
+                "gradients."
             )
         return session.error
 
 
-class _Tap(Function):
+class _Tap(_Function):
     @staticmethod
-    def forward(ctx, output, session):
-        ctx.session = session
+    def forward(output, session):
         return output.view_as(output)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.session = inputs[1]
+
+    @staticmethod
     def backward(ctx, g):
-        # Under create_graph the error keeps its graph, so a double backward differentiates e·D as well.
+        # Under create_graph the error keeps its graph, so a double backward differentiates q·D as well.
         ctx.session.error = g if torch.is_grad_enabled() else g.detach()
         return g, None
 
 
 PER_POSITION, PER_SAMPLE = "per-position", "per-sample"
 
+Projector = Callable[[Union[ErrorSession, None], int], Tensor]
+"""``(session, n_out) ↦ q``: the quantity a direct rule projects (the output error, or the target)."""
 
-def _project_error(e: Tensor, feedback: Tensor, x_shape: torch.Size, mode: str) -> Tensor:
-    """``e D`` shaped like the layer input ``x``.
 
-    ``per-position`` (a Linear layer whose input has the output's positions, e.g. ``(N, T, ·)`` both):
-    ``e D`` at every position. ``per-sample``: the error of each sample flattened to ``(N, E)``, projected,
-    and reshaped to the input (conv: ``D`` is ``(E, C·H·W)``) or, for a Linear layer applied over other
-    positions than the output's, the same signal at every position (``D`` is ``(E, in)``).
-    """
-    if mode == PER_POSITION:
-        if e.shape[:-1] != x_shape[:-1] and e.numel() == x_shape[:-1].numel() * feedback.shape[0]:
-            e = e.reshape(*x_shape[:-1], feedback.shape[0])  # e.g. an (N,) output of one feature per sample
-        if e.shape[:-1] != x_shape[:-1]:
-            raise RuntimeError(f"dfa: the output error has shape {tuple(e.shape)} but this layer's input has "
-                               f"shape {tuple(x_shape)}; per-position feedback needs the same leading dimensions")
-        return e.matmul(feedback)
+def _per_position(q: Tensor, x_shape: torch.Size, n_out: int) -> Tensor:
+    if q.shape[:-1] != x_shape[:-1] and q.numel() == x_shape[:-1].numel() * n_out:
+        q = q.reshape(*x_shape[:-1], n_out)  # e.g. an (N,) output of one feature per sample
+    if q.shape[:-1] != x_shape[:-1]:
+        raise RuntimeError(f"direct feedback: the output error has shape {tuple(q.shape)} but this layer's input "
+                           f"has shape {tuple(x_shape)}; per-position feedback needs the same leading dimensions")
+    return q
+
+
+def _per_sample(q: Tensor, x_shape: torch.Size, entries: int) -> Tensor:
     n = x_shape[0] if len(x_shape) > 1 else 1
-    per_sample = e.numel() // n if n else feedback.shape[0]
-    if per_sample != feedback.shape[0] or (n and e.numel() % n):
+    per_sample = q.numel() // n if n else entries
+    if per_sample != entries or (n and q.numel() % n):
         raise RuntimeError(
-            f"dfa: the output error has {per_sample} features per sample (shape {tuple(e.shape)}) but this layer's "
-            f"feedback matrix was sized for {feedback.shape[0]} at the first forward pass; the output size of a "
-            f"dfa model must stay fixed")
-    signal = e.reshape(n, feedback.shape[0]).mm(feedback)
+            f"direct feedback: the output error has {per_sample} features per sample (shape {tuple(q.shape)}) but "
+            f"this layer's feedback matrix was sized for {entries} at the first forward pass; the output size of "
+            f"a model trained by a direct rule must stay fixed")
+    return q.reshape(n, entries)
+
+
+def _project(q: Tensor, feedback: Tensor, x_shape: torch.Size, mode: str) -> Tensor:
+    """``q D`` shaped like the layer input ``x`` (see :mod:`falign.rules.direct` for the two modes)."""
+    q = q.to(device=feedback.device, dtype=feedback.dtype)
+    if mode == PER_POSITION:
+        return _per_position(q, x_shape, feedback.shape[0]).matmul(feedback)
+    signal = _per_sample(q, x_shape, feedback.shape[0]).mm(feedback)
     if signal.shape[1] == x_shape[1:].numel() or len(x_shape) < 2:
         return signal.reshape(x_shape)
+    n = signal.shape[0]
     shape = (n,) + (1,) * (len(x_shape) - 2) + (x_shape[-1],)
     return signal.reshape(shape).expand(x_shape)
 
 
-class _DirectFeedbackLinear(Function):
+def _project_grad(q: Tensor, x: Tensor, feedback: Tensor, mode: str) -> Tensor:
+    """``∂⟨q D, x⟩/∂D``, the adjoint of :func:`_project` (direct Kolen–Pollack's update of ``D``)."""
+    q = q.to(device=feedback.device, dtype=feedback.dtype)
+    if mode == PER_POSITION:
+        q = _per_position(q, x.shape, feedback.shape[0])
+        return q.reshape(-1, q.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+    q2 = _per_sample(q, x.shape, feedback.shape[0])
+    n = q2.shape[0]
+    xs = x.reshape(n, -1)
+    if xs.shape[1] != feedback.shape[1]:  # a Linear layer over positions: the signal was broadcast
+        xs = x.reshape(n, -1, x.shape[-1]).sum(1)
+    return q2.t().mm(xs)
+
+
+class _DirectFeedbackLinear(_Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, session, mode):
-        ctx.save_for_backward(x, weight, feedback)
-        ctx.session, ctx.mode = session, mode
-        ctx.has_bias = bias is not None
+    def forward(x, weight, bias, feedback, session, mode, projector):
         return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, feedback, session, mode, projector = inputs
+        ctx.save_for_backward(x, weight, feedback)
+        ctx.session, ctx.mode, ctx.projector = session, mode, projector
+        ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx, g):
         x, weight, feedback = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = None
+        need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
+        grad_x = grad_fb = None
         if need_x and _BACKPROP_MODE:
             grad_x = g.matmul(weight)
-        elif need_x:
-            grad_x = _project_error(ErrorSession.read(ctx.session), feedback, x.shape, ctx.mode)
+        elif need_x or need_fb:
+            q = ctx.projector(ctx.session, feedback.shape[0])
+            grad_x = _project(q, feedback, x.shape, ctx.mode) if need_x else None
+            grad_fb = _project_grad(q, x, feedback, ctx.mode) if need_fb else None
         grad_w = _weight_grad_linear(g, x) if need_w else None
         grad_b = _bias_grad_linear(g) if (ctx.has_bias and need_b) else None
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, grad_fb, None, None, None
+
+
+def _error(session: ErrorSession | None, n_out: int) -> Tensor:
+    return ErrorSession.read(session)
 
 
 def direct_feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor,
-                           session: ErrorSession | None, mode: str = PER_POSITION) -> Tensor:
-    """Linear map whose input signal is ``e D`` (direct feedback alignment, Nøkland 2016).
+                           session: ErrorSession | None, mode: str = PER_POSITION,
+                           projector: Projector = _error) -> Tensor:
+    """Linear map whose input signal is ``q D`` (direct feedback alignment, Nøkland 2016, and relatives).
 
-    ``e`` is the model output's error, read in the backward pass from ``session`` (the forward pass's
-    :class:`ErrorSession`). Weight and bias gradients are the local ``gᵀ x`` and ``Σ g``.
+    ``q`` is ``projector(session, n_out)``, evaluated in the backward pass: by default the model output's
+    error read from ``session`` (the forward pass's :class:`ErrorSession`). Weight and bias gradients are
+    the local ``gᵀ x`` and ``Σ g``; ``D`` receives ``∂⟨q D, x⟩/∂D`` when it requires a gradient.
 
     Shape:
         - x: ``(*, in)``; weight: ``(out, in)``
-        - ``per-position``: D ``(n_out, in)``, error ``(*, n_out)`` with x's leading dimensions
-        - ``per-sample``: D ``(E, in)``, error ``(N, …)`` with E entries per sample
+        - ``per-position``: D ``(n_out, in)``, q ``(*, n_out)`` with x's leading dimensions
+        - ``per-sample``: D ``(E, in)``, q ``(N, …)`` with E entries per sample
     """
-    return _DirectFeedbackLinear.apply(x, weight, bias, feedback, session, mode)
+    return _DirectFeedbackLinear.apply(x, weight, bias, feedback, session, mode, projector)
 
 
-class _DirectFeedbackConv(Function):
+class _DirectFeedbackConv(_Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, session, pad, pad_mode, stride, padding, dilation, groups):
+    def forward(x, weight, bias, feedback, session, projector, pad, pad_mode, stride, padding, dilation, groups):
         xp = F.pad(x, pad, mode=pad_mode) if pad is not None else x
-        ctx.save_for_backward(x, xp, weight, feedback)
-        ctx.session = session
-        ctx.pad = (pad, pad_mode)
-        ctx.conf = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]])
         n = weight.dim() - 2
         return torch.convolution(xp, weight, bias, stride, padding, dilation, False, [0] * n, groups)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, feedback, session, projector, pad, pad_mode, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x, weight, feedback)
+        ctx.session, ctx.projector = session, projector
+        ctx.pad = (pad, pad_mode)
+        ctx.conf = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]])
+
+    @staticmethod
     def backward(ctx, g):
-        x, xp, weight, feedback = ctx.saved_tensors
+        x, weight, feedback = ctx.saved_tensors
         stride, padding, dilation, groups, bias_sizes = ctx.conf
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        pad, pad_mode = ctx.pad
+        need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
         n = weight.dim() - 2
         true_x = need_x and _BACKPROP_MODE
+        xp = F.pad(x, pad, mode=pad_mode) if pad is not None else x
         mask = [true_x, need_w, bias_sizes is not None and need_b]
         grad_xp, grad_w, grad_b = torch.ops.aten.convolution_backward(
             g, xp, weight, bias_sizes, stride, padding, dilation, False, [0] * n, groups, mask
         )
-        grad_x = None
+        grad_x = grad_fb = None
         if true_x:
-            grad_x = grad_xp if ctx.pad[0] is None else _unpad_grad(x, grad_xp, *ctx.pad)
-        elif need_x:
-            grad_x = _project_error(ErrorSession.read(ctx.session), feedback, x.shape, PER_SAMPLE)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+            grad_x = grad_xp if pad is None else _unpad_grad(x, grad_xp, pad, pad_mode)
+        elif need_x or need_fb:
+            q = ctx.projector(ctx.session, feedback.shape[0])
+            grad_x = _project(q, feedback, x.shape, PER_SAMPLE) if need_x else None
+            grad_fb = _project_grad(q, x, feedback, PER_SAMPLE) if need_fb else None
+        return grad_x, grad_w, grad_b, grad_fb, None, None, None, None, None, None, None, None
 
 
 def _unpad_grad(x: Tensor, grad_xp: Tensor, pad: list[int], mode: str) -> Tensor:
@@ -385,14 +467,15 @@ def direct_feedback_conv(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
+    projector: Projector = _error,
 ) -> Tensor:
-    """Convolution whose input signal is ``e D`` reshaped to the (unpadded) input, DFA.
+    """Convolution whose input signal is ``q D`` reshaped to the (unpadded) input (the direct rules).
 
     ``pad``/``pad_mode`` is the explicit padding applied before the convolution (as ``F.pad``), so
     ``D`` always refers to the layer's own input. Shape: ``D`` is ``(E, C·H·W)`` of that input, ``E`` the
-    number of output-error entries per sample.
+    number of entries of ``q`` per sample.
     """
     return _DirectFeedbackConv.apply(
-        x, weight, bias, feedback, session, None if pad is None else list(pad), pad_mode,
+        x, weight, bias, feedback, session, projector, None if pad is None else list(pad), pad_mode,
         list(stride), list(padding), list(dilation), groups,
     )

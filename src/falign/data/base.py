@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from falign.errors import FalignError
-from falign.rules.base import mix_seed
+from falign.seeding import mix_seed
 
 
 class DatasetError(FalignError, ValueError):

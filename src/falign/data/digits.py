@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from falign.data.base import Dataset, DatasetError, standardize
-from falign.rules.base import mix_seed
+from falign.seeding import mix_seed
 
 
 def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from falign.data.base import Dataset, DatasetError
-from falign.rules.base import mix_seed
+from falign.seeding import mix_seed
 
 
 def synthetic_classification(num_classes: int = 10, dim: int = 32, n_train: int = 4000, n_test: int = 2000,

@@ -11,7 +11,8 @@ from falign.diagnostics.alignment import (
     weight_alignment,
 )
 from falign.diagnostics.angles import angle
-from falign.diagnostics.conservation import (
+from falign.diagnostics.decomposition import loss_decomposition
+from falign.diagnostics.law import (
     LayerPair,
     conservation,
     conservation_assumptions,
@@ -19,7 +20,6 @@ from falign.diagnostics.conservation import (
     find_pairs,
     pair_quantities,
 )
-from falign.diagnostics.decomposition import loss_decomposition
 from falign.diagnostics.recorder import DiagnosticsRecorder, jsonable
 
 __all__ = [

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from falign.diagnostics.angles import angle, angle_from_inner, inner
+from falign.diagnostics.angles import angle, inner
 from falign.functional import backprop_mode
 from falign.nn.layers import FeedbackLayer
 
@@ -34,9 +34,9 @@ def weight_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
         if b is None or b.shape != layer.weight.shape:
             continue
         w = layer.weight.detach()
-        ww, bb, wb = float(inner(w, w)), float(inner(b, b)), float(inner(w, b))
+        ww, bb = float(inner(w, w)), float(inner(b, b))
         ratio = math.sqrt(bb / ww) if ww > 0 else math.nan
-        out[name] = {"angle": angle_from_inner(wb, ww, bb), "norm_ratio": ratio}
+        out[name] = {"angle": angle(w, b), "norm_ratio": ratio}
     return out
 
 

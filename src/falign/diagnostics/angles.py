@@ -1,4 +1,4 @@
-"""Angles between tensors."""
+"""Angles between tensors, in float64, accurate near 0° and 180°."""
 
 from __future__ import annotations
 
@@ -9,39 +9,29 @@ from torch import Tensor
 
 
 def inner(a: Tensor, b: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
-    """``Σ a·b``, over all elements (``dim=None``) or over ``dim``, returned in float64.
-
-    Float64 operands are summed in float64. Lower precisions avoid float64 copies of large tensors:
-    a full sum is one BLAS dot in float32 (relative error ~1e-6, and two identical operands give
-    bit-identical norms, so an angle of a tensor with itself is exactly 0); a sum over ``dim`` (per
-    unit) forms the products in float32 and accumulates them in float64.
-    """
-    a, b = a.detach(), b.detach()
+    """``Σ a·b`` over all elements (``dim=None``) or over ``dim``, in float64 (operands converted first)."""
+    a, b = a.detach().double(), b.detach().double()
     if dim is None:
-        a, b = a.reshape(-1), b.reshape(-1)
-        if a.dtype != torch.float64:
-            a, b = a.float(), b.float()
-        return torch.dot(a, b).double()
-    return (a * b).sum(dim, dtype=torch.float64)
-
-
-def angle_from_inner(ab: float, aa: float, bb: float) -> float:
-    """The angle in degrees from ``⟨a,b⟩, ‖a‖², ‖b‖²``; ``nan`` if a norm is zero."""
-    denom = math.sqrt(aa) * math.sqrt(bb)
-    if denom == 0.0 or not math.isfinite(denom):
-        return math.nan
-    return math.degrees(math.acos(max(-1.0, min(1.0, ab / denom))))
+        return torch.dot(a.reshape(-1), b.reshape(-1))
+    return (a * b).sum(dim)
 
 
 def angle(a: Tensor, b: Tensor) -> float:
-    """``arccos(⟨a, b⟩ / (‖a‖ ‖b‖))`` in degrees, on the flattened tensors, accumulated in float64.
+    """The angle ``arccos(⟨a, b⟩ / (‖a‖ ‖b‖))`` in degrees between the flattened tensors.
 
-    Returns ``nan`` (undefined) when either operand has zero norm: a zero update is never reported
-    as "aligned". Invariant to positive scaling of either operand; ``angle(a, -a) = 180``.
+    Computed as ``2·atan2(‖â − b̂‖, ‖â + b̂‖)`` on the unit vectors ``â = a/‖a‖``, ``b̂ = b/‖b‖`` in float64,
+    which stays accurate where ``arccos`` of a rounded cosine does not: ``angle(a, c·a) = 0`` and
+    ``angle(a, −c·a) = 180`` for any ``c > 0``. Returns ``nan`` (undefined) when either operand has zero or
+    non-finite norm: a zero update is never reported as "aligned".
 
     Shape: ``a`` and ``b`` must have the same number of elements.
     """
     if a.numel() != b.numel():
         raise ValueError(f"angle needs operands with the same number of elements, got {a.numel()} and {b.numel()}")
-    a, b = a.reshape(-1), b.reshape(-1)
-    return angle_from_inner(float(inner(a, b)), float(inner(a, a)), float(inner(b, b)))
+    a64, b64 = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+    na, nb = torch.linalg.vector_norm(a64), torch.linalg.vector_norm(b64)
+    if not (math.isfinite(float(na)) and math.isfinite(float(nb))) or float(na) == 0.0 or float(nb) == 0.0:
+        return math.nan
+    ua, ub = a64 / na, b64 / nb
+    return math.degrees(2.0 * math.atan2(float(torch.linalg.vector_norm(ua - ub)),
+                                         float(torch.linalg.vector_norm(ua + ub))))

@@ -18,8 +18,8 @@ from falign.diagnostics.alignment import (
     named_feedback_layers,
     weight_alignment,
 )
-from falign.diagnostics.conservation import LayerPair, conservation, drift, find_pairs
 from falign.diagnostics.decomposition import loss_decomposition
+from falign.diagnostics.law import LayerPair, conservation, drift, find_pairs
 
 
 class _Capture:
@@ -43,7 +43,13 @@ class DiagnosticsRecorder:
     Usage (what the trainer does)::
 
         rec = DiagnosticsRecorder(model, margin=0.1)
-        loss, output, record = rec.step(lambda: loss_fn(model(x), y), example=x)
+
+        def loss_and_output():
+            output = model(x)
+            return F.cross_entropy(output, y), output
+
+        optimizer.zero_grad()
+        loss, output, record = rec.step(loss_and_output, example=x)   # the rule's gradients are in .grad
         optimizer.step()
 
     :meth:`step` runs one forward pass and two backward passes through the same graph: the rule's

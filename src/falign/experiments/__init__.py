@@ -25,7 +25,8 @@ from falign.experiments import (
     min_norm,
     multiclass,
 )
-from falign.experiments.base import Context, ExperimentResult
+from falign.experiments.base import Context
+from falign.results import ExperimentResult
 
 EXPERIMENTS: dict[str, ModuleType] = {
     m.NAME: m for m in (conservation, implicit_alignment, dominance, multiclass, benign_overfitting, min_norm)

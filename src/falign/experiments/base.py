@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,41 +12,6 @@ import numpy as np
 import torch
 
 SIZES = ("tiny", "quick", "full")
-
-
-@dataclass
-class Table:
-    """A named table: ``rows`` are dicts with the keys in ``columns``."""
-
-    name: str
-    columns: list[str]
-    rows: list[dict[str, Any]]
-    caption: str = ""
-
-
-@dataclass
-class Verdict:
-    """A conclusion computed from numbers: ``supported`` and a sentence that quotes them."""
-
-    supported: bool
-    text: str
-
-    @property
-    def label(self) -> str:
-        return "supported" if self.supported else "not supported"
-
-
-@dataclass
-class ExperimentResult:
-    name: str
-    title: str
-    hypothesis: str
-    setup: dict[str, Any]
-    tables: list[Table]
-    figures: list[Path]
-    verdicts: list[Verdict]
-    headline: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
 
 
 @dataclass
@@ -129,12 +94,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if len(v) == 0:
         return math.nan, math.nan
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
-def pyplot():
-    from falign.report.plots import _pyplot
-
-    return _pyplot()
 
 
 def float64_digits(n: int | None = None, seed: int = 0):

@@ -12,10 +12,12 @@ import time
 
 import torch
 
+import falign
 from falign.data import batches, epoch_order
-from falign.experiments.base import Context, ExperimentResult, Table, Verdict, pyplot
+from falign.experiments.base import Context
 from falign.experiments.multiclass import fashion_available
-from falign.report.plots import save_figure
+from falign.plotting import pyplot, save_figure
+from falign.results import ExperimentResult, Table, Verdict
 from falign.train import TrainConfig, evaluate
 from falign.train.trainer import build_run, loss_fn, make_optimizer
 
@@ -77,6 +79,7 @@ def run(ctx: Context) -> ExperimentResult:
                           batch_size=64, lr=0.01, momentum=0.9, seed=0)
         ds, model = build_run(cfg, torch.device(ctx.device))
         opt = make_optimizer(cfg, model)
+        falign.attach(model, opt)
         curve = []
         for epoch in range(epochs):
             for xb, yb in batches(ds.x_train, ds.y_train, cfg.batch_size, epoch_order(len(ds.y_train), 0, epoch)):

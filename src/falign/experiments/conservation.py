@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 import falign
-from falign.experiments.base import Context, ExperimentResult, Table, Verdict, float64_digits, loglog_slope, pyplot
+from falign.experiments.base import Context, float64_digits, loglog_slope
 from falign.experiments.flow import sgd_flow
-from falign.report.plots import save_figure
+from falign.plotting import pyplot, save_figure
+from falign.results import ExperimentResult, Table, Verdict
 
 NAME = "conservation"
 TITLE = "Conservation law under SGD"

@@ -17,10 +17,11 @@ import torch
 
 import falign
 from falign.diagnostics import DiagnosticsRecorder
-from falign.experiments.base import Context, ExperimentResult, Table, Verdict, float64_digits, linear_fit, pyplot
+from falign.experiments.base import Context, float64_digits, linear_fit
 from falign.experiments.flow import full_batch_loss, loss_of
 from falign.models import MLP
-from falign.report.plots import save_figure
+from falign.plotting import pyplot, save_figure
+from falign.results import ExperimentResult, Table, Verdict
 
 NAME = "dominance"
 TITLE = "Alignment dominance and exponential convergence"
@@ -74,6 +75,7 @@ def run(ctx: Context) -> ExperimentResult:
         model = falign.convert(MLP([64, width, width, 10]).to(torch.float64), rule, seed=0)
         rec = DiagnosticsRecorder(model, margin=MARGIN)
         opt = torch.optim.SGD(model.parameters(), lr=lr)
+        falign.attach(model, opt)
         losses, records = [], []
         for step in range(steps):
             opt.zero_grad(set_to_none=True)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from falign.diagnostics.conservation import LayerPair, conservation, drift, find_pairs
+import falign
+from falign.diagnostics.law import LayerPair, conservation, drift, find_pairs
 from falign.functional import backprop_mode
 
 
@@ -44,6 +45,7 @@ def sgd_flow(model: nn.Module, x: Tensor, y: Tensor, lr: float, horizon: float, 
     ref = conservation(pairs)
     opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.endswith("feedback_weight")],
                           lr=lr, momentum=momentum)
+    falign.attach(model, opt)
     steps = max(1, round(horizon / lr))
     history = []
     value = math.nan

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 import falign
 from falign.data import batches, epoch_order, load_digits
 from falign.diagnostics import find_pairs, pair_quantities, weight_alignment
-from falign.experiments.base import Context, ExperimentResult, Table, Verdict, linear_fit, pyplot
+from falign.experiments.base import Context, linear_fit
 from falign.models import MLP
-from falign.report.plots import save_figure
+from falign.plotting import pyplot, save_figure
+from falign.results import ExperimentResult, Table, Verdict
 
 NAME = "implicit_alignment"
 TITLE = "Implicit alignment from small initialisation"
@@ -81,6 +82,7 @@ def run(ctx: Context) -> ExperimentResult:
         torch.manual_seed(0)
         model = falign.convert(MLP([64, width, width, 10], init_scale=scale), "fa", seed=0)
         opt = torch.optim.SGD(model.parameters(), lr=lr)
+        falign.attach(model, opt)
         pairs = find_pairs(model, x_all[:2])
         history = []
         step = 0

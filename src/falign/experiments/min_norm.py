@@ -13,9 +13,10 @@ import time
 import torch
 
 import falign
-from falign.experiments.base import Context, ExperimentResult, Table, Verdict, loglog_slope, pyplot
+from falign.experiments.base import Context, loglog_slope
 from falign.models import TwoLayerLinear
-from falign.report.plots import save_figure
+from falign.plotting import pyplot, save_figure
+from falign.results import ExperimentResult, Table, Verdict
 
 NAME = "min_norm"
 TITLE = "Minimum-norm solutions of two-layer linear networks"
@@ -61,6 +62,7 @@ def run(ctx: Context) -> ExperimentResult:
             net = TwoLayerLinear(d, hidden, k, init_scale=eps).to(torch.float64)
             model = falign.convert(torch.nn.Sequential(net), rule, seed=0)[0]
             opt = torch.optim.SGD(model.parameters(), lr=lr)
+            falign.attach(model, opt)
             loss_value = float("nan")
             for step in range(max_steps):
                 opt.zero_grad(set_to_none=True)

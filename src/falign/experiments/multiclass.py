@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from falign.data.idx import FASHION_MNIST_DIR, FILES
-from falign.experiments.base import Context, ExperimentResult, Table, Verdict, mean_std, pyplot, spearman
-from falign.report.plots import save_figure
+from falign.experiments.base import Context, mean_std, spearman
+from falign.plotting import pyplot, save_figure
+from falign.results import ExperimentResult, Table, Verdict
 from falign.train import TrainConfig, Trainer, read_metrics
 
 NAME = "multiclass"

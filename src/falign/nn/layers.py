@@ -1,13 +1,13 @@
 """Converted layers: ``nn.Linear`` / ``nn.Conv{1,2,3}d`` whose backward follows a learning rule.
 
 Each layer is a subclass of the PyTorch layer it replaces, so weights, ``state_dict`` keys and
-``isinstance`` checks are unchanged. The rule (a small object from :mod:`falign.rules`) decides the
-backward; the layer keeps the rule's feedback matrix in ``feedback_weight``:
+``isinstance`` checks are unchanged. The layer asks its rule (a small object from :mod:`falign.rules`)
+what to do; the rule answers from its class data and its one formula for ``B``. The layer keeps the
+rule's feedback matrix in ``feedback_weight``:
 
-- ``fa``, ``wm``: a buffer of W's shape (``B``); ``kp``: an ``nn.Parameter`` of W's shape;
-- ``usf``, ``frsf``, ``brsf``: a buffer of W's shape with the magnitudes ``M``, ``B = M ⊙ sign(W)``;
-- ``dfa``: a buffer ``D`` of shape ``(n_out, in_features)`` (conv: ``(n_out, C·H·W)`` of the input,
-  created at the first forward);
+- rules with fixed, sign-following or mirrored feedback: a buffer of W's shape (``B``, or the magnitudes
+  ``M`` of ``B = M ⊙ sign(W)``); rules whose feedback is trained by the optimiser: an ``nn.Parameter``;
+- the direct rules: ``D`` of shape ``(n_out, in)`` or ``(E, C·H·W)``, created at the first forward pass;
 - ``bp``: ``None``.
 
 A buffer is saved in ``state_dict``, follows ``.to()`` and is not in ``parameters()``. Assign a new
@@ -28,8 +28,7 @@ from falign.rules import FeedbackInit, FeedbackRule, get_rule
 
 __all__ = ["FAConv1d", "FAConv2d", "FAConv3d", "FALinear", "FeedbackLayer", "TracedBackpropWarning"]
 
-
-_PROBE: Any = None  # set by falign.convert's probe of the first forward pass (see _probe_forward)
+_PROBE: Any = None  # set by falign.convert's probe of the first forward pass
 
 
 class TracedBackpropWarning(UserWarning):
@@ -43,20 +42,17 @@ def _warn_traced() -> None:
         "model.", TracedBackpropWarning, stacklevel=3)
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 class FeedbackLayer(nn.Module):
-    """Base class of the converted layers: the rule, its options and ``feedback_weight`` (see the module
-    docstring). A concrete layer also derives from the PyTorch layer it stands for (``torch_base``).
+    """Base class of the converted layers: the rule, its feedback options and ``feedback_weight``. A
+    concrete layer also derives from the PyTorch layer it stands for (``torch_base``).
 
     Attributes:
         rule: the :class:`~falign.rules.FeedbackRule` instance.
         feedback_init: :class:`~falign.rules.FeedbackInit` (distribution and scale).
         feedback_seed: seed from which ``feedback_weight`` (and brsf's draws) are reproducible.
-        dfa_output_features: ``n_out`` for ``dfa``; ``None`` otherwise.
-        error_tap: the model's :class:`~falign.functional.ErrorTap` (``dfa`` only).
+        error_tap: the model's :class:`~falign.functional.ErrorTap` (direct rules only).
+        direct_mode, direct_shape: how a direct rule's ``D`` is applied and its shape (once known).
+        rule_state: a dictionary that belongs to the rule (per-layer values it keeps between calls).
     """
 
     torch_base: ClassVar[type[nn.Module]]
@@ -67,27 +63,28 @@ class FeedbackLayer(nn.Module):
     weight: Tensor
     bias: Tensor | None
 
-    def _setup_feedback(
-        self,
-        rule: str | FeedbackRule = "fa",
-        feedback_init: str = "kaiming_uniform",
-        feedback_scale: float = 1.0,
-        seed: int = 0,
-        output_features: int | None = None,
-        error_tap: FF.ErrorTap | None = None,
-    ) -> None:
+    def setup_feedback(self, rule: str | FeedbackRule = "fa", init: FeedbackInit | None = None, seed: int = 0,
+                       error_tap: FF.ErrorTap | None = None, output_features: int | None = None) -> None:
+        """Attach ``rule`` to this layer and draw its feedback (a layer converted again starts afresh).
+
+        ``output_features``: for a direct rule on a Linear layer built by hand, ``n_out`` of a per-position
+        ``D`` (made at once instead of at the first forward pass).
+        """
         self.rule = get_rule(rule)
-        self.feedback_init = FeedbackInit(feedback_init, feedback_scale)
+        r = self.rule  # what the forward pass asks on every call, read once from the rule's class data
+        self._capabilities = (r.direct, r.per_step, r.has_feedback, r.depends_on_weight, r.feedback_is_parameter)
+        self.feedback_init = init or FeedbackInit()
         self.feedback_seed = int(seed)
-        self.dfa_output_features = output_features
         self.error_tap = error_tap
-        self.dfa_mode = FF.PER_POSITION
-        self.dfa_shape: tuple[int, ...] | None = (
-            (output_features, self.weight.shape[1]) if output_features is not None and self.weight.dim() == 2 else None)
+        self.rule_state: dict[str, Any] = {}
+        self.direct_mode = FF.PER_POSITION
+        self.direct_shape: tuple[int, ...] | None = None
+        if self.rule.direct and output_features is not None and self.weight.dim() == 2:
+            self.direct_shape = (int(output_features), self.weight.shape[1])
         self._feedback_used = False
         self._step_key: tuple[int, ...] | None = None
         self._step_hooks = 0
-        for name in ("feedback_weight", "feedback_step"):  # a layer converted again starts afresh
+        for name in ("feedback_weight", "feedback_step"):
             self._parameters.pop(name, None)
             self._buffers.pop(name, None)
         if not self.rule.has_feedback:
@@ -104,18 +101,17 @@ class FeedbackLayer(nn.Module):
             self.reset_feedback()
 
     def _assign_feedback(self, tensor: Tensor) -> None:
-        wrapped = self.rule.wrap_feedback(tensor)
-        if isinstance(wrapped, nn.Parameter):
+        if self.rule.feedback_is_parameter:
             self._buffers.pop("feedback_weight", None)
-            self.register_parameter("feedback_weight", wrapped)
+            self.register_parameter("feedback_weight", nn.Parameter(tensor))
         else:
-            self.register_buffer("feedback_weight", wrapped)
+            self.register_buffer("feedback_weight", tensor)
 
     @torch.no_grad()
     def reset_feedback(self) -> None:
         """(Re)draw ``feedback_weight`` from ``feedback_init`` and ``feedback_seed``.
 
-        Leaves it empty while its shape is unknown (``dfa`` conv before the first forward).
+        Leaves it empty while its shape is unknown (a direct rule before the first forward pass).
         """
         if not self.rule.has_feedback:
             return
@@ -123,8 +119,7 @@ class FeedbackLayer(nn.Module):
         if shape is None:
             return
         generator = torch.Generator().manual_seed(self.feedback_seed)
-        dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        value = self.rule.initial_feedback(self, shape, self.feedback_init, generator).to(dtype)
+        value = self.rule.initial_feedback(self, shape, self.feedback_init, generator)
         value = value.to(device=self.weight.device, dtype=self.weight.dtype)
         current = self.feedback_weight
         if current is not None and current.shape == value.shape and current.device == value.device:
@@ -136,7 +131,7 @@ class FeedbackLayer(nn.Module):
         """The ``B`` (or ``D``) the backward uses at the current weights; ``None`` for ``bp``."""
         if not self.rule.has_feedback:
             return None
-        return self.rule.current_feedback(self)
+        return self.rule.matrix(self, self.weight.detach()).detach()
 
     def scratch(self, key: str, like: Tensor, shape: tuple[int, ...] | None = None,
                 dtype: torch.dtype | None = None) -> Tensor:
@@ -154,17 +149,55 @@ class FeedbackLayer(nn.Module):
         """Whether a forward pass of this layer has routed its input signal through the feedback."""
         return self._feedback_used
 
+    # -- the forward pass: the layer asks, the rule answers --------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if _PROBE is not None:
             return _PROBE(self, x)
         if torch.jit.is_tracing():
             _warn_traced()
             return self.plain_forward(x)
-        if self.rule.per_step and not self._step_hooks and torch.is_grad_enabled() and not _compiling():
+        direct, per_step, has_feedback, from_weight, parameter = self._capabilities
+        if per_step and not self._step_hooks and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self._check_stepped()
-        return self.rule.forward(self, x)
+        if direct and self.feedback_weight.numel() == 0:
+            self._plan_direct(x)
+        if not has_feedback or not torch.is_grad_enabled():
+            return self.plain_forward(x)
+        signal = x.requires_grad
+        # feedback trained by the optimiser gets its gradient whenever its weight is trained
+        learns = parameter and self.weight.requires_grad
+        if not signal and (direct or not learns):
+            return self.plain_forward(x)
+        self._feedback_used = self._feedback_used or signal
+        if from_weight:
+            return self.feedback_forward(x, self._matrix_in_backward)
+        feedback = self.rule.matrix(self, self.weight)
+        if parameter and not learns:
+            feedback = feedback.detach()
+        if direct:
+            session = None if self.error_tap is None else self.error_tap.current
+            return self.direct_forward(x, feedback, session, self.direct_mode, self.rule.projected)
+        return self.feedback_forward(x, feedback)
 
-    # -- per-step work (falign.attach) ----------------------------------------------------------------
+    def _matrix_in_backward(self, weight: Tensor) -> Tensor:
+        """``B`` from the ``W`` saved by the forward pass: into a scratch buffer, or out of place under
+        ``create_graph`` (a double backward), so ``g·B`` stays differentiable."""
+        if torch.is_grad_enabled():
+            return self.rule.matrix(self, weight)
+        return self.rule.matrix(self, weight, out=self.scratch("feedback", weight))
+
+    def _plan_direct(self, x: Tensor) -> None:
+        sizes = None if self.error_tap is None else self.error_tap.output_sizes
+        if sizes is None and self.direct_shape is None:
+            raise RuntimeError(
+                f"{self.rule.name}: this layer does not know the model's output size yet. Convert the whole model "
+                f"with falign.convert(model, {self.rule.name!r}) and call the model (not the layer on its own), or "
+                f"build the layer with output_features= and call falign.install_error_tap(model)")
+        if sizes is not None:
+            self.direct_mode, self.direct_shape = self.rule.plan(self, x, sizes)
+        self.reset_feedback()
+
+    # -- per-step work (falign.attach) -----------------------------------------------------------------
     def _params_key(self) -> tuple[int, ...]:
         return tuple(p._version for name, p in self.named_parameters() if not name.endswith("feedback_weight"))
 
@@ -181,19 +214,20 @@ class FeedbackLayer(nn.Module):
         elif key != self._step_key:
             raise RuntimeError(
                 f"{self.rule.name}: the weights of this layer changed (an optimiser step) but the rule's per-step "
-                f"work ({self.rule.step_work}) did not run. Call "
-                f"falign.attach(model, optimizer) once after building the optimizer, so every optimizer.step() "
-                f"runs it, or run falign.step_rules(model) yourself after each step")
+                f"work ({self.rule.step_work}) did not run. Call falign.attach(model, optimizer) once after "
+                f"building the optimizer, so every optimizer.step() runs it, or run falign.step_rules(model) "
+                f"yourself after each step")
 
-    # Implemented by the concrete layers.
+    # -- implemented by the concrete layers ------------------------------------------------------------
     def plain_forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def feedback_forward(self, x: Tensor, feedback: Tensor) -> Tensor:  # pragma: no cover
+    def feedback_forward(self, x: Tensor, feedback: FF.FeedbackSource) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def direct_forward(self, x: Tensor, feedback: Tensor, session: FF.ErrorSession | None, mode: str) -> Tensor:
-        raise NotImplementedError  # pragma: no cover
+    def direct_forward(self, x: Tensor, feedback: Tensor, session: FF.ErrorSession | None, mode: str,
+                       projector: FF.Projector) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "feedback_weight"
@@ -201,12 +235,15 @@ class FeedbackLayer(nn.Module):
         incoming = state_dict.get(key)
         if current is not None and current.numel() == 0 and incoming is not None and incoming.numel() > 0:
             self._assign_feedback(current.new_empty(incoming.shape))
+            if self.rule.direct and self.direct_shape is None:
+                self.direct_shape = tuple(incoming.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.rule.after_load(self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rule={self.rule.name}"
 
+    # -- conversion ------------------------------------------------------------------------------------
     @classmethod
     def converted_class(cls, base: type[nn.Module]) -> type[FeedbackLayer]:
         """The converted class for a module of type ``base``: ``cls`` itself for the exact PyTorch layer,
@@ -222,31 +259,56 @@ class FeedbackLayer(nn.Module):
         return _CONVERTED_CLASSES[key]
 
     @classmethod
-    def convert_in_place(cls, module: nn.Module, **feedback_options: Any) -> FeedbackLayer:
+    def convert_in_place(cls, module: nn.Module, **options: Any) -> FeedbackLayer:
         """Turn ``module`` itself into a converted layer (its class changes; parameters, buffers, hooks,
-        parametrizations and attributes stay as they are). ``feedback_options``: :meth:`_setup_feedback`."""
+        parametrizations and attributes stay as they are). ``options``: those of :meth:`setup_feedback`."""
         if not isinstance(module, cls.torch_base):
             raise TypeError(f"{cls.__name__} converts {cls.torch_base.__name__} modules, got {type(module).__name__}")
         module.__class__ = cls.converted_class(type(module))
         assert isinstance(module, FeedbackLayer)
-        module._setup_feedback(**feedback_options)
+        module.setup_feedback(**options)
         return module
 
     @classmethod
-    def from_module(cls, module: nn.Module, **feedback_options: Any) -> FeedbackLayer:
+    def from_module(cls, module: nn.Module, **options: Any) -> FeedbackLayer:
         """A converted copy of ``module`` that *shares* its parameters and buffers (``module`` is unchanged).
-
-        ``feedback_options`` are those of :meth:`_setup_feedback` (rule, feedback_init,
-        feedback_scale, seed, output_features, error_tap).
-        """
+        ``options``: those of :meth:`setup_feedback`."""
         new = copy.copy(module)
         for name, value in vars(module).items():  # own containers (parameters, buffers, hooks), shared entries
             if isinstance(value, (dict, set)):
                 setattr(new, name, copy.copy(value))
-        return cls.convert_in_place(new, **feedback_options)
+        return cls.convert_in_place(new, **options)
+
+    def unconverted_class(self) -> type[nn.Module]:
+        """The class this layer had before conversion."""
+        cls = type(self)
+        if cls in _CONVERTED_CLASSES.values():
+            return next(b for b in cls.__bases__ if not issubclass(b, FeedbackLayer))
+        return self.torch_base
+
+    def unconvert_in_place(self) -> nn.Module:
+        """Turn this layer back into the module it was converted from: same object, same parameters and
+        hooks; the feedback matrix and the rule's state are removed."""
+        cls = self.unconverted_class()
+        for name in ("feedback_weight", "feedback_step"):
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+            self._non_persistent_buffers_set.discard(name)
+        for name in _LAYER_ATTRIBUTES:
+            self.__dict__.pop(name, None)
+        self.__class__ = cls
+        return self
 
 
 _CONVERTED_CLASSES: dict[tuple[type, type], type] = {}
+_LAYER_ATTRIBUTES = ("rule", "_capabilities", "feedback_init", "feedback_seed", "error_tap", "rule_state",
+                     "direct_mode", "direct_shape", "_feedback_used", "_step_key", "_step_hooks", "_scratch")
+
+
+def _feedback_args(rule, feedback_init: str, feedback_scale: float, seed: int,
+                   output_features: int | None, error_tap: FF.ErrorTap | None) -> dict[str, Any]:
+    return {"rule": rule, "init": FeedbackInit(feedback_init, feedback_scale), "seed": seed,
+            "output_features": output_features, "error_tap": error_tap}
 
 
 class FALinear(FeedbackLayer, nn.Linear):
@@ -259,11 +321,11 @@ class FALinear(FeedbackLayer, nn.Linear):
         rule: registry name or rule instance (default ``"fa"``).
         feedback_init, feedback_scale: see :class:`~falign.rules.FeedbackInit`.
         seed: seed of this layer's feedback matrix.
-        output_features: ``n_out`` for ``dfa``.
+        output_features: ``n_out`` of a direct rule's ``D`` for a layer used outside ``falign.convert``.
 
     Shape:
         - Input: ``(*, in_features)``; Output: ``(*, out_features)``.
-        - ``feedback_weight``: ``(out_features, in_features)``; ``dfa``: ``(n_out, in_features)``.
+        - ``feedback_weight``: ``(out_features, in_features)``; direct rules: ``(n_out, in_features)``.
 
     Example::
 
@@ -279,16 +341,16 @@ class FALinear(FeedbackLayer, nn.Linear):
                  feedback_scale: float = 1.0, seed: int = 0, output_features: int | None = None,
                  error_tap: FF.ErrorTap | None = None, device=None, dtype=None) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
-        self._setup_feedback(rule, feedback_init, feedback_scale, seed, output_features, error_tap)
+        self.setup_feedback(**_feedback_args(rule, feedback_init, feedback_scale, seed, output_features, error_tap))
 
     def plain_forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
 
-    def feedback_forward(self, x: Tensor, feedback: Tensor) -> Tensor:
+    def feedback_forward(self, x: Tensor, feedback: FF.FeedbackSource) -> Tensor:
         return FF.feedback_linear(x, self.weight, self.bias, feedback)
 
-    def direct_forward(self, x: Tensor, feedback: Tensor, session: FF.ErrorSession | None, mode: str) -> Tensor:
-        return FF.direct_feedback_linear(x, self.weight, self.bias, feedback, session, mode)
+    def direct_forward(self, x, feedback, session, mode, projector) -> Tensor:
+        return FF.direct_feedback_linear(x, self.weight, self.bias, feedback, session, mode, projector)
 
 
 class _FAConvNd(FeedbackLayer):
@@ -306,7 +368,7 @@ class _FAConvNd(FeedbackLayer):
                  feedback_scale: float = 1.0, seed: int = 0, output_features: int | None = None,
                  error_tap: FF.ErrorTap | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # the nn.ConvNd constructor, positional arguments as there
-        self._setup_feedback(rule, feedback_init, feedback_scale, seed, output_features, error_tap)
+        self.setup_feedback(**_feedback_args(rule, feedback_init, feedback_scale, seed, output_features, error_tap))
 
     def _padding_plan(self) -> tuple[list[int] | None, str, list[int]]:
         """(explicit F.pad amounts or None, F.pad mode, numeric symmetric conv padding)."""
@@ -330,32 +392,32 @@ class _FAConvNd(FeedbackLayer):
     def plain_forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.weight, self.bias)
 
-    def feedback_forward(self, x: Tensor, feedback: Tensor) -> Tensor:
+    def feedback_forward(self, x: Tensor, feedback: FF.FeedbackSource) -> Tensor:
         pad, mode, padding = self._padding_plan()
         if pad is not None:
             x = nn.functional.pad(x, pad, mode=mode)
         return FF.feedback_conv(x, self.weight, self.bias, feedback, self.stride, padding,
                                 self.dilation, self.groups)
 
-    def direct_forward(self, x: Tensor, feedback: Tensor, session: FF.ErrorSession | None, mode: str) -> Tensor:
+    def direct_forward(self, x, feedback, session, mode, projector) -> Tensor:
         pad, pad_mode, padding = self._padding_plan()
         return FF.direct_feedback_conv(x, self.weight, self.bias, feedback, session, pad, pad_mode,
-                                       self.stride, padding, self.dilation, self.groups)
+                                       self.stride, padding, self.dilation, self.groups, projector)
 
 
 _CONV_DOC = """``nn.Conv{n}d`` whose input gradient is the transposed convolution with the rule's ``B``.
 
     ``FAConv{n}d(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
     bias=True, padding_mode='zeros', *, rule='fa', feedback_init=..., feedback_scale=1.0, seed=0,
-    output_features=None, device=None, dtype=None)``.
+    device=None, dtype=None)``.
 
     Every ``nn.Conv{n}d`` option works: stride, dilation, groups, ``padding`` as ints, ``'same'`` or
-    ``'valid'``, every ``padding_mode``, with or without bias. The weight and bias gradients are
-    backprop's local ones. Feedback options as :class:`FALinear`.
+    ``'valid'``, every ``padding_mode``, with or without bias, batched or unbatched input. The weight and
+    bias gradients are backprop's local ones. Feedback options as :class:`FALinear`.
 
     Shape:
-        - Input ``(N, C_in, *spatial)``, output ``(N, C_out, *spatial_out)`` as ``nn.Conv{n}d``.
-        - ``feedback_weight``: W's shape; ``dfa``: ``(n_out, C_in·∏spatial)``, created at the first forward.
+        - Input ``(N, C_in, *spatial)`` or ``(C_in, *spatial)``, output as ``nn.Conv{n}d``.
+        - ``feedback_weight``: W's shape; direct rules: ``(E, C_in·∏spatial)``, made at the first forward.
     """
 
 
@@ -372,3 +434,4 @@ class FAConv2d(_FAConvNd, nn.Conv2d):
 class FAConv3d(_FAConvNd, nn.Conv3d):
     __doc__ = _CONV_DOC.format(n=3)
     torch_base = nn.Conv3d
+

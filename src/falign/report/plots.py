@@ -7,26 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from falign.errors import FalignError
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise FalignError("plotting needs matplotlib: pip install 'falign[experiments]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Lay out, write (PNG, 110 dpi) and close a figure; returns ``path``."""
-    plt = _pyplot()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+from falign.plotting import pyplot, save_figure
 
 
 def _series(rows: Sequence[dict[str, Any]], path: Sequence[str]) -> dict[str, tuple[list[int], list[float]]]:
@@ -49,7 +30,7 @@ def _series(rows: Sequence[dict[str, Any]], path: Sequence[str]) -> dict[str, tu
 
 def plot_alignment(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Weight, gradient and error-signal alignment angles over steps, one line per layer."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
     for ax, (kind, title) in zip(axes, (("weight_alignment", "weight vs feedback  ∠(W_l, B_l)"),
                                         ("gradient_alignment", "rule update vs true gradient  ∠(G_l, ∇L)"),
@@ -65,7 +46,7 @@ def plot_alignment(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 def plot_conservation(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Maximum per-neuron drift of Q since the first record, per layer pair (and backprop's law)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for pair, (steps, values) in sorted(_series(rows, ["conservation"]).items()):
         ax.plot(steps, values, label=f"{pair}  Q (feedback law)")
@@ -85,7 +66,7 @@ def plot_conservation(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 def plot_decomposition(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Per-layer terms ⟨∇_{W_l}L, G_l⟩ of −dL/dt over steps, and the dominance ratio ρ."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     for layer, (steps, values) in sorted(_series(rows, ["decomposition", "terms"]).items()):
         ax.plot(steps, values, label=layer)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from falign.experiments.base import ExperimentResult, Table
+from falign.results import ExperimentResult, Table
 
 MAX_ROWS = 40
 

@@ -12,11 +12,23 @@ brsf     ``g (|R_t| ⊙ sign W)``, ``R_t`` redrawn every step          Liao, Lei
 kp       ``g B``, ``B`` gets W's gradient and weight decay           Akrout et al. 2019
 wm       ``g B``, ``B`` learned by mirror steps on noise             Akrout et al. 2019
 =======  ==========================================================  ===========================
+
+A new rule is one module here and one line in :data:`RULES`; everything else reads its class data
+(:mod:`falign.rules.base`).
 """
 
 from __future__ import annotations
 
-from falign.rules.base import FEEDBACK_INITS, FeedbackInit, FeedbackRule, mix_seed
+from falign.rules.base import (
+    FEEDBACK_INITS,
+    Feedback,
+    FeedbackInit,
+    FeedbackRule,
+    Law,
+    NoOptions,
+    Signal,
+    option_help,
+)
 from falign.rules.bp import Backprop
 from falign.rules.brsf import BatchwiseRandomSignFeedback
 from falign.rules.dfa import DirectFeedbackAlignment
@@ -54,10 +66,7 @@ def get_rule(rule: str | FeedbackRule, **options) -> FeedbackRule:
         return rule
     if not isinstance(rule, str) or rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; available rules: {', '.join(available_rules())}")
-    try:
-        return RULES[rule](**options)
-    except TypeError as err:
-        raise TypeError(f"bad options for rule {rule!r}: {err}") from None
+    return RULES[rule](**options)
 
 
 __all__ = [
@@ -66,15 +75,19 @@ __all__ = [
     "Backprop",
     "BatchwiseRandomSignFeedback",
     "DirectFeedbackAlignment",
+    "Feedback",
     "FeedbackAlignment",
     "FeedbackInit",
     "FeedbackRule",
     "FixedRandomSignFeedback",
     "KolenPollack",
+    "Law",
+    "NoOptions",
+    "Signal",
     "UniformSignFeedback",
     "WeightMirror",
     "available_rules",
     "get_rule",
     "mirror_step",
-    "mix_seed",
+    "option_help",
 ]

@@ -1,20 +1,38 @@
-"""The rule interface shared by every learning rule, and feedback initialisation.
+"""What a learning rule is: its capabilities as class data, its options, and its one formula for ``B``.
 
-A rule is a small stateless object that a converted layer (:mod:`falign.nn`) consults in its
-``forward``. It decides three things: which feedback tensor the layer keeps (``feedback_weight``),
-which matrix ``B`` the backward pass uses at this step, and which autograd function runs.
+A rule is a small object that a converted layer (:mod:`falign.nn`) *asks*; it never reaches into the
+layer. The layer asks for the initial feedback tensor, for ``B`` at given weights (the same formula
+serves the backward pass and the diagnostics), and, for the direct rules, for the shape of ``D`` and the
+quantity the backward projects. Everything else in falign — ``convert``, the trainer, the command line,
+the diagnostics, the tests — reads the class data below and never compares rule names.
+
+Class data of every rule:
+
+==================  =============================================================================
+``name``            registry name (the public name)
+``summary``         one line, with the source
+``feedback``        :class:`Feedback`: how B changes (none / fixed / follows sign(W) / redrawn each
+                    step / learned)
+``signal``          :class:`Signal`: what a hidden layer's input receives (``g·B`` layer by layer,
+                    the output error projected, or the target projected)
+``law``             :class:`Law`: whether the conservation law holds exactly under this rule
+``feedback_is_parameter``  the feedback is an ``nn.Parameter`` trained by the optimiser (kp, dkp)
+``step_work``       what the rule does after each optimiser step (empty: nothing); run by the hook of
+                    :func:`falign.attach`
+``Options``         a frozen dataclass of the rule's options, validated in ``__post_init__``
+==================  =============================================================================
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
-
-from falign.functional import FeedbackSource
 
 if TYPE_CHECKING:
     from falign.nn.layers import FeedbackLayer
@@ -22,16 +40,36 @@ if TYPE_CHECKING:
 FEEDBACK_INITS = ("kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal")
 
 
-def mix_seed(*parts: int) -> int:
-    """Deterministic 63-bit seed from integers (splitmix64 chained over the parts)."""
-    z = 0x9E3779B97F4A7C15
-    mask = (1 << 64) - 1
-    for p in parts:
-        z = (z + (int(p) & mask) + 0x9E3779B97F4A7C15) & mask
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-        z = z ^ (z >> 31)
-    return z & ((1 << 63) - 1)
+class Feedback(enum.Enum):
+    """How a rule's feedback matrix changes during training."""
+
+    NONE = "none (B = W)"
+    FIXED = "fixed"
+    SIGN = "follows sign(W)"
+    REDRAWN = "redrawn every step"
+    LEARNED = "learned"
+
+
+class Signal(enum.Enum):
+    """What the input of a hidden layer receives in the backward pass."""
+
+    LAYER = "g·B, layer by layer"
+    OUTPUT_ERROR = "e·D, the output error projected"
+    TARGET = "t·P, the target projected"
+
+
+class Law(enum.Enum):
+    """Whether the conservation law of Robertson & Koyejo (2024) holds exactly under gradient flow."""
+
+    EXACT = "exact"
+    LAST_HIDDEN = "exact for the last hidden layer"
+    BALANCEDNESS = "backprop's balancedness (Du et al. 2018)"
+    NONE = "does not hold"
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A rule without options."""
 
 
 @dataclass(frozen=True)
@@ -81,66 +119,83 @@ class FeedbackInit:
 
 
 class FeedbackRule:
-    """Base class of a learning rule. Subclasses live one per module in :mod:`falign.rules`.
+    """Base class of a learning rule (one subclass per module in :mod:`falign.rules`).
 
-    Class attributes:
-        name: the registry name.
-        has_feedback: whether converted layers keep a ``feedback_weight``.
-        learned: whether ``feedback_weight`` is a trained ``nn.Parameter`` (Kolen–Pollack).
-        sign_concordant: ``B = |feedback_weight| ⊙ sign(W)`` (the sign-symmetry family).
-        per_step: the rule has work to do after every optimiser step (:meth:`after_step`), which
-            :func:`falign.attach` installs as an optimiser step hook.
+    ``rule = Rule(**options)`` validates the options into ``rule.options`` (an instance of the rule's
+    ``Options`` dataclass). See the module docstring for the class data.
     """
 
     name: ClassVar[str] = ""
-    has_feedback: ClassVar[bool] = True
-    learned: ClassVar[bool] = False
-    sign_concordant: ClassVar[bool] = False
-    per_step: ClassVar[bool] = False
-    step_work: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    feedback: ClassVar[Feedback] = Feedback.FIXED
+    signal: ClassVar[Signal] = Signal.LAYER
+    law: ClassVar[Law] = Law.NONE
+    feedback_is_parameter: ClassVar[bool] = False
+    step_work: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
 
+    def __init__(self, **options: Any) -> None:
+        known = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            listed = ", ".join(sorted(known)) or "none"
+            raise TypeError(f"unknown option(s) {', '.join(unknown)} for rule {self.name!r} (its options: {listed})")
+        self.options = self.Options(**options)
+
+    # -- capabilities read by the rest of falign ---------------------------------------------------------
+    @property
+    def has_feedback(self) -> bool:
+        """Whether converted layers keep a ``feedback_weight``."""
+        return self.feedback is not Feedback.NONE
+
+    @property
+    def per_step(self) -> bool:
+        """Whether the rule has work to do after every optimiser step."""
+        return bool(self.step_work)
+
+    @property
+    def direct(self) -> bool:
+        """Whether a hidden layer's signal comes straight from the output (error or target)."""
+        return self.signal is not Signal.LAYER
+
+    @property
+    def depends_on_weight(self) -> bool:
+        """Whether ``B`` is a function of the current ``W`` (built in the backward from the saved ``W``)."""
+        return self.feedback in (Feedback.SIGN, Feedback.REDRAWN)
+
+    # -- the feedback matrix ---------------------------------------------------------------------------
     def feedback_shape(self, layer: FeedbackLayer) -> tuple[int, ...] | None:
-        """Shape of ``feedback_weight``; ``None`` while it cannot be known yet (lazy DFA conv)."""
+        """Shape of ``feedback_weight``; ``None`` while it cannot be known yet (direct rules before the
+        first forward pass)."""
         return tuple(layer.weight.shape)
 
     def initial_feedback(self, layer: FeedbackLayer, shape: tuple[int, ...], init: FeedbackInit,
                          generator: torch.Generator) -> Tensor:
-        """The initial ``feedback_weight`` tensor for ``layer`` (CPU, layer's dtype)."""
+        """The initial ``feedback_weight`` tensor for ``layer`` (CPU)."""
         return init.sample(shape, generator, layer.weight.dtype)
 
-    def wrap_feedback(self, tensor: Tensor) -> Tensor:
-        """Buffer (default) or ``nn.Parameter`` (learned rules) holding ``feedback_weight``."""
-        return tensor
+    def matrix(self, layer: FeedbackLayer, weight: Tensor, out: Tensor | None = None) -> Tensor:
+        """``B`` (or ``D``) at the weights ``weight``: the one formula used by the backward pass and by the
+        diagnostics. ``out`` is a scratch tensor the result may be written into. Default: the stored
+        ``feedback_weight`` itself."""
+        return layer.feedback_weight
 
+    # -- per-layer state -------------------------------------------------------------------------------
     def register_state(self, layer: FeedbackLayer) -> None:
-        """Register any extra per-layer state the rule needs (buffers)."""
+        """Register the rule's own per-layer buffers (saved in ``state_dict``)."""
 
     def after_load(self, layer: FeedbackLayer) -> None:
         """Refresh Python-side state after ``load_state_dict``."""
 
     def after_step(self, layers: list[FeedbackLayer]) -> None:
-        """The rule's work after each optimiser step, for every layer using this rule (``per_step`` rules;
-        run by the hook of :func:`falign.attach`)."""
-
-    def current_feedback(self, layer: FeedbackLayer) -> Tensor:
-        """The ``B`` the backward pass uses at the current weights, without advancing any state."""
-        return layer.feedback_weight.detach()
-
-    def feedback(self, layer: FeedbackLayer) -> FeedbackSource:
-        """What the forward pass hands to the autograd function: ``B`` itself, or a function
-        ``W ↦ B`` run in the backward pass (sign rules, whose ``B`` derives from ``W``)."""
-        return self.current_feedback(layer)
-
-    def needs_signal(self, x: Tensor) -> bool:
-        return torch.is_grad_enabled() and x.requires_grad
-
-    def forward(self, layer: FeedbackLayer, x: Tensor) -> Tensor:
-        """Run ``layer`` on ``x``: the feedback path when the input needs a signal, else plain."""
-        if self.needs_signal(x):
-            layer._feedback_used = True
-            return layer.feedback_forward(x, self.feedback(layer))
-        return layer.plain_forward(x)
+        """The rule's work after each optimiser step (rules with ``step_work``), for its layers."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        fields = dataclasses.fields(self.Options)
+        args = ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in fields)
+        return f"{type(self).__name__}({args})"
+
+
+def option_help(rule: type[FeedbackRule]) -> list[tuple[str, Any, str]]:
+    """``(name, default, help)`` of each option of a rule class (``falign rules`` prints them)."""
+    return [(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(rule.Options)]

@@ -19,8 +19,9 @@ import math
 import torch
 from torch import Tensor
 
-from falign.rules.base import FeedbackInit, mix_seed
+from falign.rules.base import Feedback, FeedbackInit
 from falign.rules.sign import SignConcordantRule
+from falign.seeding import mix_seed
 
 
 def _fill_uniform16(out: Tensor, bound: float, generator: torch.Generator, words: Tensor) -> None:
@@ -59,31 +60,34 @@ def draw_magnitudes(out: Tensor, init: FeedbackInit, seed: int, step: int, scrat
 
 class BatchwiseRandomSignFeedback(SignConcordantRule):
     name = "brsf"
-    per_step = True
-    step_work = "the redraw of |R_t| after each step"
     summary = "batchwise random-magnitude sign-concordant feedback: B_t = |R_t|⊙sign(W) (Liao et al. 2016)"
+    feedback = Feedback.REDRAWN
+    step_work = "redraw |R_t|"
 
     def initial_feedback(self, layer, shape, init, generator):
-        if hasattr(layer, "feedback_step"):  # redrawn from scratch (reset_parameters): back to step 0
-            layer._feedback_step = 0
-            layer.feedback_step.fill_(0)
+        if "step" in layer.rule_state:  # redrawn from scratch (reset_parameters): back to step 0
+            self._set_step(layer, 0)
         return draw_magnitudes(torch.empty(shape, dtype=layer.weight.dtype), init, layer.feedback_seed, 0)
 
     def register_state(self, layer) -> None:
         layer.register_buffer("feedback_step", torch.zeros((), dtype=torch.int64))
-        layer._feedback_step = 0
+        layer.rule_state["step"] = 0
 
     def after_load(self, layer) -> None:
-        layer._feedback_step = int(layer.feedback_step)
+        layer.rule_state["step"] = int(layer.feedback_step)
+
+    @staticmethod
+    def _set_step(layer, step: int) -> None:
+        layer.rule_state["step"] = step
+        layer.feedback_step.fill_(step)
 
     def redraw(self, layer) -> None:
         """Advance to the next step's magnitudes ``|R_{t+1}|`` in ``feedback_weight``."""
         m = layer.feedback_weight
-        step = layer._feedback_step + 1
+        step = layer.rule_state["step"] + 1
         words = layer.scratch("words", m, ((m.numel() + 3) // 4,), torch.int64) if m.device.type == "cpu" else None
         draw_magnitudes(m, layer.feedback_init, layer.feedback_seed, step, words)
-        layer._feedback_step = step
-        layer.feedback_step.fill_(step)
+        self._set_step(layer, step)
 
     def after_step(self, layers) -> None:
         for layer in layers:

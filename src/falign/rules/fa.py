@@ -6,7 +6,7 @@ feedback initialisation and the seed. ``B`` is the buffer ``feedback_weight``.
 
 from __future__ import annotations
 
-from falign.rules.base import FeedbackRule
+from falign.rules.base import Feedback, FeedbackRule, Law
 
 
 class FeedbackAlignment(FeedbackRule):
@@ -14,3 +14,5 @@ class FeedbackAlignment(FeedbackRule):
 
     name = "fa"
     summary = "feedback alignment: fixed random B (Lillicrap et al. 2016)"
+    feedback = Feedback.FIXED
+    law = Law.EXACT

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from falign.rules.base import Law
 from falign.rules.sign import SignConcordantRule
 
 
 class UniformSignFeedback(SignConcordantRule):
     name = "usf"
     summary = "uniform sign-concordant feedback: B = s·sign(W) (Liao et al. 2016)"
+    law = Law.EXACT
 
     def initial_feedback(self, layer, shape, init, generator):
         return torch.full(shape, init.std(shape), dtype=layer.weight.dtype)

@@ -12,7 +12,7 @@ behind fast-moving weights, and on LeNet / Fashion-MNIST with SGD momentum 0.9 t
 training diverge, while λ = 0.2 stayed stable (angles 8–30° per layer).
 Convolutions use noise of the kernel's spatial size, so ``yᵀx`` is the weight gradient of a
 ``1×1`` output. The mirror steps run after every optimiser step through the step hook that
-:func:`falign.attach` installs (``steps`` of them; ``--wm-steps`` in ``falign train``);
+:func:`falign.attach` installs (``steps`` of them; ``--rule-option steps=K`` in ``falign train``);
 :func:`mirror_step` runs them by hand, with each layer's own options unless told otherwise.
 
 Example::
@@ -27,36 +27,46 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 
-from falign.rules.base import FeedbackRule
+from falign.rules.base import Feedback, FeedbackRule
+
+
+@dataclass(frozen=True)
+class MirrorOptions:
+    """Options of ``wm`` (``--rule-option KEY=VALUE`` on the command line)."""
+
+    lr: float = field(default=0.2, metadata={"help": "mirror step size η"})
+    decay: float = field(default=0.2, metadata={"help": "mirror decay λ in [0, 1)"})
+    noise_std: float = field(default=1.0, metadata={"help": "standard deviation σ of the mirror noise"})
+    batch_size: int = field(default=128, metadata={"help": "noise samples N per mirror step"})
+    steps: int = field(default=1, metadata={"help": "mirror steps after each optimiser step"})
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and 0 <= self.decay < 1 and self.noise_std > 0 and self.batch_size >= 1
+                and self.steps >= 0):
+            raise ValueError("wm needs lr > 0, 0 <= decay < 1, noise_std > 0, batch_size >= 1, steps >= 0; got "
+                             f"lr={self.lr}, decay={self.decay}, noise_std={self.noise_std}, "
+                             f"batch_size={self.batch_size}, steps={self.steps}")
 
 
 class WeightMirror(FeedbackRule):
-    """Weight mirror with mirror-step hyper-parameters ``lr`` (η), ``decay`` (λ), ``noise_std`` (σ),
-    ``batch_size`` (N) and ``steps`` (mirror steps after each optimiser step)."""
+    """Weight mirror: ``B`` (a buffer) learned by mirror steps after each optimiser step."""
 
     name = "wm"
-    per_step = True
-    step_work = "the mirror steps that teach B the weights"
     summary = "weight mirror: B learned from noise, B <- (1-λ)B + η yᵀx/N (Akrout et al. 2019)"
-
-    def __init__(self, lr: float = 0.2, decay: float = 0.2, noise_std: float = 1.0,
-                 batch_size: int = 128, steps: int = 1) -> None:
-        if not (lr > 0 and 0 <= decay < 1 and noise_std > 0 and batch_size >= 1 and steps >= 0):
-            raise ValueError("wm needs lr > 0, 0 <= decay < 1, noise_std > 0, batch_size >= 1, steps >= 0")
-        self.lr, self.decay, self.noise_std = lr, decay, noise_std
-        self.batch_size, self.steps = batch_size, steps
+    feedback = Feedback.LEARNED
+    step_work = "mirror steps that teach B the weights"
+    Options = MirrorOptions
 
     def after_step(self, layers) -> None:
-        for _ in range(self.steps):
+        o = self.options
+        for _ in range(o.steps):
             for layer in layers:
-                mirror_layer(layer, self.lr, self.decay, self.noise_std, self.batch_size)
-
-    def __repr__(self) -> str:
-        return (f"WeightMirror(lr={self.lr}, decay={self.decay}, noise_std={self.noise_std}, "
-                f"batch_size={self.batch_size}, steps={self.steps})")
+                mirror_layer(layer, o.lr, o.decay, o.noise_std, o.batch_size)
 
 
 @torch.no_grad()
@@ -95,10 +105,10 @@ def mirror_step(model: nn.Module, lr: float | None = None, decay: float | None =
     count = 0
     for module in model.modules():
         if isinstance(module, FeedbackLayer) and isinstance(module.rule, WeightMirror):
-            rule = module.rule
-            mirror_layer(module, rule.lr if lr is None else lr, rule.decay if decay is None else decay,
-                         rule.noise_std if noise_std is None else noise_std,
-                         rule.batch_size if batch_size is None else batch_size, generator)
+            o = module.rule.options
+            mirror_layer(module, o.lr if lr is None else lr, o.decay if decay is None else decay,
+                         o.noise_std if noise_std is None else noise_std,
+                         o.batch_size if batch_size is None else batch_size, generator)
             module.mark_stepped()
             count += 1
     return count

@@ -11,7 +11,7 @@ from falign.data import DATASETS
 from falign.errors import FalignError
 from falign.models import MODELS
 from falign.models.mlp import ACTIVATIONS
-from falign.rules import FEEDBACK_INITS, available_rules
+from falign.rules import FEEDBACK_INITS, RULES, available_rules, get_rule
 
 
 class ConfigError(FalignError, ValueError):
@@ -48,14 +48,11 @@ class TrainConfig:
     feedback_init: str = "kaiming_uniform"
     feedback_scale: float = 1.0
     output_signal: str = "rule"
-    wm_lr: float = 0.2
-    wm_decay: float = 0.2
-    wm_steps: int = 1
+    rule_options: dict[str, Any] = field(default_factory=dict)
     diagnostics_every: int = 0
     checkpoint_every: int = 0
     on_divergence: str = "stop"
     eval_batch_size: int = 1000
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -135,18 +132,35 @@ class TrainConfig:
               f"lr_milestones are fractions in (0, 1), got {self.lr_milestones}")
         check(self.diagnostics_every >= 0, f"diagnostics_every must be >= 0, got {self.diagnostics_every}")
         check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        check(self.wm_lr > 0 and 0 <= self.wm_decay < 1 and self.wm_steps >= 0,
-              "wm needs wm_lr > 0, 0 <= wm_decay < 1, wm_steps >= 0")
+        try:
+            get_rule(self.rule, **self.rule_options)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"rule_options for {self.rule}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["rule_options"] = dict(self.rule_options)
         d["hidden"] = list(self.hidden)
         d["lr_milestones"] = list(self.lr_milestones)
         return d
 
+    def rule_object(self):
+        """The configured rule, with its options."""
+        return get_rule(self.rule, **self.rule_options)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping; unknown keys are an error that lists them."""
+        """Build from a mapping; unknown keys are an error that lists them. Configs written by earlier
+        versions (``wm_lr``/``wm_decay``/``wm_steps`` fields, an ``extra`` field) are read as they meant."""
+        data = dict(data)
+        legacy = {"wm_lr": "lr", "wm_decay": "decay", "wm_steps": "steps"}
+        if any(k in data for k in legacy):
+            moved = {new: data.pop(old) for old, new in legacy.items() if old in data}
+            rule = RULES.get(data.get("rule"))
+            if rule is not None and set(moved) <= {f.name for f in dataclasses.fields(rule.Options)}:
+                data["rule_options"] = {**moved, **data.get("rule_options", {})}
+        if data.get("extra") == {}:
+            data.pop("extra")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -1,4 +1,5 @@
-"""Run directories: resolved config, versions, ``metrics.jsonl``, checkpoints, ``summary.json``.
+"""Run directories: resolved config, versions, ``metrics.jsonl``, checkpoints, ``summary.json``, and the
+folder's claim and lock (:class:`RunDir`).
 
 Every file is written atomically (temporary file in the same folder, ``fsync``, ``rename``) so a
 crash never leaves a half-written file in place of a good one.
@@ -6,6 +7,7 @@ crash never leaves a half-written file in place of a good one.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -17,6 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from falign.errors import FalignError
+from falign.outdir import OutputDir
+from falign.train.checkpoint import load_checkpoint
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb",
@@ -89,3 +95,117 @@ def versions() -> dict[str, str]:
         info["cuda"] = str(torch.version.cuda)
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+class RunDirError(FalignError, RuntimeError):
+    """A run directory cannot be used as asked (exists, locked, unreadable config...)."""
+
+
+class RunDir:
+    """The files of one run: the folder's claim and lock, ``config.json``, ``metrics.jsonl`` (whose rows are
+    counted, so a resume keeps exactly those of its checkpoint), ``checkpoint.pt``, ``summary.json``.
+
+    Only the main process of a data-parallel run writes (``main=False``: every write is a no-op).
+    """
+
+    def __init__(self, path: str | Path, *, main: bool = True) -> None:
+        self.path = Path(path)
+        self.main = main
+        self.folder = OutputDir(self.path, "run", "run directory")
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoint = self.path / "checkpoint.pt"
+        self.rows = 0
+        self._lock = None
+
+    # -- the folder ----------------------------------------------------------------------------------
+    def check(self, *, resume: bool, overwrite: bool) -> None:
+        """Refuse an unusable folder before any work (nothing is written)."""
+        if resume:
+            if self.path.exists() and not self.path.is_dir():
+                raise RunDirError(f"--resume {self.path} is a file, not a run directory")
+            if not (self.path / "config.json").is_file():
+                raise RunDirError(f"{self.path}: no run to resume here (config.json missing)")
+            return
+        self.folder.check()
+        if self.folder.holds_output() and not overwrite:
+            raise RunDirError(f"{self.path} already holds a run; pass --resume to continue it or --overwrite to "
+                              f"replace it (which deletes only the files a falign run writes)")
+
+    def claim(self, *, resume: bool, overwrite: bool) -> None:
+        """Mark and lock the folder; ``overwrite`` deletes only a run's own files. Stale temporary files of
+        a crash during an atomic write are removed."""
+        self.check(resume=resume, overwrite=overwrite)
+        if not resume:
+            if self.folder.holds_output():
+                self._lock_or_fail()  # refuse to wipe a folder another process is writing
+                self.release()
+            self.folder.claim(overwrite=overwrite)
+        self._lock_or_fail()
+        for stale in self.path.glob(".*.tmp"):
+            stale.unlink()
+
+    def _lock_or_fail(self) -> None:
+        self._lock = open(self.path / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            raise RunDirError(f"{self.path} is locked by another falign process writing this run") from None
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    # -- files ---------------------------------------------------------------------------------------
+    def read_config(self) -> dict[str, Any]:
+        """The saved config of the run, as a mapping (clear errors for an unreadable or malformed file)."""
+        path = self.path / "config.json"
+        try:
+            saved = json.loads(path.read_text())
+        except OSError as err:
+            raise RunDirError(f"{path}: cannot read it: {err.strerror or err}") from None
+        except ValueError as err:
+            raise RunDirError(f"{path} is not valid JSON ({err}); the run cannot be resumed") from None
+        if not isinstance(saved, dict):
+            raise RunDirError(f"{path} must hold a JSON object of config fields, got a {type(saved).__name__}")
+        return saved
+
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.main:
+            write_json(self.path / name, obj)
+
+    def log(self, row: dict[str, Any], name: str = "metrics.jsonl") -> None:
+        """Append a JSON row to ``metrics.jsonl`` (counted) or another ``.jsonl`` file of the run."""
+        if not self.main:
+            return
+        with open(self.path / name, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if name == "metrics.jsonl":
+            self.rows += 1
+
+    def rows_of(self, name: str) -> list[dict[str, Any]]:
+        path = self.path / name
+        return read_metrics(path) if path.exists() else []
+
+    def start_fresh(self) -> None:
+        """A new run: no metrics or timing rows from an earlier one."""
+        if self.main:
+            self.metrics.unlink(missing_ok=True)
+            (self.path / "timing.jsonl").unlink(missing_ok=True)
+        self.rows = 0
+
+    def keep_rows(self, rows: int) -> None:
+        """Cut ``metrics.jsonl`` back to the rows written when the checkpoint being resumed was taken."""
+        self.rows = rows
+        if self.main:
+            lines = self.metrics.read_text().splitlines(keepends=True) if self.metrics.exists() else []
+            atomic_write(self.metrics, lambda f: f.write("".join(lines[:rows])), "w")
+
+    def save_checkpoint(self, state: dict[str, Any], before_replace: Callable[[], None] | None = None) -> None:
+        """Write ``checkpoint.pt`` atomically."""
+        if self.main:
+            atomic_write(self.checkpoint, lambda f: torch.save(state, f), before_replace=before_replace)
+
+    def load_checkpoint(self, map_location: Any) -> dict[str, Any] | None:
+        return load_checkpoint(self.checkpoint, map_location=map_location) if self.checkpoint.exists() else None

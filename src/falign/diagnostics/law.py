@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_leaves
 from falign.diagnostics.angles import inner
 from falign.nn import layers as _layers
 from falign.nn.layers import FeedbackLayer
+from falign.rules import FeedbackRule, Law, get_rule
 
 # Autograd nodes (``type(grad_fn).__name__`` without the ``Backward<k>`` suffix) allowed on the path between
 # two paired layers. Positively homogeneous ones keep the law exact; the others keep the pairing (each unit
@@ -276,18 +277,20 @@ def drift(now: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, float]:
     return out
 
 
-def conservation_assumptions(pairs: list[LayerPair], rule: str, *, optimizer: str = "sgd",
+def conservation_assumptions(pairs: list[LayerPair], rule: str | FeedbackRule, *, optimizer: str = "sgd",
                              momentum: float = 0.0, weight_decay: float = 0.0,
                              single_lr: bool = True, not_applicable: dict[str, str] | None = None) -> dict[str, Any]:
     """Which of the law's assumptions a run satisfies, per pair, and whether drift is expected.
 
     The law (for the rule's own quantity; backprop's balancedness under ``bp``) needs: positively
     homogeneous activations between the pair, no normalisation layer between them, plain SGD without
-    momentum or weight decay, one learning rate for every layer, and feedback that does not change
-    between steps except through ``sign(W)`` (``fa``, ``usf``, ``frsf``; ``dfa`` for its last hidden
-    layer; ``bp`` for balancedness). Even then SGD drifts by ``O(η)`` over a fixed time horizon.
-    ``not_applicable`` (from :func:`find_pairs`) lists the layers that are in no pair, with the reason.
+    momentum or weight decay, one learning rate for every layer, and a rule for which it holds
+    (``rule.law``: exact for feedback that changes at most through ``sign(W)``; for the last hidden layer
+    only under ``dfa``; none for rules whose feedback is learned or redrawn). Even then SGD drifts by
+    ``O(η)`` over a fixed time horizon. ``not_applicable`` (from :func:`find_pairs`) lists the layers that
+    are in no pair, with the reason.
     """
+    rule = get_rule(rule)
     run_reasons = []
     if optimizer != "sgd":
         run_reasons.append(f"optimizer {optimizer} is not plain SGD")
@@ -297,10 +300,9 @@ def conservation_assumptions(pairs: list[LayerPair], rule: str, *, optimizer: st
         run_reasons.append(f"weight decay {weight_decay}")
     if not single_lr:
         run_reasons.append("learning rates differ between layers or change over time")
-    if rule in ("kp", "wm"):
-        run_reasons.append(f"{rule} learns its feedback, so B changes between steps")
-    if rule == "brsf":
-        run_reasons.append("brsf redraws its feedback every step")
+    if rule.law is Law.NONE:
+        run_reasons.append(f"the law does not hold under {rule.name}: its feedback is "
+                           f"{rule.feedback.value} and its signal is {rule.signal.value}")
     per_pair = {}
     for p in pairs:
         reasons = list(run_reasons)
@@ -308,9 +310,9 @@ def conservation_assumptions(pairs: list[LayerPair], rule: str, *, optimizer: st
             reasons.append(f"activation between the pair is not positively homogeneous ({', '.join(p.between)})")
         if p.normalisation:
             reasons.append("a normalisation layer sits between the pair")
-        if rule == "dfa" and not p.last:
-            reasons.append("dfa's law covers only its last hidden layer")
-        quantity = "balancedness" if rule == "bp" else "feedback"
+        if rule.law is Law.LAST_HIDDEN and not p.last:
+            reasons.append(f"{rule.name}'s law covers only its last hidden layer")
+        quantity = "balancedness" if rule.law is Law.BALANCEDNESS else "feedback"
         per_pair[p.key] = {"holds": not reasons, "quantity": quantity, "between": p.between, "reasons": reasons}
     return {"holds": bool(per_pair) and all(v["holds"] for v in per_pair.values()), "run_reasons": run_reasons,
             "pairs": per_pair, "not_applicable": dict(not_applicable or {})}
