@@ -11,6 +11,8 @@ Each entry says, for a converted layer ``L`` whose input receives the signal:
   (``B = W``), where the rule allows it; ``None`` where it cannot (the signal is not a function of W).
 - ``feedback_grad(L, g, x, e)``: the gradient the stored feedback receives (``None``: it receives none).
 - ``seeded``: the initial feedback is drawn from the seed (``usf``'s is a constant).
+- ``train``: ``TrainConfig`` settings the rule's publication trains with, where the default MLP recipe
+  (ReLU, SGD with momentum) does not suit it (used by the accuracy check).
 
 A registered rule without an entry here fails ``test_rule_triad.py::test_every_rule_has_a_reference``.
 """
@@ -18,7 +20,7 @@ A registered rule without an entry here fails ``test_rule_triad.py::test_every_r
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -31,6 +33,7 @@ class Reference:
     exact: Callable[[object, bool], bool] | None = None
     feedback_grad: Callable[[object, Tensor, Tensor, Tensor], Tensor | None] = lambda L, g, x, e: None
     seeded: bool = True
+    train: dict = field(default_factory=dict)
 
 
 def _w(L) -> Tensor:

@@ -24,6 +24,7 @@ from falign.diagnostics import (
 )
 from falign.experiments.flow import sgd_flow
 from falign.functional import backprop_mode
+from tests.conftest import with_target
 
 DT = torch.float64
 
@@ -64,7 +65,7 @@ def test_gradient_alignment_equals_explicit_computation(rule, digits):
     x, y = digits[0].flatten(1), digits[1]
     plain = mlp()
     model = falign.convert(plain, rule, seed=4)
-    loss = nn.functional.cross_entropy(model(x), y)
+    loss = nn.functional.cross_entropy(with_target(model, x, y), y)
     loss.backward(retain_graph=True)
     params = {n: p for n, p in model.named_parameters() if "feedback" not in n}
     true = backprop_gradients(loss, params)
@@ -197,14 +198,14 @@ def test_decomposition_predicts_one_step_loss_change(rule, digits):
     x, y = digits[0].flatten(1), digits[1]
     model = falign.convert(mlp(), rule, seed=3)
     rec = DiagnosticsRecorder(model)
-    _, _, record = rec.step(lambda: (nn.functional.cross_entropy(out := model(x), y), out), x)
+    _, _, record = rec.step(lambda: (nn.functional.cross_entropy(out := with_target(model, x, y), y), out), x)
     lr = 1e-4
     before = record["loss"]
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "feedback" not in n:
                 p.sub_(lr * p.grad)
-        after = float(nn.functional.cross_entropy(model(x), y))
+        after = float(nn.functional.cross_entropy(with_target(model, x, y), y))
     predicted = -lr * record["decomposition"]["sum"]
     assert abs((after - before) - predicted) / abs(after - before) < 0.01
     d = record["decomposition"]

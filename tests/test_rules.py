@@ -12,6 +12,7 @@ import falign
 from falign.models import MLP
 from falign.rules import RULES, Feedback, FeedbackInit, Law, Signal, get_rule, mirror_step
 from falign.train import TrainConfig, train
+from tests.rule_reference import REFERENCE
 
 
 def angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -104,5 +105,5 @@ def test_feedback_init_scales():
 
 @pytest.mark.parametrize("rule", falign.available_rules())
 def test_every_rule_reaches_90_percent_on_digits(rule, tmp_path):
-    summary = train(TrainConfig(rule=rule, epochs=20), tmp_path / rule, progress=False)
+    summary = train(TrainConfig(rule=rule, epochs=20, **REFERENCE[rule].train), tmp_path / rule, progress=False)
     assert summary["final"]["test_acc"] >= 0.90, summary["final"]

@@ -92,8 +92,8 @@ def test_wm_trains_under_pytorch_lightning():
 
 @pytest.mark.parametrize("rule", falign.available_rules())
 def test_torch_func_grad_and_per_example_gradients(rule):
-    """``torch.func.grad`` gives the rule's gradients, and ``vmap`` of it per-example gradients that sum
-    to the batch gradient (the rule's, not backprop's)."""
+    """``torch.func.grad`` gives the rule's gradients, and ``vmap`` of it per-example gradients whose mean is
+    the batch gradient of the mean loss (the rule's, not backprop's)."""
     torch.manual_seed(0)
     model = falign.convert(MLP([6, 8, 8, 3]).to(DT), rule, seed=1, example_input=torch.randn(2, 6, dtype=DT))
     x, y = torch.randn(5, 6, dtype=DT), torch.randint(0, 3, (5,))
@@ -104,19 +104,19 @@ def test_torch_func_grad_and_per_example_gradients(rule):
         if falign.uses_target(model):
             falign.set_target(model, yb)
         out = torch.func.functional_call(model, {**p, **buffers}, (xb,))
-        return nn.functional.cross_entropy(out, yb, reduction="sum")
+        return nn.functional.cross_entropy(out, yb)
 
     grads = torch.func.grad(loss)(params, x, y)
     model.zero_grad()
     if falign.uses_target(model):
         falign.set_target(model, y)
-    nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    nn.functional.cross_entropy(model(x), y).backward()
     for k, g in grads.items():
         torch.testing.assert_close(g, dict(model.named_parameters())[k].grad, msg=k)
     per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x.unsqueeze(1), y.unsqueeze(1))
     for k, g in per_example.items():
         assert g.shape == (5, *params[k].shape)
-        torch.testing.assert_close(g.sum(0), grads[k], msg=k)
+        torch.testing.assert_close(g.mean(0), grads[k], msg=k)
 
 
 def test_unconvert_gives_the_plain_model_and_plain_state_dicts_load_into_converted_ones():

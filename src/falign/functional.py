@@ -354,9 +354,10 @@ def _project_grad(q: Tensor, x: Tensor, feedback: Tensor, mode: str) -> Tensor:
         return q.reshape(-1, q.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
     q2 = _per_sample(q, x.shape, feedback.shape[0])
     n = q2.shape[0]
-    xs = x.reshape(n, -1)
-    if xs.shape[1] != feedback.shape[1]:  # a Linear layer over positions: the signal was broadcast
-        xs = x.reshape(n, -1, x.shape[-1]).sum(1)
+    if x.shape[1:].numel() == feedback.shape[1]:
+        xs = x.reshape(n, feedback.shape[1])
+    else:  # a Linear layer over positions: the signal was broadcast, its adjoint sums the positions
+        xs = x.reshape(n, x.shape[1:-1].numel(), x.shape[-1]).sum(1)
     return q2.t().mm(xs)
 
 

@@ -164,9 +164,10 @@ class FeedbackLayer(nn.Module):
         if not has_feedback or not torch.is_grad_enabled():
             return self.plain_forward(x)
         signal = x.requires_grad
-        # feedback trained by the optimiser gets its gradient whenever its weight is trained
+        # feedback trained by the optimiser gets its gradient whenever its weight is trained (also where the
+        # input needs no signal, as W's own gradient is computed there too)
         learns = parameter and self.weight.requires_grad
-        if not signal and (direct or not learns):
+        if not signal and not learns:
             return self.plain_forward(x)
         self._feedback_used = self._feedback_used or signal
         if from_weight:
