@@ -124,6 +124,8 @@ class FeedbackLayer(nn.Module):
         current = self.feedback_weight
         if current is not None and current.shape == value.shape and current.device == value.device:
             current.copy_(value)
+        elif isinstance(current, nn.Parameter):
+            current.data = value  # the same Parameter object: an optimiser built before this still holds it
         else:
             self._assign_feedback(value)
 

@@ -241,16 +241,18 @@ class Trainer:
         """Build data, model (+ DDP wrapper), optimiser, scheduler, diagnostics; step 0 state."""
         cfg = self.config
         self.dataset, self.model = build_run(cfg, self.device)
+        self.uses_target = falign.uses_target(self.model)
+        unpaired: dict[str, str] = {}
+        if self.uses_target:
+            falign.set_target(self.model, self.dataset.y_train[:2])
+        # one forward pass first: it makes every feedback matrix a direct rule sizes from the output, so the
+        # optimiser and the DDP wrapper see the final parameters
+        pairs = find_pairs(self.model, self.dataset.x_train[:2], not_applicable=unpaired)
         self.forward = self.dist.wrap(self.model)
         self.optimizer = make_optimizer(cfg, self.model)
         self.scheduler = make_scheduler(cfg, self.optimizer)
         falign.attach(self.model, self.optimizer)  # the rules' per-step work after every step
-        self.uses_target = falign.uses_target(self.model)
         self.recorder = DiagnosticsRecorder(self.model, reduce=self.dist.average) if cfg.diagnostics_every else None
-        unpaired: dict[str, str] = {}
-        if self.uses_target:
-            falign.set_target(self.model, self.dataset.y_train[:2])
-        pairs = find_pairs(self.model, self.dataset.x_train[:2], not_applicable=unpaired)
         self.assumptions = conservation_assumptions(
             pairs, cfg.rule_object(), optimizer=cfg.optimizer,
             momentum=cfg.momentum if cfg.optimizer == "sgd" else 0.0, weight_decay=cfg.weight_decay,
