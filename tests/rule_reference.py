@@ -81,4 +81,10 @@ REFERENCE: dict[str, Reference] = {
     "wm": Reference(matrix=_m, exact=lambda L, out: _copy(L, _w(L))),
     # direct feedback alignment (Nøkland 2016): e·D_l; exact for the output layer's input when D = W
     "dfa": Reference(projected=lambda e, t: e, exact=lambda L, out: out and _copy(L, _w(L))),
+    # direct Kolen-Pollack (Webster, Choi & Ahn 2021): e·D_l, D_l receives eᵀx_l
+    "dkp": Reference(projected=lambda e, t: e, exact=lambda L, out: out and _copy(L, _w(L)),
+                     feedback_grad=lambda L, g, x, e: e.T @ x),
+    # direct random target projection (Frenkel, Lefebvre & Bol 2021): t·P_l, t the one-hot target (÷ N);
+    # no setting of P makes it backprop (the signal does not depend on W or on the error)
+    "drtp": Reference(projected=lambda e, t: t / t.shape[0], exact=None, train={"activation": "tanh"}),
 }

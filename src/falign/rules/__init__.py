@@ -11,6 +11,8 @@ frsf     ``g (|R| ⊙ sign W)``, ``R`` fixed                           Liao, Lei
 brsf     ``g (|R_t| ⊙ sign W)``, ``R_t`` redrawn every step          Liao, Leibo & Poggio 2016
 kp       ``g B``, ``B`` gets W's gradient and weight decay           Akrout et al. 2019
 wm       ``g B``, ``B`` learned by mirror steps on noise             Akrout et al. 2019
+drtp     ``t P_l`` from the one-hot target (no error travels)        Frenkel, Lefebvre & Bol 2021
+dkp      ``e D_l``, ``D_l`` learned Kolen–Pollack-style (``eᵀx``)     Webster, Choi & Ahn 2021
 =======  ==========================================================  ===========================
 
 A new rule is one module here and one line in :data:`RULES`; everything else reads its class data
@@ -32,6 +34,8 @@ from falign.rules.base import (
 from falign.rules.bp import Backprop
 from falign.rules.brsf import BatchwiseRandomSignFeedback
 from falign.rules.dfa import DirectFeedbackAlignment
+from falign.rules.dkp import DirectKolenPollack
+from falign.rules.drtp import DirectRandomTargetProjection
 from falign.rules.fa import FeedbackAlignment
 from falign.rules.frsf import FixedRandomSignFeedback
 from falign.rules.kp import KolenPollack
@@ -49,6 +53,8 @@ RULES: dict[str, type[FeedbackRule]] = {
         BatchwiseRandomSignFeedback,
         KolenPollack,
         WeightMirror,
+        DirectRandomTargetProjection,
+        DirectKolenPollack,
     )
 }
 
@@ -75,6 +81,8 @@ __all__ = [
     "Backprop",
     "BatchwiseRandomSignFeedback",
     "DirectFeedbackAlignment",
+    "DirectKolenPollack",
+    "DirectRandomTargetProjection",
     "Feedback",
     "FeedbackAlignment",
     "FeedbackInit",
