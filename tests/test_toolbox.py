@@ -90,6 +90,26 @@ def test_wm_trains_under_pytorch_lightning():
     assert before > 60 and mean_angle(module.net) < 15
 
 
+@pytest.mark.parametrize("rule", [r for r in falign.available_rules() if falign.get_rule(r).feedback_is_parameter])
+def test_an_optimiser_built_right_after_convert_trains_the_feedback(rule):
+    """Feedback parameters made at the first forward pass (direct rules) keep the object the optimiser holds."""
+    model = falign.convert(MLP([6, 8, 3]), rule, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    falign.attach(model, opt)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    before = None
+    for _ in range(2):
+        opt.zero_grad()
+        if falign.uses_target(model):
+            falign.set_target(model, y)
+        nn.functional.cross_entropy(model(x), y).backward()
+        before = model.fc2.feedback_weight.detach().clone() if before is None else before
+        opt.step()
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert id(model.fc2.feedback_weight) in held
+    assert not torch.equal(model.fc2.feedback_weight.detach(), before)
+
+
 @pytest.mark.parametrize("rule", falign.available_rules())
 def test_torch_func_grad_and_per_example_gradients(rule):
     """``torch.func.grad`` gives the rule's gradients, and ``vmap`` of it per-example gradients whose mean is

@@ -56,8 +56,12 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compile_: bool
     falign.attach(model, opt)
     forward = torch.compile(model) if compile_ else model
 
+    target = falign.uses_target(model)
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
+        if target:
+            falign.set_target(model, y)
         loss = nn.functional.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
