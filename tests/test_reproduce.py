@@ -1,4 +1,5 @@
-"""`falign reproduce`: every experiment end to end at a tiny size, verdict logic, report vs CSVs."""
+"""`falign reproduce`: every experiment end to end at a tiny size, the report against its CSVs, and every verdict
+function on constructed inputs that must pass and inputs that must fail."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import csv
 import math
 import re
 
+import numpy as np
 import pytest
+import torch
 
+import falign
 from falign.experiments import (
     EXPERIMENTS,
     benign_overfitting,
@@ -18,8 +22,10 @@ from falign.experiments import (
     multiclass,
     reproduce,
 )
-from falign.experiments.base import linear_fit, loglog_slope, spearman
+from falign.experiments.runs import feedback_at_angle
+from falign.experiments.stats import loglog_slope, mean_ci, slope_ci, spearman, within_strata_slope
 from falign.report.report import format_value
+from falign.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Verdict, combine
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +41,21 @@ def test_every_experiment_runs_and_reports(tiny_report):
     md = paths["markdown"].read_text()
     html = paths["html"].read_text()
     for r in results:
-        assert r.verdicts and all(v.text for v in r.verdicts)
+        assert r.verdicts and all(v.text and v.status in (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE) for v in r.verdicts)
         assert f"## {r.title} (`{r.name}`)" in md and r.name in html
         assert r.hypothesis in md
+        assert r.data and r.paper_data and f"the paper used {r.paper_data}" in md
+        assert f"**Verdict: {r.verdict.status}**" in md
         for fig in r.figures:
             assert fig.is_file() and fig.stat().st_size > 5_000
             assert f"]({fig.relative_to(out).as_posix()})" in md
         for t in r.tables:
             assert (out / "tables" / f"{t.name}.csv").is_file()
         for v in r.verdicts:
-            assert f"**{v.label}**: {v.text}" in md
-    assert (out / "multiclass" / "runs").is_dir()  # ordinary run directories, rerunnable
+            assert f"**{v.status}**" in md and v.text in md
+    with open(out / "tables" / "headline.csv") as f:
+        head = {row["experiment"]: row["verdict"] for row in csv.DictReader(f)}
+    assert head == {r.name: r.verdict.status for r in results}  # the headline combines every sub-verdict
 
 
 def _markdown_tables(md: str) -> dict[str, list[list[str]]]:
@@ -69,7 +79,8 @@ def test_report_numbers_equal_the_csvs(tiny_report):
         assert len(rows) - 1 == min(len(csv_rows) - 1, 40), name  # long tables show their first 40 rows
         for md_row, csv_row in zip(rows[1:], csv_rows[1:]):
             for md_cell, csv_cell in zip(md_row, csv_row):
-                assert md_cell == _rendered(csv_cell), (name, md_cell, csv_cell)
+                # a float is shown at 4 significant digits; text (an interval, a number already formatted) as is
+                assert md_cell in (_rendered(csv_cell), csv_cell), (name, md_cell, csv_cell)
 
 
 def _rendered(csv_cell: str) -> str:
@@ -85,60 +96,172 @@ def _rendered(csv_cell: str) -> str:
         return csv_cell
 
 
-def test_statistics_helpers():
-    assert loglog_slope([1, 2, 4], [3, 6, 12]) == pytest.approx(1.0)
-    assert loglog_slope([1, 2, 4], [5, 5, 5]) == pytest.approx(0.0, abs=1e-12)
-    assert math.isnan(loglog_slope([1, 2], [0, 1]))
-    slope, intercept, r2 = linear_fit([0, 1, 2], [1, 3, 5])
-    assert (slope, intercept, r2) == pytest.approx((2.0, 1.0, 1.0))
+# ---- the verdicts' algebra and statistics ----------------------------------------------------------------
+def test_combine_three_values_and_controls():
+    ok, bad, open_ = Verdict(SUPPORTED, "a"), Verdict(NOT_SUPPORTED, "b"), Verdict(INCONCLUSIVE, "c")
+    failed_control, passed_control = Verdict(NOT_SUPPORTED, "k", control=True), Verdict(SUPPORTED, "k", control=True)
+    assert combine([ok, ok, failed_control]).status == SUPPORTED
+    assert combine([ok, bad, failed_control]).status == NOT_SUPPORTED
+    assert combine([ok, open_]).status == INCONCLUSIVE
+    assert combine([ok, passed_control]).status == INCONCLUSIVE  # a control that passes: the test cannot tell
+    assert combine([failed_control]).status == INCONCLUSIVE  # no claim tested
+    with pytest.raises(ValueError):
+        Verdict("maybe", "x")
+
+
+def test_statistics():
+    assert loglog_slope([1, 2, 4], [3, 6, 12]).value == pytest.approx(1.0)
+    assert math.isnan(loglog_slope([1, 2], [0, 1]).value)
+    est = slope_ci([0, 1, 2, 3, 4], [1, 3.1, 4.9, 7.2, 9])
+    assert est.lo < 2 < est.hi and est.excludes_zero
+    assert not slope_ci([0, 1, 2, 3, 4], [1, -1, 1, -1, 1]).excludes_zero
+    m = mean_ci([0.9, 1.0, 1.1])
+    assert m.value == pytest.approx(1.0) and m.lo < 1 < m.hi
+    assert mean_ci([0.9, 1.0, 1.0], bounds=(0, 1)).hi == 1.0
     rho, p = spearman([1, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1])
     assert rho == pytest.approx(-1.0) and p < 0.01
-    rho, p = spearman([1, 2, 3, 4, 5, 6], [2, 1, 4, 3, 6, 5])
-    assert 0 < rho < 1 and p > 0.05
 
 
-def test_conservation_verdict_logic():
-    good, bad = conservation.verdicts([1.0, 0.97], [0.02, -0.1]), conservation.verdicts([0.0, 1.0], [1.0])
-    assert [v.supported for v in good] == [True, True]
-    assert [v.supported for v in bad] == [False, False]
-    assert "0.97–1.00" in good[0].text
-    assert conservation.verdicts([1.0], [], (1.0, 200.0))[-1].supported
-    assert not conservation.verdicts([1.0], [], (1.0, 2.0))[-1].supported
+def test_within_strata_slope_ignores_per_stratum_offsets():
+    """The confound the stratified statistic removes: a per-n offset on accuracy and angle changes nothing."""
+    rng = np.random.default_rng(0)
+    strata = np.repeat([5, 20, 100], 12)
+    angle = rng.normal(60, 5, len(strata))
+    gap = 0.002 * angle + rng.normal(0, 0.004, len(strata))
+    base = within_strata_slope(angle, gap, strata)
+    offset = {5: (0.0, 0.0), 20: (15.0, 0.2), 100: (-30.0, 0.5)}
+    shifted = within_strata_slope(angle + np.array([offset[s][0] for s in strata]),
+                                  gap + np.array([offset[s][1] for s in strata]), strata)
+    assert shifted.value == pytest.approx(base.value) and shifted.lo == pytest.approx(base.lo)
+    assert base.lo > 0
+    # the pooled relation of offsets alone (angle and gap both move with n, nothing within n) gives no slope
+    pooled_only = within_strata_slope(np.array([offset[s][0] for s in strata]) + rng.normal(0, 5, len(strata)),
+                                      np.array([offset[s][1] for s in strata]) + rng.normal(0, 0.004, len(strata)),
+                                      strata)
+    assert not pooled_only.excludes_zero
 
 
-def test_implicit_alignment_verdict_logic():
-    ok = implicit_alignment.verdicts([0.99, 1.01], {1.0: 80.0, 0.03: 40.0}, 1.0)
-    assert [v.supported for v in ok] == [True, True]
-    bad = implicit_alignment.verdicts([0.5], {1.0: 40.0, 0.03: 80.0}, 0.5)
-    assert [v.supported for v in bad] == [False, False]
+# ---- multiclass -------------------------------------------------------------------------------------------
+def test_multiclass_verdicts_pass_and_fail():
+    ns = [5, 5, 5, 20, 20, 20, 100, 100, 100]
+    growing = [0.01, 0.02, 0.015, 0.06, 0.07, 0.05, 0.15, 0.17, 0.16]
+    flat = [0.05, 0.06, 0.04, 0.05, 0.04, 0.06, 0.05, 0.06, 0.04]
+    assert multiclass.gap_growth_verdict("s", ns, growing, 0.5, 0.01).status == SUPPORTED
+    assert multiclass.gap_growth_verdict("s", ns, flat, 0.5, 0.01).status == NOT_SUPPORTED
+    assert multiclass.gap_growth_verdict("s", ns, growing, 1.0, 0.01).status == INCONCLUSIVE  # BP at ceiling
+    assert multiclass.gap_growth_verdict("s", ns, growing, 0.015, 0.01).status == INCONCLUSIVE  # BP at chance
+
+    angle = [40, 50, 60, 40, 50, 60, 40, 50, 60]
+    linked = [a / 1000 + o for a, o in zip(angle, [0] * 3 + [0.1] * 3 + [0.3] * 3)]
+    assert multiclass.within_n_verdict("s", angle, linked, ns).status == SUPPORTED
+    # pooled confound only: angle and gap both rise with n, within n the order is reversed
+    conf_angle = [40, 41, 42, 60, 61, 62, 80, 81, 82]
+    conf_gap = [0.03, 0.02, 0.01, 0.13, 0.12, 0.11, 0.33, 0.32, 0.31]
+    assert spearman(conf_angle, conf_gap)[0] > 0.7  # the old pooled statistic would have said "supported"
+    assert multiclass.within_n_verdict("s", conf_angle, conf_gap, ns).status == NOT_SUPPORTED
+
+    falls = {5: {0: [0.9, 0.91, 0.9], 90: [0.88, 0.89, 0.88]}, 100: {0: [0.6, 0.62, 0.61], 90: [0.4, 0.41, 0.42]}}
+    assert [v.status for v in multiclass.intervention_verdicts(falls, 5, 100)] == [SUPPORTED, SUPPORTED]
+    none = {5: {0: [0.9, 0.91, 0.9], 90: [0.9, 0.9, 0.91]}, 100: {0: [0.6, 0.62, 0.61], 90: [0.61, 0.6, 0.62]}}
+    assert [v.status for v in multiclass.intervention_verdicts(none, 5, 100)] == [NOT_SUPPORTED, NOT_SUPPORTED]
+    assert multiclass.init_scale_verdict({1.0: [0.5, 0.51, 0.5], 0.1: [0.6, 0.61, 0.6]}, 100).status == SUPPORTED
+    assert multiclass.init_scale_verdict({1.0: [0.6, 0.61, 0.6], 0.1: [0.5, 0.51, 0.5]}, 100).status == NOT_SUPPORTED
 
 
-def test_dominance_verdict_logic():
-    ok = dominance.verdicts({"fa": 1.0}, {"fa": (-1e-3, 0.99)})
-    assert [v.supported for v in ok] == [True, True]
-    bad = dominance.verdicts({"fa": 0.5}, {"fa": (1e-3, 0.2)})
-    assert [v.supported for v in bad] == [False, False]
+@pytest.mark.parametrize("theta", [0.0, 30.0, 75.0, 90.0, 180.0])
+def test_feedback_at_angle_is_exact(theta):
+    torch.manual_seed(0)
+    model = falign.convert(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)),
+                           "fa", seed=0, example_input=torch.randn(2, 6))
+    layer = model[2]
+    norm = float(layer.feedback_weight.norm())
+    b = feedback_at_angle(layer, theta, torch.Generator().manual_seed(1))
+    w = layer.weight.detach().double().flatten()
+    cos = float(b.double().flatten() @ w / (b.double().norm() * w.norm()))
+    assert math.degrees(math.acos(max(-1.0, min(1.0, cos)))) == pytest.approx(theta, abs=1e-3)
+    assert float(b.norm()) == pytest.approx(norm, rel=1e-5)
+    assert b is layer.feedback_weight
 
 
-def test_multiclass_verdict_logic():
-    assert multiclass.verdicts({"synthetic": (-0.6, 0.001)})[0].supported
-    assert not multiclass.verdicts({"synthetic": (0.6, 0.001)})[0].supported
-    assert not multiclass.verdicts({"synthetic": (-0.2, 0.4)})[0].supported
-    assert not multiclass.verdicts({"synthetic": (math.nan, math.nan)})[0].supported
+# ---- benign overfitting ---------------------------------------------------------------------------------
+def test_benign_classifier_on_constructed_cells():
+    bayes = benign_overfitting.bayes_error(2.0)
+    assert bayes == pytest.approx(0.02275, abs=1e-4)
+    assert benign_overfitting.classify(bayes + 0.005, bayes) == "benign"
+    assert benign_overfitting.classify(bayes + 0.05, bayes) == "tempered"
+    assert benign_overfitting.classify(0.4, bayes) == "catastrophic"
+    both = {(10, 6.0): {"bp": "benign", "fa": "benign"}, (1000, 1.0): {"bp": "catastrophic", "fa": "catastrophic"}}
+    assert benign_overfitting.grid_verdict(both).status == SUPPORTED
+    miss = {**both, (1000, 6.0): {"bp": "benign", "fa": "tempered"}}
+    assert benign_overfitting.grid_verdict(miss).status == NOT_SUPPORTED
+    only_benign = {(10, 6.0): {"bp": "benign", "fa": "benign"}}
+    assert benign_overfitting.grid_verdict(only_benign).status == INCONCLUSIVE  # could not have failed
 
 
-def test_benign_overfitting_verdict_logic():
-    ok = {"noisy train acc": 0.99, "memorised flipped": 0.95, "final test acc": 0.80, "peak test acc": 0.82}
-    drop = dict(ok, **{"final test acc": 0.70})
-    underfit = dict(ok, **{"noisy train acc": 0.80})
-    v = benign_overfitting.verdicts({"bp": ok, "fa": drop, "usf": underfit})
-    assert [x.supported for x in v] == [True, False, False]
+def test_benign_delta_verdict():
+    v = benign_overfitting.delta_verdict
+    assert v([0.05, 0.06, 0.055], [0.05, 0.055, 0.06], True, True, "d").status == SUPPORTED
+    assert v([0.15, 0.16, 0.155], [0.05, 0.055, 0.06], True, True, "d").status == NOT_SUPPORTED
+    assert v([0.05, 0.06, 0.055], [0.05, 0.055, 0.06], False, True, "d").status == INCONCLUSIVE  # no interpolation
+    assert v([0.0, 0.1, 0.05], [0.05, 0.055, 0.06], True, True, "d").status == INCONCLUSIVE  # straddles
 
 
-def test_min_norm_verdict_logic():
-    assert min_norm.verdicts({"fa": 1.0, "bp": 0.99}, {"a": 1e-12})[0].supported
-    assert not min_norm.verdicts({"fa": 0.0, "bp": 1.0}, {"a": 1e-12})[0].supported
-    assert not min_norm.verdicts({"fa": 1.0, "bp": 1.0}, {"a": 1e-3})[0].supported
+# ---- dominance ------------------------------------------------------------------------------------------
+def test_exponential_is_told_from_a_power_law():
+    t = np.arange(500, 2000)
+    exp = dominance.fit_decay(t, 2.0 * np.exp(-0.004 * t))
+    power = dominance.fit_decay(t, 50.0 / t)  # 1/t: a straight log-loss line would still have R² ≈ 0.99 here
+    assert exp["delta_aic"] > 100 and exp["rate"] == pytest.approx(0.004)
+    assert power["delta_aic"] < -100
+    assert dominance.exponential_verdict([exp["delta_aic"]] * 3, [exp["rate"]] * 3, "x").status == SUPPORTED
+    assert dominance.exponential_verdict([power["delta_aic"]] * 3, [power["rate"]] * 3, "x").status == NOT_SUPPORTED
+    assert dominance.exponential_verdict([1.0] * 3, [0.01] * 3, "x").status == INCONCLUSIVE
+
+
+def test_dominance_and_bound_verdicts():
+    assert dominance.dominance_verdict([1.0, 0.95, 0.99], "fa").status == SUPPORTED
+    assert dominance.dominance_verdict([1.0, 0.5, 0.99], "fa").status == NOT_SUPPORTED
+    assert dominance.bound_verdict([1.2, 1.05, 3.0], "fa").status == SUPPORTED
+    assert dominance.bound_verdict([1.2, 0.5, 3.0], "fa").status == NOT_SUPPORTED
+    assert dominance.bound_verdict([math.nan], "fa").status == INCONCLUSIVE
+
+
+def test_dominance_control_flips(tiny_report):
+    _, results, _ = tiny_report
+    result = next(r for r in results if r.name == "dominance")
+    control = [v for v in result.verdicts if v.control]
+    assert control and all(v.status == NOT_SUPPORTED for v in control)  # anti-aligned feedback: no dominance
+    assert any(v.status == SUPPORTED for v in result.verdicts if not v.control)
+
+
+# ---- conservation, implicit alignment, min-norm ----------------------------------------------------------
+def test_conservation_verdicts():
+    assert conservation.law_verdict([1.0, 0.95, 1.1]).status == SUPPORTED
+    assert conservation.law_verdict([1.0, 0.3]).status == NOT_SUPPORTED
+    assert conservation.law_verdict([1.0, math.nan]).status == INCONCLUSIVE
+    assert conservation.control_verdict("tanh", [0.05, -0.1]).status == NOT_SUPPORTED  # as built
+    assert conservation.control_verdict("tanh", [1.0, 0.95]).status == SUPPORTED  # a control that passes
+    assert conservation.practical_verdict([0.04, 0.05, 0.045]).status == SUPPORTED
+    assert conservation.practical_verdict([0.9, 1.1, 1.0]).status == NOT_SUPPORTED
+
+
+def test_implicit_alignment_verdicts():
+    assert implicit_alignment.line_verdict([0.98, 1.01]).status == SUPPORTED
+    assert implicit_alignment.line_verdict([0.98, 0.7]).status == NOT_SUPPORTED
+    scales = [1.0, 0.3, 0.1, 0.03] * 3
+    falling = [70, 62, 58, 55, 71, 61, 59, 54, 69, 63, 57, 56]
+    trained = [0.9] * 12
+    assert implicit_alignment.trend_verdict(scales, falling, trained, 0.1).status == SUPPORTED
+    assert implicit_alignment.trend_verdict(scales, falling[::-1], trained, 0.1).status == NOT_SUPPORTED
+    assert implicit_alignment.trend_verdict(scales, falling, [0.9] * 11 + [0.12], 0.1).status == INCONCLUSIVE
+
+
+def test_min_norm_verdicts():
+    assert min_norm.slope_verdict("fa", [1.0, 0.98], [1e-12, 1e-14]).status == SUPPORTED
+    assert min_norm.slope_verdict("fa", [0.1, 0.98], [1e-12, 1e-14]).status == NOT_SUPPORTED
+    assert min_norm.slope_verdict("fa", [1.0, 0.98], [1e-3, 1e-14]).status == INCONCLUSIVE  # did not interpolate
+    assert min_norm.tolerance_verdict("fa", 1e-3, [4e-4, 5e-4]).status == SUPPORTED
+    assert min_norm.tolerance_verdict("fa", 1e-3, [4e-4, 0.2]).status == NOT_SUPPORTED
 
 
 def test_cli_reproduce_only_and_errors(tmp_path, capsys):

@@ -19,7 +19,7 @@ from falign.data.base import (
 from falign.data.cifar import load_cifar
 from falign.data.digits import load_digits
 from falign.data.idx import FASHION_MNIST_DIR, load_idx_dataset, read_idx
-from falign.data.synthetic import synthetic_classification
+from falign.data.synthetic import many_class_subset, synthetic_classification
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic")
 
@@ -75,6 +75,7 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_idx_dataset",
+    "many_class_subset",
     "read_idx",
     "subsample_train",
     "subset_classes",

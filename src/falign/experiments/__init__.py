@@ -1,12 +1,13 @@
 """The paper's experiments (Robertson & Koyejo, ICML 2024), one module each, and ``reproduce``.
 
 Each module has ``NAME``, ``TITLE``, ``HYPOTHESIS``, ``units(ctx)`` (progress units), ``run(ctx)`` returning an
-:class:`~falign.experiments.base.ExperimentResult`, and a ``verdicts(...)`` function that turns its numbers
-into verdicts (tested on constructed inputs).
+:class:`~falign.results.ExperimentResult`, and verdict functions that turn its numbers into verdicts
+(supported / not supported / inconclusive, with the reason), tested on constructed inputs.
 """
 
 from __future__ import annotations
 
+import importlib
 import platform
 import time
 from collections.abc import Sequence
@@ -17,26 +18,19 @@ from typing import Any
 import torch
 
 from falign.errors import FalignError
-from falign.experiments import (
-    benign_overfitting,
-    conservation,
-    dominance,
-    implicit_alignment,
-    min_norm,
-    multiclass,
-)
 from falign.experiments.base import Context
 from falign.results import ExperimentResult
 
-EXPERIMENTS: dict[str, ModuleType] = {
-    m.NAME: m for m in (conservation, implicit_alignment, dominance, multiclass, benign_overfitting, min_norm)
-}
+ORDER = ("conservation", "implicit_alignment", "dominance", "multiclass", "benign_overfitting", "min_norm")
+EXPERIMENTS: dict[str, ModuleType] = {name: importlib.import_module(f"falign.experiments.{name}") for name in ORDER}
 
 
 def reproduce(out: str | Path, *, only: Sequence[str] | None = None, size: str = "quick", seeds: int = 3,
-              device: str = "cpu", progress: bool = True) -> tuple[list[ExperimentResult], dict[str, Path]]:
+              device: str = "cpu", progress: bool = True,
+              data_dir: str | Path | None = None) -> tuple[list[ExperimentResult], dict[str, Path]]:
     """Run the experiments (all, or ``only``) into ``out`` and write the report; returns the results and
-    the report's paths."""
+    the report's paths. Every dataset (``data_dir``) is found and checked before any training starts."""
+    from falign.experiments.sources import catalog
     from falign.outdir import OutputDir
     from falign.report.report import write_report
     from falign.train.progress import progress_bar
@@ -50,16 +44,19 @@ def reproduce(out: str | Path, *, only: Sequence[str] | None = None, size: str =
         raise FalignError(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
     if seeds < 1:
         raise FalignError(f"--seeds must be at least 1, got {seeds}")
-    out = OutputDir(out, "report", "--out").claim()
+    target = OutputDir(out, "report", "--out")
+    target.check()
+    data = catalog(data_dir)  # a malformed dataset fails here, before any training and before writing
+    out = target.claim()
     start = time.perf_counter()
-    probe = Context(out, size, seeds, device)
+    probe = Context(out, size, seeds, device, catalog=data)
     total = sum(EXPERIMENTS[n].units(probe) for n in names)
     bar = progress_bar(total, "reproduce", progress)
     results = []
     try:
         for name in names:
             torch.manual_seed(0)
-            ctx = Context(out, size, seeds, device, tick=bar.update)
+            ctx = Context(out, size, seeds, device, tick=bar.update, catalog=data)
             if hasattr(bar, "set_description"):
                 bar.set_description(f"reproduce: {name}")
             results.append(EXPERIMENTS[name].run(ctx))
@@ -68,15 +65,17 @@ def reproduce(out: str | Path, *, only: Sequence[str] | None = None, size: str =
     default_seeds = 5 if size == "full" else 3
     flags = {"quick": "", "full": " --full", "tiny": " --size tiny"}[size]
     flags += f" --seeds {seeds}" if seeds != default_seeds else ""
+    flags += f" --data-dir {data_dir}" if data_dir is not None else ""
     meta: dict[str, Any] = {
         "command": f"falign reproduce{flags}" + (f" --only {','.join(names)}" if only else ""),
         "rerun": f"falign reproduce{flags}",
         "size": size, "seeds": seeds, "device": device,
+        "datasets found": data.describe(),
         "wall time (s)": round(time.perf_counter() - start, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         **{f"version {k}": v for k, v in versions().items()},
     }
-    return results, write_report(results, out, meta)
+    return results, write_report(results, out, meta, notes=data.notes)
 
 
 __all__ = ["EXPERIMENTS", "Context", "ExperimentResult", "reproduce"]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from falign.results import ExperimentResult, Table
+from falign.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, ExperimentResult, Table
 
 MAX_ROWS = 40
 
@@ -61,25 +61,53 @@ def markdown_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> st
     return "\n".join(lines)
 
 
-def _headline_rows(results: Sequence[ExperimentResult]) -> list[dict[str, Any]]:
-    return [{"experiment": r.name, "measure": r.headline.get("metric", ""), "value": r.headline.get("value", ""),
-             "verdict": r.headline.get("verdict", ""), "seconds": round(r.seconds, 1)} for r in results]
+def headline_rows(results: Sequence[ExperimentResult]) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        claims = [v for v in r.verdicts if not v.control]
+        controls = [v for v in r.verdicts if v.control]
+        tally = f"{sum(v.status == SUPPORTED for v in claims)}/{len(claims)} supported"
+        if controls:
+            tally += f"; controls failed as built: {sum(v.as_expected for v in controls)}/{len(controls)}"
+        rows.append({"experiment": r.name, "measure": r.headline.get("metric", ""),
+                     "value": r.headline.get("value", ""), "verdict": r.verdict.status, "sub-verdicts": tally,
+                     "data": r.data or "—", "seconds": round(r.seconds, 1)})
+    return rows
 
 
-HEADLINE_COLUMNS = ["experiment", "measure", "value", "verdict", "seconds"]
+HEADLINE_COLUMNS = ["experiment", "measure", "value", "verdict", "sub-verdicts", "data", "seconds"]
 
 
-def write_report(results: Sequence[ExperimentResult], out: Path, meta: dict[str, Any]) -> dict[str, Path]:
-    """Write the CSVs, ``report.md`` and ``report.html`` into ``out``; returns their paths."""
+def _verdict_lines(r: ExperimentResult) -> list[str]:
+    head = r.verdict
+    lines = [f"**Verdict: {head.status}** — {head.text}", ""]
+    for v in r.verdicts:
+        kind = "control" if v.control else "claim"
+        expect = " (as built to)" if v.control and v.as_expected else (" (NOT as built to)" if v.control else "")
+        lines.append(f"- {kind} — **{v.status}**{expect}: {v.text}")
+    return lines
+
+
+def _data_line(r: ExperimentResult) -> str:
+    if not r.data:
+        return ""
+    return f"**Data.** This run used {r.data}; the paper used {r.paper_data}." if r.paper_data else \
+        f"**Data.** {r.data}."
+
+
+def write_report(results: Sequence[ExperimentResult], out: Path, meta: dict[str, Any],
+                 notes: Sequence[str] = ()) -> dict[str, Path]:
+    """Write the CSVs, ``report.md`` and ``report.html`` into ``out``; returns their paths. ``notes``: lines
+    about the data (a dataset that was not found and what ran instead)."""
     out = Path(out)
     for r in results:
         for t in r.tables:
             write_csv(t, out / "tables" / f"{t.name}.csv")
-    headline = Table("headline", HEADLINE_COLUMNS, _headline_rows(results))
+    headline = Table("headline", HEADLINE_COLUMNS, headline_rows(results))
     write_csv(headline, out / "tables" / "headline.csv")
-    md = _markdown(results, headline, out, meta)
+    md = _markdown(results, headline, out, meta, notes)
     (out / "report.md").write_text(md)
-    (out / "report.html").write_text(_html(results, headline, out, meta))
+    (out / "report.html").write_text(_html(results, headline, out, meta, notes))
     return {"markdown": out / "report.md", "html": out / "report.html", "tables": out / "tables"}
 
 
@@ -91,13 +119,22 @@ def _setup_lines(r: ExperimentResult) -> list[str]:
     return [f"- {k}: {v}" for k, v in r.setup.items()]
 
 
-def _markdown(results: Sequence[ExperimentResult], headline: Table, out: Path, meta: dict[str, Any]) -> str:
+def _markdown(results: Sequence[ExperimentResult], headline: Table, out: Path, meta: dict[str, Any],
+              notes: Sequence[str] = ()) -> str:
     parts = ["# falign reproduce: Robertson & Koyejo (ICML 2024), *Implicit Regularization in Feedback Alignment "
              "Learning Mechanisms for Neural Networks*", ""]
     parts += [f"- {k}: {v}" for k, v in meta.items()]
     parts += ["", "## Summary", "", markdown_table(headline.columns, headline.rows), ""]
+    parts += ["Each verdict is *supported*, *not supported* or *inconclusive* (a precondition was not met); an "
+              "experiment's verdict combines all its sub-verdicts, and a control is a case built to fail the same "
+              "test (a control that passes makes the experiment inconclusive).", ""]
+    if notes:
+        parts += ["## Data", "", *[f"- {n}" for n in notes], ""]
     for r in results:
-        parts += [f"## {r.title} (`{r.name}`)", "", f"**Hypothesis.** {r.hypothesis}", "", "**Setup.**", ""]
+        parts += [f"## {r.title} (`{r.name}`)", "", f"**Hypothesis.** {r.hypothesis}", ""]
+        if r.data:
+            parts += [_data_line(r), ""]
+        parts += ["**Setup.**", ""]
         parts += _setup_lines(r)
         parts += ["", f"Rerun: `{meta.get('rerun', 'falign reproduce')} --only {r.name}`", ""]
         for fig in r.figures:
@@ -108,8 +145,7 @@ def _markdown(results: Sequence[ExperimentResult], headline: Table, out: Path, m
                       markdown_table(t.columns, rows), ""]
             if note:
                 parts += [f"*{note}*", ""]
-        parts += ["**Verdict.**", ""]
-        parts += [f"- **{v.label}**: {v.text}" for v in r.verdicts]
+        parts += _verdict_lines(r)
         parts.append("")
     return "\n".join(parts)
 
@@ -121,20 +157,25 @@ def _html_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html(results: Sequence[ExperimentResult], headline: Table, out: Path, meta: dict[str, Any]) -> str:
+def _html(results: Sequence[ExperimentResult], headline: Table, out: Path, meta: dict[str, Any],
+          notes: Sequence[str] = ()) -> str:
     e = html.escape
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>falign reproduce</title><style>",
              "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
              "table{border-collapse:collapse;margin:1em 0;font-size:0.85em}td,th{border:1px solid #ccc;"
              "padding:2px 6px;text-align:right}th{background:#f3f3f3}img{max-width:100%}"
-             ".supported{color:#186a1b}.not{color:#a31515}code{background:#f5f5f5}",
+             ".supported{color:#186a1b}.not{color:#a31515}.inconclusive{color:#8a6d00}code{background:#f5f5f5}",
              "</style></head><body>",
              "<h1>falign reproduce: Robertson &amp; Koyejo (ICML 2024)</h1><ul>"]
     parts += [f"<li>{e(str(k))}: {e(str(v))}</li>" for k, v in meta.items()]
     parts += ["</ul><h2>Summary</h2>", _html_table(headline.columns, headline.rows)]
+    if notes:
+        parts += ["<h2>Data</h2><ul>", *[f"<li>{e(n)}</li>" for n in notes], "</ul>"]
     for r in results:
-        parts += [f"<h2>{e(r.title)} (<code>{e(r.name)}</code>)</h2>", f"<p><b>Hypothesis.</b> {e(r.hypothesis)}</p>",
-                  "<p><b>Setup.</b></p><ul>"]
+        parts += [f"<h2>{e(r.title)} (<code>{e(r.name)}</code>)</h2>", f"<p><b>Hypothesis.</b> {e(r.hypothesis)}</p>"]
+        if r.data:
+            parts.append(f"<p>{e(_data_line(r).replace('**', ''))}</p>")
+        parts.append("<p><b>Setup.</b></p><ul>")
         parts += [f"<li>{e(str(k))}: {e(str(v))}</li>" for k, v in r.setup.items()]
         parts += [f"</ul><p>Rerun: <code>{e(meta.get('rerun', 'falign reproduce'))} --only {e(r.name)}</code></p>"]
         parts += [f"<p><img src='{e(_rel(fig, out))}' alt='{e(fig.stem)}'></p>" for fig in r.figures]
@@ -144,9 +185,11 @@ def _html(results: Sequence[ExperimentResult], headline: Table, out: Path, meta:
                       f"</code>)</p>", _html_table(t.columns, rows)]
             if note:
                 parts.append(f"<p><i>{e(note)}</i></p>")
-        parts.append("<p><b>Verdict.</b></p><ul>")
-        parts += [f"<li class='{'supported' if v.supported else 'not'}'><b>{e(v.label)}</b>: {e(v.text)}</li>"
-                  for v in r.verdicts]
+        cls = {SUPPORTED: "supported", NOT_SUPPORTED: "not", INCONCLUSIVE: "inconclusive"}
+        head = r.verdict
+        parts.append(f"<p class='{cls[head.status]}'><b>Verdict: {e(head.status)}</b> — {e(head.text)}</p><ul>")
+        parts += [f"<li class='{cls[v.status]}'>{'control' if v.control else 'claim'} — <b>{e(v.status)}</b>: "
+                  f"{e(v.text)}</li>" for v in r.verdicts]
         parts.append("</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)

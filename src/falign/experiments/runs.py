@@ -1,0 +1,137 @@
+"""Small training runs shared by the experiments: an MLP trained for a fixed number of optimiser steps under
+one rule, measuring what the experiments compare (accuracy, gradient alignment, weight–feedback alignment),
+and the intervention that sets a layer's feedback at a chosen angle to its weights."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import falign
+from falign.data import Dataset
+from falign.diagnostics import angle, backprop_gradients, weight_alignment
+from falign.models import MLP
+from falign.nn import FeedbackLayer
+
+
+@torch.no_grad()
+def feedback_at_angle(layer: FeedbackLayer, degrees: float, generator: torch.Generator) -> Tensor:
+    """Set ``layer``'s feedback to ``B = ‖B₀‖ (cos θ Ŵ + sin θ R̂⊥)``: exactly the angle θ to the layer's current
+    weights ``W``, the norm of the feedback it was drawn with (``B₀``), ``R⊥`` a random direction orthogonal to
+    ``W`` (drawn from ``generator``). Needs feedback of W's shape that the rule uses as ``B`` itself."""
+    b0 = layer.feedback_weight
+    if b0 is None or b0.shape != layer.weight.shape:
+        raise ValueError(f"{type(layer).__name__} under {layer.rule.name} has no feedback of W's shape to set")
+    w = layer.weight.detach().double().flatten()
+    w_hat = w / w.norm()
+    r = torch.randn(w.shape, generator=generator, dtype=torch.float64)
+    r -= (r @ w_hat) * w_hat
+    r_hat = r / r.norm()
+    theta = math.radians(degrees)
+    b = float(b0.double().norm()) * (math.cos(theta) * w_hat + math.sin(theta) * r_hat)
+    b0.copy_(b.reshape(b0.shape).to(b0.dtype))
+    return b0
+
+
+@dataclass
+class MLPRun:
+    """One training run of an MLP ``[inputs, *hidden, classes]`` under ``rule``.
+
+    ``feedback_angle``: set every hidden-to-hidden and output layer's feedback at this angle (degrees) to its
+    initial weights (:func:`feedback_at_angle`). ``measure``: how many times, evenly over the second half of
+    training, the angle between each hidden layer's update and its true gradient is measured.
+    """
+
+    rule: str
+    data: Dataset
+    hidden: tuple[int, ...] = (128, 128)
+    steps: int = 600
+    batch: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    init_scale: float = 1.0
+    feedback_angle: float | None = None
+    measure: int = 10
+    activation: str = "relu"
+    rule_options: dict | None = None
+
+    def run(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        x, y = self.data.x_train.flatten(1), self.data.y_train
+        torch.manual_seed(self.seed)
+        base = MLP([x.shape[1], *self.hidden, self.data.num_classes], activation=self.activation,
+                   init_scale=self.init_scale)
+        model = falign.convert(base, self.rule, seed=self.seed, example_input=x[:2], **(self.rule_options or {}))
+        layers = [m for m in model.modules() if isinstance(m, FeedbackLayer)]
+        if self.feedback_angle is not None:
+            g = torch.Generator().manual_seed(self.seed + 7)
+            for layer in layers[1:]:
+                feedback_at_angle(layer, self.feedback_angle, g)
+        wb_start = _mean([v["angle"] for v in _weight_alignment_all(model).values()])
+        opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        falign.attach(model, opt)
+        target = falign.uses_target(model)
+        names = {id(m): n for n, m in model.named_modules()}
+        hidden = [names[id(m)] for m in layers[1:-1]] + [names[id(layers[0])]]  # every layer but the output's
+        params = {n: p for n, p in model.named_parameters() if not n.endswith("feedback_weight")}
+        when = set(torch.linspace(self.steps // 2, self.steps - 1, max(1, self.measure)).round().long().tolist())
+        angles: dict[str, list[float]] = {n: [] for n in hidden}
+        g = torch.Generator().manual_seed(self.seed + 11)
+        for step in range(self.steps):
+            idx = torch.randint(0, len(y), (min(self.batch, len(y)),), generator=g)
+            opt.zero_grad(set_to_none=True)
+            if target:
+                falign.set_target(model, y[idx])
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            if step in when:
+                loss.backward(retain_graph=True)
+                true = backprop_gradients(loss, params)
+                for name in hidden:
+                    angles[name].append(angle(params[f"{name}.weight"].grad, true[f"{name}.weight"]))
+            else:
+                loss.backward()
+            opt.step()
+        train_acc, test_acc = accuracy(model, x, y), accuracy(model, self.data.x_test.flatten(1), self.data.y_test)
+        return {
+            "rule": self.rule, "seed": self.seed, "classes": self.data.num_classes,
+            "train acc": train_acc, "test acc": test_acc,
+            "gradient angle": _mean([_mean(v) for v in angles.values()]),
+            "weight-feedback angle start": wb_start,
+            "weight-feedback angle": _mean([v["angle"] for v in _weight_alignment_all(model).values()]),
+            "seconds": time.perf_counter() - start,
+        }
+
+
+def _weight_alignment_all(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Weight–feedback angles of every layer past the first (whose input is data), used yet or not."""
+    layers = [m for m in model.modules() if isinstance(m, FeedbackLayer)]
+    used = [(m, m._feedback_used) for m in layers]
+    for m in layers[1:]:
+        m._feedback_used = True
+    try:
+        return weight_alignment(model)
+    finally:
+        for m, flag in used:
+            m._feedback_used = flag
+
+
+def _mean(values) -> float:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return sum(v) / len(v) if v else math.nan
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 4096) -> float:
+    was = model.training
+    model.eval()
+    correct = sum(int((model(x[i : i + batch]).argmax(-1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
+    model.train(was)
+    return correct / max(1, len(y))
