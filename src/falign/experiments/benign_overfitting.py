@@ -224,7 +224,7 @@ def run(ctx: Context) -> ExperimentResult:
             for rule in cfg["grid_rules"]:
                 fits = [_fit_gaussian(rule, d, sep, seed, cfg["gauss"]) for seed in ctx.seed_list]
                 ctx.tick(len(fits))
-                err = mean_ci([f["test error"] for f in fits])
+                err = mean_ci([f["test error"] for f in fits], bounds=(0, 1))
                 interpolated = all(f["interpolated"] for f in fits)
                 kind = classify(err.value, bayes) if interpolated else "did not interpolate"
                 cells[(d, sep)][rule] = kind
@@ -248,10 +248,10 @@ def run(ctx: Context) -> ExperimentResult:
         b_rows.append({
             "rule": rule, "interpolated (all seeds)": interp[rule],
             "steps to fit (max)": max(r["steps"] for r in noisy),
-            "test error, clean labels": mean_ci([r["test error"] for r in clean]).fmt(".3f"),
-            "test error, 20% noise": mean_ci([r["test error"] for r in noisy]).fmt(".3f"),
+            "test error, clean labels": mean_ci([r["test error"] for r in clean], bounds=(0, 1)).fmt(".3f"),
+            "test error, 20% noise": mean_ci([r["test error"] for r in noisy], bounds=(0, 1)).fmt(".3f"),
             "Δ (points)": delta.fmt(".1f", 100), "Δ / p": mean_ci([x / NOISE for x in deltas[rule]]).fmt(".2f"),
-            "flipped labels memorised": mean_ci([r["memorised flipped"] for r in noisy]).fmt(".3f"),
+            "flipped labels memorised": mean_ci([r["memorised flipped"] for r in noisy], bounds=(0, 1)).fmt(".3f"),
         })
     figures = _figures(ctx, by, cfg["rules"])
     head = combine(verdicts)

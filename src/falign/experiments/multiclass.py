@@ -142,8 +142,9 @@ def gap_growth_verdict(dataset: str, ns: list[int], gaps: list[float], bp_acc_la
     slope = slope_ci(np.log(ns), gaps)
     if not math.isfinite(slope.value):
         return Verdict(INCONCLUSIVE, f"{dataset}: too few points to fit a slope", claim)
-    return Verdict.of(slope.lo > 0, f"{dataset}: slope of FA's gap (accuracy points) on log n: {slope.fmt('.2f', 100)} per "
-                                    f"e-fold of n (95% CI; supported when the interval lies above 0)", claim)
+    return Verdict.of(slope.lo > 0, f"{dataset}: slope of FA's gap (accuracy points) on log n: "
+                                    f"{slope.fmt('.2f', 100)} per e-fold of n (95% CI; supported when the interval "
+                                    f"lies above 0)", claim)
 
 
 def within_n_verdict(dataset: str, angles: list[float], gaps: list[float], ns: list[int]) -> Verdict:
@@ -152,7 +153,8 @@ def within_n_verdict(dataset: str, angles: list[float], gaps: list[float], ns: l
     claim = f"{dataset}: at the same n, better-aligned runs have smaller gaps"
     est = within_strata_slope(angles, gaps, ns)
     if not math.isfinite(est.value):
-        return Verdict(INCONCLUSIVE, f"{dataset}: too few runs per n ({len(gaps)} over {len(set(ns))} values of n)", claim)
+        return Verdict(INCONCLUSIVE, f"{dataset}: too few runs per n ({len(gaps)} over {len(set(ns))} values of n)",
+                       claim)
     return Verdict.of(est.lo > 0, f"{dataset}: within-n slope of the gap on the hidden layers' gradient angle: "
                                   f"{est.fmt('.3f', 100)} accuracy points per degree over {est.n} runs (95% CI; "
                                   f"supported when above 0)", claim)
@@ -303,7 +305,7 @@ def _summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for dataset, n, rule in keys:
         rs = [r for r in runs if (r["dataset"], r["n"], r["rule"]) == (dataset, n, rule)]
         out.append({"dataset": dataset, "n": n, "rule": rule, "runs": len(rs),
-                    "test acc": mean_ci([r["test acc"] for r in rs]).fmt(".3f"),
+                    "test acc": mean_ci([r["test acc"] for r in rs], bounds=(0, 1)).fmt(".3f"),
                     "gap to bp": mean_ci([r["gap to bp"] for r in rs]).fmt(".1f", 100),
                     "gradient angle": mean_ci([r["gradient angle"] for r in rs]).fmt(".1f"),
                     "weight-feedback angle": mean_ci([r["weight-feedback angle"] for r in rs]).fmt(".1f")})
@@ -313,7 +315,7 @@ def _summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _intervention_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     keys = list(dict.fromkeys((r["n"], r["intervention"]) for r in rows))
     return [{"n": n, "intervention": what, "runs": len(rs),
-             "test acc": mean_ci([r["test acc"] for r in rs]).fmt(".3f"),
+             "test acc": mean_ci([r["test acc"] for r in rs], bounds=(0, 1)).fmt(".3f"),
              "gradient angle": mean_ci([r["gradient angle"] for r in rs]).fmt(".1f")}
             for n, what in keys for rs in [[r for r in rows if (r["n"], r["intervention"]) == (n, what)]]]
 
