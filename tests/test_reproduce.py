@@ -272,3 +272,24 @@ def test_cli_reproduce_only_and_errors(tmp_path, capsys):
     assert "min_norm" in out and "report:" in out and (tmp_path / "report.html").is_file()
     assert main(["reproduce", "--only", "nope", "--out", str(tmp_path), "--no-progress"]) == 1
     assert "unknown experiment(s) nope" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # asked for a device it cannot have: an error, not a silent CPU run
+        assert main(["reproduce", "--device", "cuda", "--out", str(tmp_path / "c"), "--no-progress"]) == 1
+        assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_training_runs_use_the_contexts_device(monkeypatch):
+    """multiclass and benign_overfitting pass ctx.device to every run (checked on the CPU by recording it)."""
+    from falign.experiments import runs
+
+    seen = []
+    original = runs.MLPRun.run
+
+    def spy(self):
+        seen.append(self.device)
+        return original(self)
+
+    monkeypatch.setattr(runs.MLPRun, "run", spy)
+    data = multiclass.many_class_subset(3, per_class_train=5, per_class_test=2, seed=0)
+    ctx = multiclass.Context("/tmp/unused", "tiny", 1, device="cpu:0")  # not the default "cpu"
+    multiclass._one(ctx, data, "fa", 0, {"hidden": (8,), "steps": 3})
+    assert seen == ["cpu:0"]

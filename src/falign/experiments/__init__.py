@@ -44,6 +44,8 @@ def reproduce(out: str | Path, *, only: Sequence[str] | None = None, size: str =
         raise FalignError(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
     if seeds < 1:
         raise FalignError(f"--seeds must be at least 1, got {seeds}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FalignError(f"--device {device}: no CUDA device is available here (use --device cpu)")
     target = OutputDir(out, "report", "--out")
     target.check()
     data = catalog(data_dir)  # a malformed dataset fails here, before any training and before writing

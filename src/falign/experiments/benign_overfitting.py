@@ -122,14 +122,14 @@ def _gaussian(d: int, separation: float, n: int, test: int, seed: int):
     return x_tr, noisy, x_te, y_te
 
 
-def _fit_gaussian(rule: str, d: int, separation: float, seed: int, cfg: dict) -> dict[str, Any]:
-    x, y, x_te, y_te = _gaussian(d, separation, cfg["n"], cfg["test"], seed)
+def _fit_gaussian(rule: str, d: int, separation: float, seed: int, cfg: dict, device: str = "cpu") -> dict[str, Any]:
+    x, y, x_te, y_te = (t.to(device) for t in _gaussian(d, separation, cfg["n"], cfg["test"], seed))
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(d, cfg["width"]), nn.ReLU(), nn.Linear(cfg["width"], 2))
     with torch.no_grad():
         for p in net.parameters():
             p.mul_(0.1)  # a small initialisation
-    model = falign.convert(net, rule, seed=seed, example_input=x[:2])
+    model = falign.convert(net.to(device), rule, seed=seed, example_input=x[:2])
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     falign.attach(model, opt)
     target = falign.uses_target(model)
@@ -164,10 +164,11 @@ def _arm_b_data(ctx: Context) -> tuple[Dataset, str]:
 
 def _fit_images(ctx: Context, rule: str, data: Dataset, noise: float, seed: int, cfg: dict) -> dict[str, Any]:
     ds = add_label_noise(data, noise, seed)
-    x, y, clean = ds.x_train.flatten(1), ds.y_train, ds.clean_y_train
+    dev = ctx.device
+    x, y, clean = ds.x_train.flatten(1).to(dev), ds.y_train.to(dev), ds.clean_y_train.to(dev)
     flipped = y != clean
     torch.manual_seed(seed)
-    model = falign.convert(MLP([x.shape[1], cfg["width"], cfg["width"], ds.num_classes]), rule, seed=seed,
+    model = falign.convert(MLP([x.shape[1], cfg["width"], cfg["width"], ds.num_classes]).to(dev), rule, seed=seed,
                            example_input=x[:2])
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     falign.attach(model, opt)
@@ -191,7 +192,7 @@ def _fit_images(ctx: Context, rule: str, data: Dataset, noise: float, seed: int,
                 break
     ctx.tick(1)
     return {"rule": rule, "seed": seed, "noise": noise, "train fit": fit, "interpolated": fit >= INTERPOLATED,
-            "steps": step, "test error": 1 - accuracy(model, ds.x_test.flatten(1), ds.y_test),
+            "steps": step, "test error": 1 - accuracy(model, ds.x_test.flatten(1).to(dev), ds.y_test.to(dev)),
             "memorised flipped": curve[-1]["memorised"] if curve else math.nan, "curve": curve}
 
 
@@ -222,7 +223,7 @@ def run(ctx: Context) -> ExperimentResult:
             bayes = bayes_error(sep)
             cells[(d, sep)] = {}
             for rule in cfg["grid_rules"]:
-                fits = [_fit_gaussian(rule, d, sep, seed, cfg["gauss"]) for seed in ctx.seed_list]
+                fits = [_fit_gaussian(rule, d, sep, seed, cfg["gauss"], ctx.device) for seed in ctx.seed_list]
                 ctx.tick(len(fits))
                 err = mean_ci([f["test error"] for f in fits], bounds=(0, 1))
                 interpolated = all(f["interpolated"] for f in fits)

@@ -198,7 +198,8 @@ def init_scale_verdict(acc_by_scale: dict[float, list[float]], n: int) -> Verdic
 # ---- the experiment ---------------------------------------------------------------------------------------
 def _one(ctx: Context, data: Dataset, rule: str, seed: int, opts: dict, **extra: Any) -> dict[str, Any]:
     decay = LEARNED_WEIGHT_DECAY if falign.get_rule(rule).feedback_is_parameter else 0.0
-    row = MLPRun(rule, data, hidden=opts["hidden"], steps=opts["steps"], seed=seed, weight_decay=decay, **extra).run()
+    row = MLPRun(rule, data, hidden=opts["hidden"], steps=opts["steps"], seed=seed, weight_decay=decay,
+                 device=ctx.device, **extra).run()
     ctx.tick(1)
     return row
 

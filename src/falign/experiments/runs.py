@@ -30,7 +30,7 @@ def feedback_at_angle(layer: FeedbackLayer, degrees: float, generator: torch.Gen
         raise ValueError(f"{type(layer).__name__} under {layer.rule.name} has no feedback of W's shape to set")
     w = layer.weight.detach().double().flatten()
     w_hat = w / w.norm()
-    r = torch.randn(w.shape, generator=generator, dtype=torch.float64)
+    r = torch.randn(w.shape, generator=generator, dtype=torch.float64).to(w.device)
     r -= (r @ w_hat) * w_hat
     r_hat = r / r.norm()
     theta = math.radians(degrees)
@@ -62,14 +62,16 @@ class MLPRun:
     measure: int = 10
     activation: str = "relu"
     rule_options: dict | None = None
+    device: str = "cpu"
 
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
-        x, y = self.data.x_train.flatten(1), self.data.y_train
+        x, y = self.data.x_train.flatten(1).to(self.device), self.data.y_train.to(self.device)
         torch.manual_seed(self.seed)
         base = MLP([x.shape[1], *self.hidden, self.data.num_classes], activation=self.activation,
                    init_scale=self.init_scale)
-        model = falign.convert(base, self.rule, seed=self.seed, example_input=x[:2], **(self.rule_options or {}))
+        model = falign.convert(base.to(self.device), self.rule, seed=self.seed, example_input=x[:2],
+                               **(self.rule_options or {}))
         layers = [m for m in model.modules() if isinstance(m, FeedbackLayer)]
         if self.feedback_angle is not None:
             g = torch.Generator().manual_seed(self.seed + 7)
@@ -99,7 +101,8 @@ class MLPRun:
             else:
                 loss.backward()
             opt.step()
-        train_acc, test_acc = accuracy(model, x, y), accuracy(model, self.data.x_test.flatten(1), self.data.y_test)
+        x_test, y_test = self.data.x_test.flatten(1).to(self.device), self.data.y_test.to(self.device)
+        train_acc, test_acc = accuracy(model, x, y), accuracy(model, x_test, y_test)
         return {
             "rule": self.rule, "seed": self.seed, "classes": self.data.num_classes,
             "train acc": train_acc, "test acc": test_acc,
