@@ -68,7 +68,7 @@ def test_convert_shares_parameters_inplace():
 
 @pytest.mark.parametrize(
     ("layer", "name"),
-    [(nn.LSTM(4, 4), "LSTM"), (nn.MultiheadAttention(4, 2), "MultiheadAttention"), (nn.Embedding(5, 4), "Embedding")],
+    [(nn.LSTM(4, 4), "LSTM"), (nn.MultiheadAttention(4, 2), "MultiheadAttention"), (nn.GRUCell(4, 4), "GRUCell")],
 )
 def test_unsupported_layer_error_names_it(layer, name):
     net = nn.Sequential(nn.Linear(4, 4), layer)

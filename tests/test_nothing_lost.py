@@ -190,11 +190,11 @@ def test_own_parameters_stay_exact_and_children_are_converted():
 
 
 def test_conversion_error_lists_every_unsupported_module_at_once():
-    net = nn.Sequential(LayerScale(), nn.Embedding(5, 6), nn.LSTM(6, 6), nn.Linear(6, 2))
+    net = nn.Sequential(LayerScale(), nn.GRUCell(6, 6), nn.LSTM(6, 6), nn.Linear(6, 2))
     with pytest.raises(falign.ConversionError) as err:
         falign.convert(net, "fa")
     text = str(err.value)
-    assert "3 module(s)" in text and "'0' (LayerScale" in text and "'1' (Embedding" in text and "'2' (LSTM" in text
+    assert "3 module(s)" in text and "'0' (LayerScale" in text and "'1' (GRUCell" in text and "'2' (LSTM" in text
 
 
 def test_opaque_attention_is_listed_with_its_out_projection():

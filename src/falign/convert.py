@@ -12,7 +12,11 @@ converted once and stays shared. Everything else keeps backpropagating, by this 
   residual additions written in ``forward``) pass signals on by the ordinary chain rule;
 - normalisation layers and ``PReLU`` (per-channel affine or elementwise parameters, no weight
   transport) keep their exact gradients: :data:`KEPT_ON_BACKPROP`;
-- any other module with parameters of its own (``nn.LSTM``, ``nn.Embedding``, a block holding a
+- ``nn.Embedding`` and ``nn.EmbeddingBag`` (:data:`LOCAL_GRADIENT`) are kept as they are: their input is
+  indices, so there is no input signal to replace and their weight gradient is already local. A weight tied
+  between an embedding and the output layer stays one Parameter and receives both gradients (the report
+  names the tie);
+- any other module with parameters of its own (``nn.LSTM``, a block holding a
   layer-scale ``gamma``, a subclass of ``nn.Linear`` with its own ``forward``, ...) raises
   :class:`ConversionError` naming every such module at once, unless ``unsupported="backprop"``: then
   its own parameters get exact gradients and its children are still converted. Modules whose ``forward``
@@ -48,6 +52,7 @@ from falign.seeding import mix_seed
 __all__ = [
     "KEPT_ON_BACKPROP",
     "LAYER_MAP",
+    "LOCAL_GRADIENT",
     "OPAQUE",
     "ConversionError",
     "ConversionReport",
@@ -76,6 +81,10 @@ KEPT_ON_BACKPROP: tuple[type[nn.Module], ...] = (
 )
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     KEPT_ON_BACKPROP = (*KEPT_ON_BACKPROP, nn.RMSNorm)
+
+# Modules whose input is indices: there is no input signal for a rule to replace, so their weight gradient
+# (the signal that reaches their output, scattered to the rows looked up) is already local. Kept as they are.
+LOCAL_GRADIENT: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
 # Modules whose forward reads their children's parameters directly (converting a child would change
 # nothing): left whole, with every parameter they hold listed.
@@ -196,6 +205,10 @@ class _Plan:
             elif _lazy(child):
                 self._unsupported(name, child, _own_parameters(child),
                                   "lazy layer not initialised yet: run one forward pass, then convert", again)
+            elif isinstance(child, LOCAL_GRADIENT):
+                note = ("input is indices: no input signal to replace, its weight gradient is already local (the "
+                        "signal the rule sends to its output, added to the rows looked up)")
+                self._record(name, child, "kept-backprop", f"{note}; {shared}" if shared else note)
             elif isinstance(child, KEPT_ON_BACKPROP):
                 note = "normalisation/elementwise parameters: exact gradient"
                 self._record(name, child, "kept-backprop", f"{note}; {shared}" if shared else note)
@@ -210,6 +223,28 @@ class _Plan:
                            else "no feedback version")
                     self._unsupported(name, child, own, why, again)
                 self.walk(child, name, (*path, id(child)))
+
+
+def _note_tied_parameters(model: nn.Module, records: list[LayerRecord]) -> None:
+    """Say in the report where two different modules hold the same Parameter (weight tying, e.g. an
+    embedding and the output layer of a language model): it stays one Parameter after conversion, and its
+    gradient is the sum of both modules' local gradients."""
+    owners: dict[int, list[str]] = {}
+    seen_modules: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in seen_modules:
+            continue
+        seen_modules.add(id(module))
+        for pname, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append(f"{name}.{pname}" if name else pname)
+    tied = {full: others for names in owners.values() if len(names) > 1
+            for full in names for others in [[n for n in names if n != full]]}
+    for record in records:
+        notes = [f"{full} is tied to {', '.join(others)} (one Parameter: its gradient is the sum of both uses)"
+                 for full, others in tied.items() if full.rsplit(".", 1)[0] == record.name]
+        if notes:
+            record.note = "; ".join([record.note, *notes]) if record.note else "; ".join(notes)
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:
@@ -295,6 +330,7 @@ def convert(
     if not plan.layers:
         raise ConversionError(f"{type(model).__name__} contains no layer falign can convert "
                               f"(types: {', '.join(t.__name__ for t in map_)})")
+    _note_tied_parameters(model, plan.records)
     names = [r.name for r in plan.records if r.status == "converted"]
     if output_layer is not None and output_layer not in names:
         raise ValueError(f"output_layer {output_layer!r} is not a convertible layer; candidates: {names}")

@@ -65,10 +65,17 @@ class DiagnosticsRecorder:
         self.reduce = reduce  # data-parallel: average the true gradients over ranks
         self.layers = named_feedback_layers(model)
         self.params = {n: p for n, p in model.named_parameters() if not n.endswith("feedback_weight")}
+        # by identity: a Parameter tied between two modules (an embedding and the output layer) is listed by
+        # named_parameters under its first name only, and belongs to the layer with feedback
+        name_of = {id(p): n for n, p in self.params.items()}
         layer_of = {}
-        for lname in self.layers:
+        for lname, layer in self.layers.items():
             for pname in ("weight", "bias"):
-                layer_of[f"{lname}.{pname}" if lname else pname] = lname
+                param = getattr(layer, pname, None)
+                if param is not None and id(param) in name_of:
+                    layer_of[name_of[id(param)]] = lname
+        self.weight_names = {lname: name_of[id(layer.weight)] for lname, layer in self.layers.items()
+                             if id(layer.weight) in name_of}
         self.groups: dict[str, list[str]] = {}
         for pname in self.params:
             self.groups.setdefault(layer_of.get(pname, "other (no feedback)"), []).append(pname)
@@ -123,7 +130,7 @@ class DiagnosticsRecorder:
 
     def measure(self, rule: dict[str, Tensor], true: dict[str, Tensor], signals_rule: dict[str, Tensor],
                 signals_true: dict[str, Tensor]) -> dict[str, Any]:
-        wkey = {lname: f"{lname}.weight" if lname else "weight" for lname in self.layers}
+        wkey = {lname: self.weight_names[lname] for lname in self.layers if lname in self.weight_names}
         grads_rule = {l: rule[k] for l, k in wkey.items() if k in rule}
         grads_true = {l: true[k] for l, k in wkey.items() if k in true}
         quantities = conservation(self.pairs or [])
