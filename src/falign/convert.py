@@ -45,7 +45,16 @@ from torch.utils._pytree import tree_leaves
 from falign.errors import FalignError
 from falign.functional import ErrorTap
 from falign.nn import layers as _layers
-from falign.nn.layers import FAConv1d, FAConv2d, FAConv3d, FALinear, FeedbackLayer
+from falign.nn.layers import (
+    FAConv1d,
+    FAConv2d,
+    FAConv3d,
+    FAConvTranspose1d,
+    FAConvTranspose2d,
+    FAConvTranspose3d,
+    FALinear,
+    FeedbackLayer,
+)
 from falign.rules import FeedbackInit, FeedbackRule, Signal, get_rule
 from falign.seeding import mix_seed
 
@@ -70,6 +79,9 @@ LAYER_MAP: dict[type[nn.Module], type[FeedbackLayer]] = {
     nn.Conv1d: FAConv1d,
     nn.Conv2d: FAConv2d,
     nn.Conv3d: FAConv3d,
+    nn.ConvTranspose1d: FAConvTranspose1d,
+    nn.ConvTranspose2d: FAConvTranspose2d,
+    nn.ConvTranspose3d: FAConvTranspose3d,
 }
 
 KEPT_ON_BACKPROP: tuple[type[nn.Module], ...] = (

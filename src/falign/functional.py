@@ -165,30 +165,35 @@ def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Fe
 
 class _FeedbackConv(_Function):
     @staticmethod
-    def forward(x, weight, bias, feedback, feedback_fn, stride, padding, dilation, groups):
+    def forward(x, weight, bias, feedback, feedback_fn, stride, padding, dilation, groups, transposed=False,
+                output_padding=None):
         n = weight.dim() - 2
-        return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * n, groups)
+        return torch.convolution(x, weight, bias, stride, padding, dilation, transposed,
+                                 output_padding or [0] * n, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, feedback, feedback_fn, stride, padding, dilation, groups = inputs
+        x, weight, bias, feedback, feedback_fn, stride, padding, dilation, groups, *rest = inputs
+        transposed, output_padding = [*rest, False, None][:2]
         ctx.save_for_backward(x, weight, feedback)
         ctx.feedback_fn = feedback_fn
-        ctx.conf = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]])
+        ctx.conf = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]], transposed,
+                    output_padding)
 
     @staticmethod
     def backward(ctx, g):
-        stride, padding, dilation, groups, bias_sizes = ctx.conf
+        stride, padding, dilation, groups, bias_sizes, transposed, output_padding = ctx.conf
         x, weight, feedback = ctx.saved_tensors
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
         matrix = _feedback_for_backward(weight, feedback, ctx.feedback_fn) if need_x else weight
         mask = [need_x, need_w or need_fb, bias_sizes is not None and need_b]
         n = weight.dim() - 2
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            g, x, matrix, bias_sizes, stride, padding, dilation, False, [0] * n, groups, mask
+            g, x, matrix, bias_sizes, stride, padding, dilation, transposed, output_padding or [0] * n, groups,
+            mask
         )
         return (grad_x, grad_w if need_w else None, grad_b, grad_w if need_fb else None, None,
-                None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def feedback_conv(
@@ -200,19 +205,24 @@ def feedback_conv(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
+    transposed: bool = False,
+    output_padding: Sequence[int] | None = None,
 ) -> Tensor:
-    """N-d convolution (1d, 2d, 3d) whose input gradient is the transposed convolution with ``B``.
+    """N-d convolution (1d, 2d, 3d) whose input gradient is the transposed convolution with ``B``; with
+    ``transposed=True`` a transposed convolution whose input gradient is the convolution with ``B``.
 
     ``padding`` is numeric and symmetric; callers pad the input first for other padding modes.
     The weight and bias gradients are backprop's local ones; ``∂B = ∂W`` when ``B`` requires grad.
     ``feedback`` is ``B`` or a function ``W ↦ B`` evaluated in the backward pass.
 
     Shape:
-        - x: ``(N, C_in, *spatial)``; weight, B: ``(C_out, C_in/groups, *kernel)``
+        - x: ``(N, C_in, *spatial)``; weight, B: ``(C_out, C_in/groups, *kernel)`` (transposed:
+          ``(C_in, C_out/groups, *kernel)``)
         - output: ``(N, C_out, *spatial_out)``
     """
     tensor, fn = _split(feedback, weight)
-    return _FeedbackConv.apply(x, weight, bias, tensor, fn, list(stride), list(padding), list(dilation), groups)
+    return _FeedbackConv.apply(x, weight, bias, tensor, fn, list(stride), list(padding), list(dilation), groups,
+                               transposed, list(output_padding) if output_padding is not None else None)
 
 
 # ---- direct rules --------------------------------------------------------------------------------------
@@ -412,23 +422,27 @@ def direct_feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedb
 
 class _DirectFeedbackConv(_Function):
     @staticmethod
-    def forward(x, weight, bias, feedback, session, projector, pad, pad_mode, stride, padding, dilation, groups):
+    def forward(x, weight, bias, feedback, session, projector, pad, pad_mode, stride, padding, dilation, groups,
+                transposed=False, output_padding=None):
         xp = F.pad(x, pad, mode=pad_mode) if pad is not None else x
         n = weight.dim() - 2
-        return torch.convolution(xp, weight, bias, stride, padding, dilation, False, [0] * n, groups)
+        return torch.convolution(xp, weight, bias, stride, padding, dilation, transposed,
+                                 output_padding or [0] * n, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, feedback, session, projector, pad, pad_mode, stride, padding, dilation, groups = inputs
+        x, weight, bias, feedback, session, projector, pad, pad_mode, stride, padding, dilation, groups, *rest = inputs
+        transposed, output_padding = [*rest, False, None][:2]
         ctx.save_for_backward(x, weight, feedback)
         ctx.session, ctx.projector = session, projector
         ctx.pad = (pad, pad_mode)
-        ctx.conf = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]])
+        ctx.conf = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]], transposed,
+                    output_padding)
 
     @staticmethod
     def backward(ctx, g):
         x, weight, feedback = ctx.saved_tensors
-        stride, padding, dilation, groups, bias_sizes = ctx.conf
+        stride, padding, dilation, groups, bias_sizes, transposed, output_padding = ctx.conf
         pad, pad_mode = ctx.pad
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
         n = weight.dim() - 2
@@ -436,7 +450,8 @@ class _DirectFeedbackConv(_Function):
         xp = F.pad(x, pad, mode=pad_mode) if pad is not None else x
         mask = [true_x, need_w, bias_sizes is not None and need_b]
         grad_xp, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            g, xp, weight, bias_sizes, stride, padding, dilation, False, [0] * n, groups, mask
+            g, xp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding or [0] * n, groups,
+            mask
         )
         grad_x = grad_fb = None
         if true_x:
@@ -445,7 +460,7 @@ class _DirectFeedbackConv(_Function):
             q = ctx.projector(ctx.session, feedback.shape[0])
             grad_x = _project(q, feedback, x.shape, PER_SAMPLE) if need_x else None
             grad_fb = _project_grad(q, x, feedback, PER_SAMPLE) if need_fb else None
-        return grad_x, grad_w, grad_b, grad_fb, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_fb, None, None, None, None, None, None, None, None, None, None
 
 
 def _unpad_grad(x: Tensor, grad_xp: Tensor, pad: list[int], mode: str) -> Tensor:
@@ -469,8 +484,11 @@ def direct_feedback_conv(
     dilation: Sequence[int],
     groups: int,
     projector: Projector = _error,
+    transposed: bool = False,
+    output_padding: Sequence[int] | None = None,
 ) -> Tensor:
-    """Convolution whose input signal is ``q D`` reshaped to the (unpadded) input (the direct rules).
+    """Convolution (``transposed=True``: transposed convolution) whose input signal is ``q D`` reshaped to the
+    (unpadded) input (the direct rules).
 
     ``pad``/``pad_mode`` is the explicit padding applied before the convolution (as ``F.pad``), so
     ``D`` always refers to the layer's own input. Shape: ``D`` is ``(E, C·H·W)`` of that input, ``E`` the
@@ -478,5 +496,6 @@ def direct_feedback_conv(
     """
     return _DirectFeedbackConv.apply(
         x, weight, bias, feedback, session, projector, None if pad is None else list(pad), pad_mode,
-        list(stride), list(padding), list(dilation), groups,
+        list(stride), list(padding), list(dilation), groups, transposed,
+        list(output_padding) if output_padding is not None else None,
     )

@@ -206,10 +206,14 @@ def _walk_back(x: Any, producers: dict[Any, int], consumers: dict[Any, int]) -> 
 def _column_view(lin: nn.Module, lout: nn.Module):
     """A function mapping a tensor of ``lout``'s weight shape to ``(K, ·)`` rows, row k = entries
     that read unit k of ``lin``; ``None`` when the layers are not joined one unit to one column."""
-    k = lin.weight.shape[0]
+    if getattr(lin, "transposed", False) and getattr(lin, "groups", 1) != 1:
+        return None
+    k = _units(lin)
     w_out = lout.weight
     if getattr(lout, "groups", 1) != 1:
         return None
+    if getattr(lout, "transposed", False):  # (C_in, C_out, *kernel): unit k is read by the entries [k]
+        return (lambda t: t.reshape(k, -1)) if w_out.shape[0] == k else None
     if w_out.dim() == 2:  # Linear reads k units, or k channels flattened (channel-major)
         n_in = w_out.shape[1]
         if n_in == k:
@@ -223,8 +227,17 @@ def _column_view(lin: nn.Module, lout: nn.Module):
     return None
 
 
+def _units(layer: nn.Module) -> int:
+    """How many units (output features or channels) a layer has: a transposed convolution's weight is
+    ``(C_in, C_out/groups, *kernel)``."""
+    w = layer.weight
+    return w.shape[1] * getattr(layer, "groups", 1) if getattr(layer, "transposed", False) else w.shape[0]
+
+
 def _incoming_sq(layer: FeedbackLayer) -> Tensor:
     w = layer.weight.detach()
+    if getattr(layer, "transposed", False):  # unit k's incoming weights are W[:, k]
+        w = w.transpose(0, 1)
     w = w.reshape(w.shape[0], -1)
     sq = inner(w, w, 1)
     if layer.bias is not None:

@@ -438,3 +438,75 @@ class FAConv3d(_FAConvNd, nn.Conv3d):
     __doc__ = _CONV_DOC.format(n=3)
     torch_base = nn.Conv3d
 
+
+class _FAConvTransposeNd(FeedbackLayer):
+    """Shared code of the converted transposed convolutions (stride, padding, output_padding, groups, dilation,
+    ``output_size=`` at call time)."""
+
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    output_padding: tuple[int, ...]
+    groups: int
+
+    def __init__(self, *args: Any, rule: str | FeedbackRule = "fa", feedback_init: str = "kaiming_uniform",
+                 feedback_scale: float = 1.0, seed: int = 0, output_features: int | None = None,
+                 error_tap: FF.ErrorTap | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # the nn.ConvTransposeNd constructor, positional arguments as there
+        self.setup_feedback(**_feedback_args(rule, feedback_init, feedback_scale, seed, output_features, error_tap))
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        n = len(self.kernel_size)
+        unbatched = x.dim() == n + 1
+        if unbatched:  # (C, *spatial), as the PyTorch layer accepts
+            x = x.unsqueeze(0)
+        self._call_output_size = output_size
+        try:
+            out = FeedbackLayer.forward(self, x)
+        finally:
+            self._call_output_size = None
+        return out.squeeze(0) if unbatched else out
+
+    def _opad(self, x: Tensor) -> list[int]:
+        n = len(self.kernel_size)
+        return list(self._output_padding(x, getattr(self, "_call_output_size", None), list(self.stride),
+                                         list(self.padding), list(self.kernel_size), n, list(self.dilation)))
+
+    def plain_forward(self, x: Tensor) -> Tensor:
+        return torch.convolution(x, self.weight, self.bias, list(self.stride), list(self.padding),
+                                 list(self.dilation), True, self._opad(x), self.groups)
+
+    def feedback_forward(self, x: Tensor, feedback: FF.FeedbackSource) -> Tensor:
+        return FF.feedback_conv(x, self.weight, self.bias, feedback, self.stride, self.padding, self.dilation,
+                                self.groups, transposed=True, output_padding=self._opad(x))
+
+    def direct_forward(self, x, feedback, session, mode, projector) -> Tensor:
+        return FF.direct_feedback_conv(x, self.weight, self.bias, feedback, session, None, "constant",
+                                       self.stride, self.padding, self.dilation, self.groups, projector,
+                                       transposed=True, output_padding=self._opad(x))
+
+
+_CONV_T_DOC = """``nn.ConvTranspose{n}d`` whose input gradient is the convolution with the rule's ``B``.
+
+    ``FAConvTranspose{n}d(in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
+    groups=1, bias=True, dilation=1, padding_mode='zeros', *, rule='fa', ...)``; called as
+    ``layer(x, output_size=None)``. A transposed convolution's input gradient is the ordinary convolution
+    of the output gradient with ``W``; the rule puts ``B`` (W's shape, ``(C_in, C_out/groups, *kernel)``) in
+    its place. Weight and bias gradients are backprop's local ones. Feedback options as :class:`FALinear`.
+    """
+
+
+class FAConvTranspose1d(_FAConvTransposeNd, nn.ConvTranspose1d):
+    __doc__ = _CONV_T_DOC.format(n=1)
+    torch_base = nn.ConvTranspose1d
+
+
+class FAConvTranspose2d(_FAConvTransposeNd, nn.ConvTranspose2d):
+    __doc__ = _CONV_T_DOC.format(n=2)
+    torch_base = nn.ConvTranspose2d
+
+
+class FAConvTranspose3d(_FAConvTransposeNd, nn.ConvTranspose3d):
+    __doc__ = _CONV_T_DOC.format(n=3)
+    torch_base = nn.ConvTranspose3d

@@ -83,11 +83,15 @@ def mirror_layer(layer, lr: float, decay: float, noise_std: float = 1.0, batch_s
     else:
         groups = layer.groups
         n = w.dim() - 2
-        shape = (batch_size, w.shape[1] * groups, *w.shape[2:])
+        transposed = bool(getattr(layer, "transposed", False))
+        # noise over one kernel window (a transposed convolution: one input position, whose output is the
+        # kernel window), so yᵀx is the weight gradient of a single position and E[yᵀx] = σ² N W
+        shape = (batch_size, w.shape[0], *([1] * n)) if transposed else (batch_size, w.shape[1] * groups,
+                                                                         *w.shape[2:])
         x = torch.randn(shape, device=w.device, dtype=w.dtype, generator=generator).mul_(noise_std)
-        y = torch.convolution(x, w, None, [1] * n, [0] * n, [1] * n, False, [0] * n, groups)
+        y = torch.convolution(x, w, None, [1] * n, [0] * n, [1] * n, transposed, [0] * n, groups)
         _, update, _ = torch.ops.aten.convolution_backward(
-            y, x, w, None, [1] * n, [0] * n, [1] * n, False, [0] * n, groups, [False, True, False]
+            y, x, w, None, [1] * n, [0] * n, [1] * n, transposed, [0] * n, groups, [False, True, False]
         )
     b.mul_(1.0 - decay).add_(update, alpha=lr / batch_size)
 
