@@ -248,7 +248,7 @@ def run(ctx: Context) -> ExperimentResult:
                       trace, "The decomposition at every recorded step.")],
         figures=[fig_path], verdicts=verdicts,
         headline={"metric": "steps with dominance (fa, dfa, usf; control)",
-                  "value": ", ".join(s["dominance at c=0.1"].split(" ")[0] for s in summary),
+                  "value": "; ".join(f"{s['rule']}: {s['dominance at c=0.1']}" for s in summary),
                   "verdict": head.status},
         seconds=time.perf_counter() - start, data="sklearn digits", paper_data=PAPER_DATA[NAME],
     )
