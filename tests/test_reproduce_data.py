@@ -103,3 +103,31 @@ def test_many_class_subset_fixed_examples_per_class():
     assert a.num_classes == 20 and len(a.y_train) == 140 and len(a.y_test) == 60
     assert np.bincount(a.y_train.numpy()).tolist() == [7] * 20
     assert torch.equal(a.x_train, b.x_train) and not torch.equal(a.x_train, c.x_train)
+
+
+def _write_cifar100(folder: Path, per_class: int = 2) -> None:
+    import pickle
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    n = 100 * per_class
+    for stem in ("train", "test"):
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": [i % 100 for i in range(n)]}
+        with open(folder / stem, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+
+def test_multiclass_runs_on_the_papers_data_from_data_dir(tmp_path):
+    """CIFAR-100 and Tiny-ImageNet from --data-dir join the multiclass experiment, and the report says so."""
+    data = tmp_path / "data"
+    _write_cifar100(data / "cifar-100-python")
+    write_tiny_imagenet(data / "tiny-imagenet-200", classes=tuple(f"n{i:02d}" for i in range(4)), per_class=10)
+    results, paths = reproduce(tmp_path / "out", size="tiny", seeds=1, progress=False, data_dir=data,
+                               only=["multiclass"])
+    used = results[0].data
+    assert "cifar100" in used and "tiny-imagenet" in used
+    runs = next(t for t in results[0].tables if t.name == "multiclass_runs").rows
+    tiny_n = {r["n"] for r in runs if r["dataset"] == "tiny-imagenet"}
+    assert tiny_n and max(tiny_n) <= 4  # never more classes than the folder has
+    md = paths["markdown"].read_text()
+    assert "holds no MNIST IDX files" in md and "the paper used CIFAR-100 and Tiny-ImageNet" in md

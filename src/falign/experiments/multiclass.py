@@ -99,7 +99,8 @@ def _datasets(ctx: Context) -> list[tuple[str, list[int], Any, dict]]:
             x_tr, x_te = standardize(ds.x_train, ds.x_test)
             return Dataset(ds.name, x_tr, ds.y_train, x_te, ds.y_test, n, info=ds.info)
 
-        out.append(("tiny-imagenet", cfg["image_n"], tiny_subset,
+        out.append(("tiny-imagenet", [n for n in cfg["image_n"] if n <= len(tiny.classes)] or [len(tiny.classes)],
+                    tiny_subset,
                     {"steps": cfg["image_steps"], "hidden": cfg["hidden"], "rules": cfg["real_rules"]}))
     return out
 
