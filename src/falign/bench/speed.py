@@ -37,7 +37,18 @@ TARGETS = {"fa": 1.05, "usf": 1.05, "frsf": 1.05, "kp": 1.05, "dfa": 1.05, "brsf
 MODELS = {
     "mlp": (lambda: MLP([784, 1024, 1024, 10]), (784,), 128),
     "lenet": (lambda: LeNet5(1, 10, 28), (1, 28, 28), 64),
+    "deconv": (lambda: _deconv(), (1, 28, 28), 64),
 }
+
+
+def _deconv() -> nn.Module:
+    """A convolutional encoder and a transposed-convolution decoder back to 28×28, then a linear classifier:
+    the step time of ``nn.ConvTranspose2d`` under each rule."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(32, 16, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 28 * 28, 10))
 
 
 def batch_of(name: str, device: torch.device | str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, int]:
@@ -150,7 +161,8 @@ def bench_model(name: str, rules: list[str], repeats: int, warmup: int, device: 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="mlp,lenet")
+    parser.add_argument("--models", default="mlp,lenet",
+                        help=f"comma-separated, from {', '.join(MODELS)} (default: mlp,lenet)")
     parser.add_argument("--rules", default=",".join(r for r in falign.available_rules() if r != "bp"))
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
