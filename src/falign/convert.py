@@ -45,6 +45,8 @@ from torch.utils._pytree import tree_leaves
 from falign.errors import FalignError
 from falign.functional import ErrorTap
 from falign.nn import layers as _layers
+from falign.nn.attention import FAMultiheadAttention
+from falign.nn.containers import FeedbackContainer
 from falign.nn.layers import (
     FAConv1d,
     FAConv2d,
@@ -55,6 +57,7 @@ from falign.nn.layers import (
     FALinear,
     FeedbackLayer,
 )
+from falign.nn.recurrent import FAGRU, FALSTM, FARNN
 from falign.rules import FeedbackInit, FeedbackRule, Signal, get_rule
 from falign.seeding import mix_seed
 
@@ -74,7 +77,7 @@ __all__ = [
     "uses_target",
 ]
 
-LAYER_MAP: dict[type[nn.Module], type[FeedbackLayer]] = {
+LAYER_MAP: dict[type[nn.Module], type[FeedbackLayer] | type[FeedbackContainer]] = {
     nn.Linear: FALinear,
     nn.Conv1d: FAConv1d,
     nn.Conv2d: FAConv2d,
@@ -82,6 +85,10 @@ LAYER_MAP: dict[type[nn.Module], type[FeedbackLayer]] = {
     nn.ConvTranspose1d: FAConvTranspose1d,
     nn.ConvTranspose2d: FAConvTranspose2d,
     nn.ConvTranspose3d: FAConvTranspose3d,
+    nn.MultiheadAttention: FAMultiheadAttention,
+    nn.RNN: FARNN,
+    nn.GRU: FAGRU,
+    nn.LSTM: FALSTM,
 }
 
 KEPT_ON_BACKPROP: tuple[type[nn.Module], ...] = (
@@ -99,8 +106,9 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
 LOCAL_GRADIENT: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
 # Modules whose forward reads their children's parameters directly (converting a child would change
-# nothing): left whole, with every parameter they hold listed.
-OPAQUE: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+# nothing): left whole, with every parameter they hold listed. (nn.MultiheadAttention has its converted
+# version; a subclass of it with its own forward is such a module.)
+OPAQUE: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.RNNBase)
 
 
 class ConversionError(FalignError, TypeError):
@@ -167,8 +175,8 @@ def _overrides_forward(cls: type, base: type) -> bool:
 
 
 def _target(child: nn.Module, map_: dict) -> type[FeedbackLayer] | None:
-    if isinstance(child, FeedbackLayer):
-        return next(cls for cls in map_.values() if isinstance(child, cls.torch_base))
+    if isinstance(child, (FeedbackLayer, FeedbackContainer)):
+        return next(cls for cls in map_.values() if isinstance(child, cls.torch_base) and isinstance(child, cls))
     if type(child) in map_:
         return map_[type(child)]
     for base, cls in map_.items():
@@ -213,7 +221,8 @@ class _Plan:
             if target is not None:
                 if not again:
                     self.layers.append((name, child, target))
-                self.records.append(LayerRecord(name, type(child).__name__, "converted", "", shared))
+                note = "; ".join(n for n in (getattr(target, "report_note", ""), shared) if n)
+                self.records.append(LayerRecord(name, type(child).__name__, "converted", "", note))
             elif _lazy(child):
                 self._unsupported(name, child, _own_parameters(child),
                                   "lazy layer not initialised yet: run one forward pass, then convert", again)
@@ -453,11 +462,10 @@ class _Root:
 
     def set_output_layer(self, model: nn.Module, layer: FeedbackLayer) -> None:
         if self.report is not None:
-            names = [r.name for r in self.report.layers if r.status == "converted"]
-            name = next((n for n in names if model.get_submodule(n) is layer), None)
+            name = next((n for n, m in model.named_modules() if m is layer), None)  # also inside a container
             self.report.output_layer = name
             for r in self.report.layers:
-                if r.name == name:
+                if r.status == "converted" and name is not None and (r.name == name or name.startswith(r.name + ".")):
                     r.note = ("output layer: input signal by backprop" if self.output_signal == "backprop"
                               else "output layer") + (f"; {r.note}" if r.note else "")
         if self.output_signal == "backprop" and layer.rule.has_feedback:
@@ -532,6 +540,9 @@ def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         handle.remove()
     for name in ("_falign_root_handles", "_falign_root", "falign_report"):
         model.__dict__.pop(name, None)
+    for module in list(model.modules()):
+        if isinstance(module, FeedbackContainer):  # first: its views go with it
+            module.unconvert_in_place()
     for module in list(model.modules()):
         if isinstance(module, FeedbackLayer):
             module.unconvert_in_place()

@@ -20,6 +20,7 @@ from falign.diagnostics.alignment import (
 )
 from falign.diagnostics.decomposition import loss_decomposition
 from falign.diagnostics.law import LayerPair, conservation, drift, find_pairs
+from falign.nn.containers import FeedbackView
 
 
 class _Capture:
@@ -74,8 +75,19 @@ class DiagnosticsRecorder:
                 param = getattr(layer, pname, None)
                 if param is not None and id(param) in name_of:
                     layer_of[name_of[id(param)]] = lname
-        self.weight_names = {lname: name_of[id(layer.weight)] for lname, layer in self.layers.items()
-                             if id(layer.weight) in name_of}
+        # (parameter name, rows) of each layer's weight; a view of a converted container (attention's q/k/v
+        # blocks, a recurrent layer's W_ih/W_hh) reads its block of the container's parameter
+        self.weight_names: dict[str, tuple[str, tuple[int, int] | None]] = {}
+        for lname, layer in self.layers.items():
+            if isinstance(layer, FeedbackView):
+                owner = lname.rsplit(".feedback.", 1)[0]
+                pname, rows = layer.weight_source()
+                full = f"{owner}.{pname}" if owner != lname else pname
+                if full in self.params:
+                    self.weight_names[lname] = (full, rows)
+                    layer_of.setdefault(full, lname)
+            elif id(layer.weight) in name_of:
+                self.weight_names[lname] = (name_of[id(layer.weight)], None)
         self.groups: dict[str, list[str]] = {}
         for pname in self.params:
             self.groups.setdefault(layer_of.get(pname, "other (no feedback)"), []).append(pname)
@@ -130,9 +142,12 @@ class DiagnosticsRecorder:
 
     def measure(self, rule: dict[str, Tensor], true: dict[str, Tensor], signals_rule: dict[str, Tensor],
                 signals_true: dict[str, Tensor]) -> dict[str, Any]:
+        def block(grads: dict[str, Tensor], key: str, rows: tuple[int, int] | None) -> Tensor:
+            return grads[key] if rows is None else grads[key][rows[0]:rows[1]]
+
         wkey = {lname: self.weight_names[lname] for lname in self.layers if lname in self.weight_names}
-        grads_rule = {l: rule[k] for l, k in wkey.items() if k in rule}
-        grads_true = {l: true[k] for l, k in wkey.items() if k in true}
+        grads_rule = {l: block(rule, k, rows) for l, (k, rows) in wkey.items() if k in rule}
+        grads_true = {l: block(true, k, rows) for l, (k, rows) in wkey.items() if k in true}
         quantities = conservation(self.pairs or [])
         if self.reference is None:
             self.reference = quantities

@@ -17,6 +17,7 @@ tensor of the same shape, or write into it in place, to set the feedback by hand
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Any, ClassVar
 
@@ -29,6 +30,7 @@ from falign.rules import FeedbackInit, FeedbackRule, get_rule
 __all__ = ["FAConv1d", "FAConv2d", "FAConv3d", "FALinear", "FeedbackLayer", "TracedBackpropWarning"]
 
 _PROBE: Any = None  # set by falign.convert's probe of the first forward pass
+PLAIN, MATRIX, DIRECT = "plain", "matrix", "direct"  # the routes of FeedbackLayer.route
 
 
 class TracedBackpropWarning(UserWarning):
@@ -79,6 +81,7 @@ class FeedbackLayer(nn.Module):
         self.rule_state: dict[str, Any] = {}
         self.direct_mode = FF.PER_POSITION
         self.direct_shape: tuple[int, ...] | None = None
+        self._output_features: int | None = None
         if self.rule.direct and output_features is not None and self.weight.dim() == 2:
             self.direct_shape = (int(output_features), self.weight.shape[1])
         self._feedback_used = False
@@ -158,29 +161,42 @@ class FeedbackLayer(nn.Module):
         if torch.jit.is_tracing():
             _warn_traced()
             return self.plain_forward(x)
+        kind, source = self.route(x)
+        if kind is PLAIN:
+            return self.plain_forward(x)
+        if kind is MATRIX:
+            return self.feedback_forward(x, source)
+        return self.direct_forward(x, *source)
+
+    def route(self, x: Tensor, signal: bool | None = None) -> tuple[str, Any]:
+        """How the input signal of this call is made: ``(PLAIN, None)`` (no signal needed, or ``bp``),
+        ``(MATRIX, B or W ↦ B)``, or ``(DIRECT, (D, session, mode, projector))``. Runs the checks of a call
+        (per-step work done, a direct rule's ``D`` planned) and marks the feedback as used. Layers that
+        compute their own backward (the recurrent layers' ``W_hh``) ask this too, with ``x`` a tensor of the
+        input's shape and ``signal`` whether the input needs a gradient (default ``x.requires_grad``)."""
         direct, per_step, has_feedback, from_weight, parameter = self._capabilities
         if per_step and not self._step_hooks and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self._check_stepped()
         if direct and self.feedback_weight.numel() == 0:
             self._plan_direct(x)
         if not has_feedback or not torch.is_grad_enabled():
-            return self.plain_forward(x)
-        signal = x.requires_grad
+            return PLAIN, None
+        signal = x.requires_grad if signal is None else signal
         # feedback trained by the optimiser gets its gradient whenever its weight is trained (also where the
         # input needs no signal, as W's own gradient is computed there too)
         learns = parameter and self.weight.requires_grad
         if not signal and not learns:
-            return self.plain_forward(x)
+            return PLAIN, None
         self._feedback_used = self._feedback_used or signal
         if from_weight:
-            return self.feedback_forward(x, self._matrix_in_backward)
+            return MATRIX, self._matrix_in_backward
         feedback = self.rule.matrix(self, self.weight)
         if parameter and not learns:
             feedback = feedback.detach()
         if direct:
             session = None if self.error_tap is None else self.error_tap.current
-            return self.direct_forward(x, feedback, session, self.direct_mode, self.rule.projected)
-        return self.feedback_forward(x, feedback)
+            return DIRECT, (feedback, session, self.direct_mode, self._projected)
+        return MATRIX, feedback
 
     def _matrix_in_backward(self, weight: Tensor) -> Tensor:
         """``B`` from the ``W`` saved by the forward pass: into a scratch buffer, or out of place under
@@ -198,7 +214,16 @@ class FeedbackLayer(nn.Module):
                 f"build the layer with output_features= and call falign.install_error_tap(model)")
         if sizes is not None:
             self.direct_mode, self.direct_shape = self.rule.plan(self, x, sizes)
+            self._output_features = sizes[0] // max(1, math.prod(sizes[1]))
         self.reset_feedback()
+
+    def _projected(self, session: FF.ErrorSession | None, n_out: int) -> Tensor:
+        """The rule's projected quantity for the model's output features (``D`` of a per-sample layer has
+        more rows: every output position's features)."""
+        if self._output_features is None and self.error_tap is not None and self.error_tap.output_sizes:
+            per_sample, positions = self.error_tap.output_sizes
+            self._output_features = per_sample // max(1, math.prod(positions))
+        return self.rule.projected(session, self._output_features or n_out)
 
     # -- per-step work (falign.attach) -----------------------------------------------------------------
     def _params_key(self) -> tuple[int, ...]:
@@ -305,7 +330,8 @@ class FeedbackLayer(nn.Module):
 
 _CONVERTED_CLASSES: dict[tuple[type, type], type] = {}
 _LAYER_ATTRIBUTES = ("rule", "_capabilities", "feedback_init", "feedback_seed", "error_tap", "rule_state",
-                     "direct_mode", "direct_shape", "_feedback_used", "_step_key", "_step_hooks", "_scratch")
+                     "direct_mode", "direct_shape", "_output_features", "_feedback_used", "_step_key", "_step_hooks",
+                     "_scratch")
 
 
 def _feedback_args(rule, feedback_init: str, feedback_scale: float, seed: int,
