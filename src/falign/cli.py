@@ -274,6 +274,7 @@ BENCH_EXAMPLE = """examples:
   falign bench speed --compile --device cuda
   falign bench accuracy                          # LeNet / Fashion-MNIST vs BioTorch's table (CPU schedule)
   falign bench accuracy --full                   # the published 100-epoch schedule
+  falign bench architectures                     # ViT, row-LSTM/GRU, char-LM: accuracy and step time per rule
 """
 
 
@@ -291,6 +292,11 @@ def _add_bench(sub) -> None:
     ap = kinds.add_parser("accuracy", help="accuracy vs BioTorch's published table", description=accuracy.__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     accuracy.build_parser(ap).set_defaults(func=lambda a: accuracy.run(a) or 0)
+    from falign.bench import architectures
+
+    arch = kinds.add_parser("architectures", help="attention and recurrent models: accuracy and step time per rule",
+                            description=architectures.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    architectures.build_parser(arch).set_defaults(func=lambda a: architectures.run(a) or 0)
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 

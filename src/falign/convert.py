@@ -16,11 +16,15 @@ converted once and stays shared. Everything else keeps backpropagating, by this 
   indices, so there is no input signal to replace and their weight gradient is already local. A weight tied
   between an embedding and the output layer stays one Parameter and receives both gradients (the report
   names the tie);
-- any other module with parameters of its own (``nn.LSTM``, a block holding a
+- ``nn.MultiheadAttention`` and ``nn.RNN``/``nn.GRU``/``nn.LSTM`` are converted *containers*
+  (:mod:`falign.nn.attention`, :mod:`falign.nn.recurrent`): they keep their parameters and gain one feedback
+  view per transported weight;
+- any other module with parameters of its own (``nn.LSTMCell``, a block holding a
   layer-scale ``gamma``, a subclass of ``nn.Linear`` with its own ``forward``, ...) raises
   :class:`ConversionError` naming every such module at once, unless ``unsupported="backprop"``: then
   its own parameters get exact gradients and its children are still converted. Modules whose ``forward``
-  reads their children's weights directly (:data:`OPAQUE`: ``nn.MultiheadAttention``) are left whole.
+  reads their children's weights directly (:data:`OPAQUE`: a subclass of ``nn.MultiheadAttention`` or of
+  a recurrent layer with its own ``forward``) are left whole.
 
 The *output layer* is the converted layer that produces the model's output. It is found on the first
 forward pass (or at once, from ``example_input=``): one extra forward pass in eval mode, gradients
