@@ -19,8 +19,10 @@ are backprop's local ones, e.g. ``∂W_hh = Σ_t δ_tᵀ h_{t-1}``. Direct rules
 output error ``e D_hh`` at every step instead of ``δ_t W_hh``, and ``x_t`` receives ``e D_ih``.
 
 The views ``feedback.weight_ih_l{k}[_reverse]``, ``feedback.weight_hh_l{k}[_reverse]`` (and
-``weight_hr_l{k}[_reverse]``) hold the feedback matrices. The input projection of all time steps is one
-matrix product; the recurrence runs in one autograd function with an explicit backward through time.
+``weight_hr_l{k}[_reverse]``) hold the feedback matrices. Each layer is one autograd function: its forward is
+PyTorch's own recurrence (the same fused kernels as the plain layer); its backward recomputes the gates of
+all steps from the saved states (two matrix products), then runs the backward through time step by step
+with the rule's matrices, in work buffers the layer keeps between steps (``_scratch``, not state).
 Every option works: layers, ``bidirectional``, ``batch_first``, unbatched input, ``dropout``, ``bias``,
 ``nonlinearity``, ``proj_size`` and ``PackedSequence`` input (not with the direct rules, which need a padded
 batch). Without gradients (evaluation) or under ``bp`` the PyTorch forward runs. A second derivative
@@ -29,6 +31,7 @@ through a converted recurrent layer is not supported (it raises).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -43,31 +46,7 @@ from falign.nn.containers import FeedbackContainer
 __all__ = ["FAGRU", "FALSTM", "FARNN"]
 
 
-class _Spec:
-    """The non-tensor configuration of one recurrence (one layer, one direction)."""
-
-    __slots__ = ("direct_hh", "direct_hr", "fn_hh", "fn_hr", "mode", "perm", "reverse", "saved", "sizes", "unperm")
-
-    def __init__(self, mode: str, sizes: list[int], reverse: bool, perm: Tensor | None, unperm: Tensor | None):
-        self.mode, self.sizes, self.reverse, self.perm, self.unperm = mode, sizes, reverse, perm, unperm
-        self.fn_hh = self.fn_hr = self.direct_hh = self.direct_hr = self.saved = None
-
-
-def _transport(route: tuple[str, Any], spec: _Spec, which: str) -> Tensor | None:
-    """Record a view's route in ``spec``; returns the feedback tensor the function takes as an input."""
-    kind, source = route
-    if kind is layers.PLAIN:
-        return None
-    if kind is layers.DIRECT:
-        setattr(spec, f"direct_{which}", source[1:])
-        return source[0]
-    if isinstance(source, Tensor):
-        return source
-    setattr(spec, f"fn_{which}", source)
-    return None
-
-
-def _direct_signal(direct, d: Tensor, n: int, width: int, spec: _Spec) -> Tensor:
+def _direct_signal(direct, d: Tensor, n: int, width: int, spec) -> Tensor:
     """``e D`` for the ``(N, width)`` state (rows in the order of the packed batch)."""
     session, mode, projector = direct
     q = projector(session, d.shape[0])
@@ -75,7 +54,7 @@ def _direct_signal(direct, d: Tensor, n: int, width: int, spec: _Spec) -> Tensor
     return signal if spec.perm is None else signal.index_select(0, spec.perm)
 
 
-def _direct_grad(direct, d: Tensor, states: Tensor, rows: Tensor, n: int, spec: _Spec) -> Tensor:
+def _direct_grad(direct, d: Tensor, states: Tensor, rows: Tensor, n: int, spec) -> Tensor:
     """``∂/∂D Σ_t ⟨e D, h_{t-1}⟩``: the adjoint of the signal sent at every step."""
     session, mode, projector = direct
     q = projector(session, d.shape[0])
@@ -83,6 +62,18 @@ def _direct_grad(direct, d: Tensor, states: Tensor, rows: Tensor, n: int, spec: 
     if spec.unperm is not None:
         total = total.index_select(0, spec.unperm)
     return FF._project_grad(q, total, d, mode)
+
+
+def _route_of(view, x: Tensor, signal: bool) -> tuple[Tensor | None, tuple[Any, Any]]:
+    """A view's answer for one weight: ``(feedback tensor input, (W ↦ B function, direct route))``."""
+    kind, source = view.route(x, signal)
+    if kind is layers.PLAIN:
+        return None, (None, None)
+    if kind is layers.DIRECT:
+        return source[0], (None, source[1:])
+    if isinstance(source, Tensor):
+        return source, (None, None)
+    return None, (source, None)
 
 
 def _offsets(sizes: list[int]) -> list[int]:
@@ -144,189 +135,307 @@ def _final_rows(sizes: list[int], offsets: list[int], reverse: bool, device) -> 
     return (torch.tensor(offsets)[lengths - 1] + torch.arange(n)).to(device)
 
 
-class _Recurrence(torch.autograd.Function):
-    """One direction of one layer over every step: ``xw`` holds ``x_t W_ihᵀ + b_ih`` of all steps, time-major
-    (packed rows: step ``t`` owns ``sizes[t]`` rows, the sequences still running). The backward through time
-    uses ``B_hh`` (``B_hr``) — or, for a direct rule, ``e D`` — for the transported weights."""
+W_IH, W_HH, B_IH, B_HH, W_HR, FB_IH, FB_HH, FB_HR = range(8)  # one direction's inputs of _Layer, in order
+PER_DIRECTION = 8
+
+
+class _LayerSpec:
+    """The non-tensor configuration of one layer (every direction): sizes of the time steps, and for each
+    direction and transported weight how the backward replaces it (``routes[d][name]``: ``(fn, direct)``)."""
+
+    __slots__ = ("batch_sizes", "bias", "dirs", "layer", "mode", "perm", "proj", "routes", "sizes", "unperm", "work",
+                 "x_bf_shape")
+
+    def __init__(self, mode: str, sizes: list[int], batch_sizes: Tensor | None, dirs: int, bias: bool, proj: bool,
+                 perm: Tensor | None, unperm: Tensor | None):
+        self.mode, self.sizes, self.batch_sizes, self.dirs = mode, sizes, batch_sizes, dirs
+        self.bias, self.proj, self.perm, self.unperm = bias, proj, perm, unperm
+        self.routes: list[dict[str, tuple[Any, Any]]] = [{} for _ in range(dirs)]
+        self.x_bf_shape: torch.Size | None = None
+        self.layer = 0
+        self.work: dict = {}
+
+
+def _run_pytorch(mode: str, x: Tensor, h0: Tensor, c0: Tensor, params: list[Tensor], spec: _LayerSpec):
+    """PyTorch's own recurrence (its fused kernels) for one layer, every direction: ``(out, h_n, c_n)``."""
+    bi = spec.dirs == 2
+    if mode == "LSTM" and spec.proj:
+        with warnings.catch_warnings():  # PyTorch's note that oneDNN has no projections: its own kernel runs
+            warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
+            spec.proj = False
+            try:
+                return _run_pytorch(mode, x, h0, c0, params, spec)
+            finally:
+                spec.proj = True
+    if mode == "LSTM":
+        if spec.batch_sizes is not None:
+            return torch._VF.lstm(x, spec.batch_sizes, (h0, c0), params, spec.bias, 1, 0.0, False, bi)
+        return torch._VF.lstm(x, (h0, c0), params, spec.bias, 1, 0.0, False, bi, False)
+    fn = {"GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh, "RNN_RELU": torch._VF.rnn_relu}[mode]
+    if spec.batch_sizes is not None:
+        out, h_n = fn(x, spec.batch_sizes, h0, params, spec.bias, 1, 0.0, False, bi)
+    else:
+        out, h_n = fn(x, h0, params, spec.bias, 1, 0.0, False, bi, False)
+    return out, h_n, h_n.new_empty(0)
+
+
+class _Layer(torch.autograd.Function):
+    """One recurrent layer, every direction. The forward pass is PyTorch's own (fused) recurrence; the backward
+    recomputes the gates from the saved states (two matrix products over all steps) and runs the backward through
+    time step by step with the rule's matrix — or, for a direct rule, ``e D`` — wherever backprop transports
+    ``W_ih``, ``W_hh`` or ``W_hr``.
+
+    Inputs: ``x`` (time-major ``(T, N, in)``, or the rows of a packed batch), ``h0``, ``c0``, then per direction
+    ``w_ih, w_hh, b_ih, b_hh, w_hr`` and the feedback tensors ``fb_ih, fb_hh, fb_hr`` (``None`` where absent),
+    and the :class:`_LayerSpec`."""
 
     @staticmethod
-    def forward(xw, h0, c0, w_hh, b_hh, fb_hh, w_hr, fb_hr, spec):
-        mode, sizes = spec.mode, spec.sizes
-        lstm, gru = mode == "LSTM", mode == "GRU"
-        total, hidden, gates = xw.shape[0], w_hh.shape[1], w_hh.shape[0]
-        c = gates // (4 if lstm else 3 if gru else 1)
-        order = list(range(len(sizes) - 1, -1, -1)) if spec.reverse else list(range(len(sizes)))
-        wt = w_hh.t()
-        out = xw.new_empty(total, hidden)
-        outs = out.split(sizes)
-        acts = xw.new_empty(total, gates) if (lstm or gru) else None
-        c_all = tanh_c = raw = hn_all = None
-        # every per-step view is made once, before the loop
-        if lstm:
-            xb = (xw + b_hh if b_hh is not None else xw).split(sizes)
-            c_all, tanh_c = xw.new_empty(total, c), xw.new_empty(total, c)
-            A, C, TC = acts.split(sizes), c_all.split(sizes), tanh_c.split(sizes)
-            I, F, G, O = (acts[:, k * c:(k + 1) * c].split(sizes) for k in range(4))
-            if w_hr is not None:
-                raw = xw.new_empty(total, c)
-                RAW, wr = raw.split(sizes), w_hr.t()
-        elif gru:  # b_hn stays inside r ⊙ (W_hn h + b_hn)
-            hn_all = xw.new_empty(total, c)
-            XRZ, XN, HN = xw[:, :2 * c].split(sizes), xw[:, 2 * c:].split(sizes), hn_all.split(sizes)
-            RZ, R, Z, N = (acts[:, a:b].split(sizes) for a, b in ((0, 2 * c), (0, c), (c, 2 * c), (2 * c, 3 * c)))
-        else:
-            xb = (xw + b_hh if b_hh is not None else xw).split(sizes)
-            act_fn = torch.tanh if mode == "RNN_TANH" else torch.relu
-        prev = None
-        for t in order:
-            m = sizes[t]
-            hp = _previous(outs, h0, prev, m)
-            if lstm:
-                cp = _previous(C, c0, prev, m)
-                pre = torch.addmm(xb[t], hp, wt)
-                torch.sigmoid(pre, out=A[t])
-                torch.tanh(pre[:, 2 * c:3 * c], out=G[t])
-                torch.mul(F[t], cp, out=C[t]).addcmul_(I[t], G[t])
-                torch.tanh(C[t], out=TC[t])
-                if raw is not None:
-                    torch.mm(torch.mul(O[t], TC[t], out=RAW[t]), wr, out=outs[t])
-                else:
-                    torch.mul(O[t], TC[t], out=outs[t])
-            elif gru:
-                hw = torch.addmm(b_hh, hp, wt) if b_hh is not None else hp.mm(wt)
-                torch.add(XRZ[t], hw[:, :2 * c], out=RZ[t]).sigmoid_()
-                HN[t].copy_(hw[:, 2 * c:])
-                torch.addcmul(XN[t], R[t], HN[t], out=N[t]).tanh_()
-                torch.lerp(N[t], hp, Z[t], out=outs[t])  # (1 − z) n + z h
-            else:
-                outs[t].copy_(act_fn(torch.addmm(xb[t], hp, wt)))
-            prev = t
-        last = _final_rows(sizes, _offsets(sizes), spec.reverse, xw.device)
-        spec.saved = (acts, c_all, tanh_c, raw, hn_all)  # the function's own buffers, read by backward
-        h_n = out.index_select(0, last)
-        return out, h_n, (c_all.index_select(0, last) if lstm else xw.new_empty(0))
+    def forward(x, h0, c0, *rest):
+        *flat, spec = rest
+        params = []
+        for d in range(spec.dirs):
+            p = flat[d * PER_DIRECTION:(d + 1) * PER_DIRECTION]
+            params += [p[W_IH], p[W_HH]] + ([p[B_IH], p[B_HH]] if spec.bias else []) + ([p[W_HR]] if spec.proj else [])
+        return _run_pytorch(spec.mode, x, h0, c0, params, spec)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _xw, h0, c0, w_hh, b_hh, fb_hh, w_hr, fb_hr, spec = inputs
-        ctx.save_for_backward(h0, c0, w_hh, fb_hh, w_hr, fb_hr, output[0])
-        ctx.intermediates, spec.saved = spec.saved, None
+        x, h0, c0, *rest = inputs
+        *flat, spec = rest
+        ctx.save_for_backward(x, h0, c0, output[0], *flat)
         ctx.spec = spec
-        ctx.has_bias = b_hh is not None
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_hn, d_cn):
-        h0, c0, w_hh, fb_hh, w_hr, fb_hr, out = ctx.saved_tensors
-        acts, c_all, tanh_c, raw, hn_all = ctx.intermediates
+        x, h0, c0, out, *flat = ctx.saved_tensors
         spec = ctx.spec
-        mode, sizes = spec.mode, spec.sizes
-        lstm, gru = mode == "LSTM", mode == "GRU"
-        total, hidden = out.shape
-        n0 = sizes[0]
-        gates = w_hh.shape[0]
-        cell = gates // (4 if lstm else 3 if gru else 1)
         need = ctx.needs_input_grad
-        backprop = bool(FF._BACKPROP_MODE)
-        order = list(range(len(sizes) - 1, -1, -1)) if spec.reverse else list(range(len(sizes)))
-        offsets = _offsets(sizes)
+        total = sum(spec.sizes)
+        x2 = x.reshape(total, x.shape[-1])
+        o2 = out.reshape(total, out.shape[-1])
+        d_out2 = d_out.reshape(total, out.shape[-1]) if d_out is not None else o2.new_zeros(o2.shape)
+        width = out.shape[-1] // spec.dirs
+        grads: list[Tensor | None] = [None] * (PER_DIRECTION * spec.dirs)
+        dx = dh0 = dc0 = None
+        dh0s, dc0s = [], []
+        for d in range(spec.dirs):
+            p = flat[d * PER_DIRECTION:(d + 1) * PER_DIRECTION]
+            wants = need[3 + d * PER_DIRECTION:3 + (d + 1) * PER_DIRECTION]
+            cols = slice(d * width, (d + 1) * width)
+            result = _direction_backward(spec, d, x2, h0[d], c0[d] if c0.numel() else None,
+                                         o2[:, cols].contiguous(), d_out2[:, cols],
+                                         d_hn[d] if d_hn is not None else None,
+                                         d_cn[d] if (d_cn is not None and d_cn.numel()) else None, p, wants, need[0])
+            dx_d, dh0_d, dc0_d, grads[d * PER_DIRECTION:(d + 1) * PER_DIRECTION] = result
+            if dx_d is not None:
+                dx = dx_d if dx is None else dx.add_(dx_d)
+            dh0s.append(dh0_d)
+            dc0s.append(dc0_d)
+        dh0 = torch.stack(dh0s) if need[1] else None
+        dc0 = torch.stack(dc0s) if (need[2] and spec.mode == "LSTM") else None
+        return (dx.view(x.shape) if dx is not None else None, dh0, dc0, *grads, None)
 
-        def transport(w, fb, fn, direct):
-            if backprop or (fb is None and fn is None):
-                return w, None
-            if direct is not None:
-                return None, _direct_signal(direct, fb, n0, w.shape[1], spec)
-            return (fb if fn is None else fn(w)), None
 
-        b_hh_, signal_hh = transport(w_hh, fb_hh, spec.fn_hh, spec.direct_hh)
-        if raw is not None:
-            b_hr_, signal_hr = transport(w_hr, fb_hr, spec.fn_hr, spec.direct_hr)
-        d_out = d_out if d_out is not None else out.new_zeros(out.shape)
-        dh = d_hn.clone() if d_hn is not None else out.new_zeros(n0, hidden)
-        hprev = _previous_segments(out, h0, sizes, order)
-        dx = out.new_empty(total, gates)
-        dhw = out.new_empty(total, gates) if gru else dx
-        gh_all = out.new_empty(total, hidden) if raw is not None else None
-        # the factors of each step's local derivatives, for all steps at once
-        if lstm:
-            dc = d_cn.clone() if (d_cn is not None and d_cn.numel()) else out.new_zeros(n0, cell)
-            i, f, g, o = acts.chunk(4, 1)
-            to_c = o * (1 - tanh_c * tanh_c)
-            slope = acts * (1 - acts)  # σ' of the i, f, o gates
-            p_igf = out.new_empty(total, 3, cell)
-            torch.mul(g, slope[:, :cell], out=p_igf[:, 0])
-            for rows, cprev in _previous_segments(c_all, c0, sizes, order):
-                torch.mul(cprev, slope[rows, cell:2 * cell], out=p_igf[rows, 1])
-            torch.mul(g, g, out=p_igf[:, 2]).neg_().add_(1).mul_(i)
-            p_o = tanh_c * slope[:, 3 * cell:]
-        elif gru:
-            r, z, n = acts.chunk(3, 1)
-            u = (1 - z) * (1 - n * n)
-            w_r = u * hn_all * r * (1 - r)
-            v = out.new_empty(total, cell)
-            for rows, h in hprev:
-                torch.sub(h, n[rows], out=v[rows])
-            v.mul_(z).mul_(1 - z)
-            p_x = torch.stack((w_r, v, u), 1)
-            p_h = torch.stack((w_r, v, u * r), 1)
+def _work_buffer(spec: _LayerSpec, key: tuple, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A work tensor of the backward kept by the container between steps (not state: never saved; rebuilt when
+    the shape, dtype or device changes), so that every step does not page in fresh memory."""
+    store = spec.work
+    key = (spec.layer, *key)
+    buf = store.get(key)
+    if buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = store[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
+def _transported(w: Tensor, fb: Tensor | None, route: tuple[Any, Any]) -> tuple[Tensor | None, Any]:
+    """``(B, direct)`` for one weight: ``W`` itself in backprop mode or without feedback, else the rule's ``B``
+    (made from ``W`` for the sign rules), or the direct route."""
+    fn, direct = route
+    if FF._BACKPROP_MODE or (fb is None and fn is None):
+        return w, None
+    if direct is not None:
+        return None, direct
+    return (fb if fn is None else fn(w)), None
+
+
+def _direction_backward(spec, d, x2, h0, c0, out, d_out, d_hn, d_cn, p, wants, need_x):
+    """Recompute one direction's gates, run its backward through time, and return
+    ``(dx, dh0, dc0, grads of its eight inputs)``."""
+    mode, sizes = spec.mode, spec.sizes
+    lstm, gru = mode == "LSTM", mode == "GRU"
+    w_ih, w_hh, b_ih, b_hh, w_hr, fb_ih, fb_hh, fb_hr = p
+    routes = spec.routes[d]
+    total, hidden = out.shape
+    gates = w_hh.shape[0]
+    c = gates // (4 if lstm else 3 if gru else 1)
+    n0 = sizes[0]
+    order = list(range(len(sizes) - 1, -1, -1)) if d == 1 else list(range(len(sizes)))
+    hprev = _previous_segments(out, h0, sizes, order)
+    raw = None
+    # -- the gates, recomputed for all steps at once (into work buffers kept between steps) ------------------
+    def work(name: str, *shape: int) -> Tensor:
+        return _work_buffer(spec, (d, name), shape, out)
+
+    bias = None
+    if b_ih is not None:
+        bias = b_ih if gru else b_ih + b_hh
+    pre = work("pre", total, gates)
+    torch.addmm(bias, x2, w_ih.t(), out=pre) if bias is not None else torch.mm(x2, w_ih.t(), out=pre)
+    hw = work("hw", total, gates) if gru else pre  # LSTM/RNN: W_hh h_{t-1} is added to x W_ihᵀ + b in place
+    for rows, h in hprev:
+        if gru:
+            torch.addmm(b_hh, h, w_hh.t(), out=hw[rows]) if b_hh is not None else torch.mm(h, w_hh.t(), out=hw[rows])
         else:
-            slope = 1 - out * out if mode == "RNN_TANH" else (out > 0).to(out.dtype)
-        for t in reversed(order):
-            m, a = sizes[t], offsets[t]
-            rows = slice(a, a + m)
-            if raw is not None:
-                g_h = torch.add(dh[:m], d_out[rows], out=gh_all[rows])
-                g_raw = signal_hr[:m] if signal_hr is not None else g_h.mm(b_hr_)
-            else:
-                g_h = dh[:m] + d_out[rows]
-                g_raw = g_h
-            d = dx[rows]
-            if lstm:
-                gc = torch.addcmul(dc[:m], g_raw, to_c[rows])
-                torch.mul(gc.unsqueeze(1), p_igf[rows], out=d[:, :3 * cell].view(m, 3, cell))
-                torch.mul(g_raw, p_o[rows], out=d[:, 3 * cell:])
-                torch.mul(gc, f[rows], out=dc[:m])
-                across = None
-            elif gru:
-                g3 = g_h.unsqueeze(1)
-                torch.mul(g3, p_x[rows], out=d.view(m, 3, cell))
-                d = dhw[rows]
-                torch.mul(g3, p_h[rows], out=d.view(m, 3, cell))
-                across = g_h * z[rows]
-            else:
-                torch.mul(g_h, slope[rows], out=d)
-                across = None
-            if signal_hh is not None:
-                dh[:m] = signal_hh[:m] if across is None else across + signal_hh[:m]
-            elif across is None:
-                torch.mm(d, b_hh_, out=dh[:m])
-            else:
-                torch.addmm(across, d, b_hh_, out=dh[:m])
-        grad_w_hh = None
-        if need[3] or need[5]:
-            grad_w_hh = sum(dhw[rows].t().mm(h) for rows, h in hprev)
-        grad_b_hh = dhw.sum(0) if (ctx.has_bias and need[4]) else None
-        grad_fb_hh = None
-        if need[5]:
-            if spec.direct_hh is not None:
-                rows_of = torch.cat([torch.arange(s, device=out.device) for s in sizes])
-                states = torch.cat([h for _, h in hprev]) if len(hprev) > 1 else hprev[0][1]
-                if len(hprev) > 1 and hprev[0][0].start != 0:  # the pieces in row order
-                    states = torch.cat([hprev[1][1], hprev[0][1]])
-                grad_fb_hh = _direct_grad(spec.direct_hh, fb_hh, states, rows_of, n0, spec)
-            else:
-                grad_fb_hh = grad_w_hh
-        grad_w_hr = grad_fb_hr = None
-        if raw is not None and (need[6] or need[7]):
-            grad_w_hr = gh_all.t().mm(raw)
-            if need[7]:
-                if spec.direct_hr is not None:
-                    rows_of = torch.cat([torch.arange(s, device=out.device) for s in sizes])
-                    grad_fb_hr = _direct_grad(spec.direct_hr, fb_hr, raw, rows_of, n0, spec)
-                else:
-                    grad_fb_hr = grad_w_hr
-        return (dx, dh, dc if lstm else None, grad_w_hh if need[3] else None, grad_b_hh, grad_fb_hh,
-                grad_w_hr if need[6] else None, grad_fb_hr, None)
+            hw[rows].addmm_(h, w_hh.t())
+    if lstm:
+        acts = work("acts", total, gates)
+        torch.sigmoid(pre, out=acts)
+        torch.tanh(pre[:, 2 * c:3 * c], out=acts[:, 2 * c:3 * c])
+        i, f, g, o = acts.chunk(4, 1)
+        c_all = torch.mul(i, g, out=work("c", total, c))
+        steps_c, steps_f = c_all.split(sizes), f.split(sizes)
+        prev = None
+        for t in order:
+            steps_c[t].addcmul_(steps_f[t], _previous(steps_c, c0, prev, sizes[t]))
+            prev = t
+        tanh_c = torch.tanh(c_all, out=work("tanh_c", total, c))
+        raw = o * tanh_c if w_hr is not None else None
+    elif gru:
+        rz = torch.add(pre[:, :2 * c], hw[:, :2 * c], out=work("rz", total, 2 * c)).sigmoid_()
+        r, z = rz[:, :c], rz[:, c:]
+        hn_all = hw[:, 2 * c:]
+        n = torch.addcmul(pre[:, 2 * c:], r, hn_all, out=work("n", total, c)).tanh_()
+    # -- the local derivatives' factors, for all steps at once --------------------------------------------
+    if lstm:
+        to_c = torch.mul(tanh_c, tanh_c, out=work("to_c", total, c)).neg_().add_(1).mul_(o)
+        slope = torch.mul(acts, acts, out=pre).neg_().add_(acts)  # σ' = a − a² of the i, f, o gates
+        p_igf = work("p_igf", total, 3, c)
+        torch.mul(g, slope[:, :c], out=p_igf[:, 0])
+        for rows, cprev in _previous_segments(c_all, c0, sizes, order):
+            torch.mul(cprev, slope[rows, c:2 * c], out=p_igf[rows, 1])
+        torch.mul(g, g, out=p_igf[:, 2]).neg_().add_(1).mul_(i)
+        p_o = torch.mul(tanh_c, slope[:, 3 * c:], out=work("p_o", total, c))
+    elif gru:
+        p_x, p_h = work("p_x", total, 3, c), work("p_h", total, 3, c)
+        u = torch.mul(n, n, out=p_x[:, 2]).neg_().add_(1).mul_(1 - z)  # (1 − z)(1 − n²)
+        torch.mul(r, r, out=p_x[:, 0]).neg_().add_(r).mul_(hn_all).mul_(u)  # r(1 − r) h_n (1 − z)(1 − n²)
+        v = p_x[:, 1]
+        for rows, h in hprev:
+            torch.sub(h, n[rows], out=v[rows])
+        v.mul_(z).mul_(1 - z)
+        p_h[:, :2].copy_(p_x[:, :2])
+        torch.mul(u, r, out=p_h[:, 2])
+    else:
+        slope = 1 - out * out if mode == "RNN_TANH" else (out > 0).to(out.dtype)
+    # -- backward through time ------------------------------------------------------------------------------
+    b_hh_, direct_hh = _transported(w_hh, fb_hh, routes["hh"])
+    signal_hh = _direct_signal(direct_hh, fb_hh, n0, hidden, spec) if direct_hh is not None else None
+    signal_hr = None
+    if raw is not None:
+        b_hr_, direct_hr = _transported(w_hr, fb_hr, routes["hr"])
+        signal_hr = _direct_signal(direct_hr, fb_hr, n0, c, spec) if direct_hr is not None else None
+    dh = d_hn.clone() if d_hn is not None else out.new_zeros(n0, hidden)
+    dx = work("dx", total, gates)
+    dhw = work("dhw", total, gates) if gru else dx
+    gh_all = out.new_empty(total, hidden) if (lstm and raw is not None) else None
+    D_OUT, DX = d_out.split(sizes), dx.split(sizes)
+    if lstm:
+        dc = d_cn.clone() if d_cn is not None else out.new_zeros(n0, c)
+        TO_C, P_IGF, P_O, F_ = to_c.split(sizes), p_igf.split(sizes), p_o.split(sizes), f.split(sizes)
+        DX_IGF, DX_O = dx[:, :3 * c].view(total, 3, c).split(sizes), dx[:, 3 * c:].split(sizes)
+        GH = gh_all.split(sizes) if gh_all is not None else None
+    elif gru:
+        P_X, P_H, Z = p_x.split(sizes), p_h.split(sizes), z.split(sizes)
+        DX3, DHW3, DHW = dx.view(total, 3, c).split(sizes), dhw.view(total, 3, c).split(sizes), dhw.split(sizes)
+    else:
+        SLOPE = slope.split(sizes)
+    for t in reversed(order):
+        m = sizes[t]
+        dh_m = dh if m == n0 else dh[:m]
+        if gh_all is not None:
+            g_h = torch.add(dh_m, D_OUT[t], out=GH[t])
+            g_raw = signal_hr[:m] if signal_hr is not None else g_h.mm(b_hr_)
+        else:
+            g_raw = g_h = dh_m + D_OUT[t]
+        across = None
+        if lstm:
+            dc_m = dc if m == n0 else dc[:m]
+            gc = torch.addcmul(dc_m, g_raw, TO_C[t])
+            torch.mul(gc.unsqueeze(1), P_IGF[t], out=DX_IGF[t])
+            torch.mul(g_raw, P_O[t], out=DX_O[t])
+            torch.mul(gc, F_[t], out=dc_m)
+            delta = DX[t]
+        elif gru:
+            g3 = g_h.unsqueeze(1)
+            torch.mul(g3, P_X[t], out=DX3[t])
+            torch.mul(g3, P_H[t], out=DHW3[t])
+            delta, across = DHW[t], g_h * Z[t]
+        else:
+            delta = torch.mul(g_h, SLOPE[t], out=DX[t])
+        if signal_hh is not None:
+            dh_m.copy_(signal_hh[:m] if across is None else across + signal_hh[:m])
+        elif across is None:
+            torch.mm(delta, b_hh_, out=dh_m)
+        else:
+            torch.addmm(across, delta, b_hh_, out=dh_m)
+    # -- gradients ---------------------------------------------------------------------------------------------
+    grads: list[Tensor | None] = [None] * PER_DIRECTION
+    if wants[W_IH] or wants[FB_IH]:
+        grads[W_IH] = dx.t().mm(x2)
+    if wants[B_IH]:
+        grads[B_IH] = dx.sum(0)
+    if wants[W_HH] or wants[FB_HH]:
+        grads[W_HH] = sum(dhw[rows].t().mm(h) for rows, h in hprev)
+    if wants[B_HH]:
+        grads[B_HH] = dhw.sum(0) if gru else grads[B_IH] if grads[B_IH] is not None else dx.sum(0)
+    # the feedback's own gradient: W's for learned B (kp); ∂⟨e D, input⟩/∂D for a learned D (dkp), none in
+    # backprop mode (as for the Linear layers)
+    rows_of = torch.cat([torch.arange(s, device=out.device) for s in sizes])
+    if wants[FB_HH]:
+        if direct_hh is not None:
+            states = torch.cat([h for _, h in sorted(hprev, key=lambda piece: piece[0].start)])
+            grads[FB_HH] = _direct_grad(direct_hh, fb_hh, states, rows_of, n0, spec)
+        elif routes["hh"][1] is None:
+            grads[FB_HH] = grads[W_HH]
+    if gh_all is not None and (wants[W_HR] or wants[FB_HR]):
+        grads[W_HR] = gh_all.t().mm(raw)
+        if wants[FB_HR]:
+            if direct_hr is not None:
+                grads[FB_HR] = _direct_grad(direct_hr, fb_hr, raw, rows_of, n0, spec)
+            elif routes["hr"][1] is None:
+                grads[FB_HR] = grads[W_HR]
+    b_ih_, direct_ih = _transported(w_ih, fb_ih, routes["ih"])
+    signal_x = None
+    if need_x:
+        signal_x = _direct_input(direct_ih, fb_ih, spec, x2.shape[-1]) if direct_ih is not None else dx.mm(b_ih_)
+    if wants[FB_IH]:
+        if direct_ih is not None:
+            grads[FB_IH] = _direct_input_grad(direct_ih, fb_ih, spec, x2)
+        elif routes["ih"][1] is None:
+            grads[FB_IH] = grads[W_IH]
+    for k in (W_IH, W_HH, W_HR):
+        if not wants[k]:
+            grads[k] = None
+    dh0 = dh
+    dc0 = dc if lstm else None
+    return signal_x, dh0, dc0, grads
+
+
+def _direct_input(direct, d: Tensor, spec: _LayerSpec, width: int) -> Tensor:
+    """``e D_ih`` for every step's input (time-major rows of a padded batch)."""
+    session, mode, projector = direct
+    q = projector(session, d.shape[0])
+    signal = FF._project(q, d, spec.x_bf_shape, mode)  # (N, T, in)
+    return signal.transpose(0, 1).reshape(-1, width)
+
+
+def _direct_input_grad(direct, d: Tensor, spec: _LayerSpec, x2: Tensor) -> Tensor:
+    session, mode, projector = direct
+    q = projector(session, d.shape[0])
+    n, steps = spec.x_bf_shape[0], spec.x_bf_shape[1]
+    x_bf = x2.view(steps, n, x2.shape[-1]).transpose(0, 1)
+    return FF._project_grad(q, x_bf, d, mode)
 
 
 class _FARNNBase(FeedbackContainer):
@@ -386,55 +495,56 @@ class _FARNNBase(FeedbackContainer):
             else:
                 steps, n = x.shape[:2]
             sizes = [n] * steps
-            # direct rules plan D on batch-first inputs; the others take time-major rows directly
-            layer_input = (x if self.batch_first else x.transpose(0, 1)) if direct else \
-                (x.transpose(0, 1) if self.batch_first else x)
+            layer_input = x.transpose(0, 1) if self.batch_first else x  # time-major (T, N, in)
         h0, c0 = self._initial_state(hx, n, out_size, lstm, batched, perm, layer_input)
         views = self.feedback
+        probing = layers._PROBE is not None  # convert's probe: record the input layers, plain recurrence
         finals_h, finals_c = [], []
         for layer in range(self.num_layers):
-            outs = []
+            spec = _LayerSpec(self.mode, sizes, batch_sizes if packed else None, dirs, self.bias, self.proj_size > 0,
+                              perm, unperm)
+            x_plan = layer_input if packed else layer_input.transpose(0, 1)  # batch first, for a direct rule's plan
+            spec.x_bf_shape = x_plan.shape
+            spec.layer, spec.work = layer, self.__dict__.setdefault("_scratch", {})
+            h_start = h0[layer * dirs:(layer + 1) * dirs]
+            c_start = c0[layer * dirs:(layer + 1) * dirs] if lstm else h_start.new_empty(0)
+            flat: list[Tensor | None] = []
             for d in range(dirs):
                 s = f"_l{layer}{'_reverse' if d else ''}"
-                xw = views[f"weight_ih{s}"](layer_input)
-                if not packed:
-                    xw = (xw.transpose(0, 1) if direct else xw).reshape(steps * n, xw.shape[-1])
-                index = layer * dirs + d
-                h_start = h0[index]
-                c_start = c0[index] if lstm else xw.new_empty(0)
-                spec = _Spec(self.mode, sizes, d == 1, perm, unperm)
-                signal = xw.requires_grad or h_start.requires_grad or c_start.requires_grad
-                w_hh = getattr(self, f"weight_hh{s}")
-                probing = layers._PROBE is not None  # convert's probe: the plain recurrence
-                fb_hh = None if probing else _transport(views[f"weight_hh{s}"].route(h_start, signal), spec, "hh")
-                w_hr = fb_hr = None
-                if self.proj_size > 0:
-                    w_hr = getattr(self, f"weight_hr{s}")
-                    probe = xw.new_empty(n, self.hidden_size)
-                    fb_hr = None if probing else _transport(views[f"weight_hr{s}"].route(probe, signal), spec, "hr")
-                b_hh = getattr(self, f"bias_hh{s}") if self.bias else None
-                out, hn, cn = _Recurrence.apply(xw, h_start, c_start, w_hh, b_hh, fb_hh, w_hr, fb_hr, spec)
-                outs.append(out)
-                finals_h.append(hn)
-                finals_c.append(cn)
-            rows = outs[0] if dirs == 1 else torch.cat(outs, 1)
+                weights = [getattr(self, f"{k}{s}") if (self.bias or not k.startswith("bias")) else None
+                           for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                weights.append(getattr(self, f"weight_hr{s}") if self.proj_size > 0 else None)
+                feedback = [None, None, None]
+                if probing:
+                    layers._PROBE(views[f"weight_ih{s}"], x_plan)
+                    spec.routes[d] = {"ih": (None, None), "hh": (None, None), "hr": (None, None)}
+                else:
+                    signal = torch.is_grad_enabled() and (layer_input.requires_grad or h_start.requires_grad or any(
+                        w is not None and w.requires_grad for w in weights))
+                    feedback[0], spec.routes[d]["ih"] = _route_of(views[f"weight_ih{s}"], x_plan,
+                                                                  layer_input.requires_grad)
+                    feedback[1], spec.routes[d]["hh"] = _route_of(views[f"weight_hh{s}"], h_start[d], signal)
+                    spec.routes[d]["hr"] = (None, None)
+                    if self.proj_size > 0:
+                        state = h_start.new_empty(n, self.hidden_size)
+                        feedback[2], spec.routes[d]["hr"] = _route_of(views[f"weight_hr{s}"], state, signal)
+                flat += weights + feedback
+            out, hn, cn = _Layer.apply(layer_input, h_start, c_start, *flat, spec)
+            finals_h.append(hn)
+            finals_c.append(cn)
             if self.dropout and self.training and layer < self.num_layers - 1:
-                rows = nn.functional.dropout(rows, self.dropout, True)
-            if packed:
-                layer_input = rows
-            else:
-                layer_input = rows.view(steps, n, -1)
-                if direct:
-                    layer_input = layer_input.transpose(0, 1)
-        h_n = torch.stack(finals_h)
-        c_n = torch.stack(finals_c) if lstm else None
+                out = nn.functional.dropout(out, self.dropout, True)
+            layer_input = out
+        rows = out
+        h_n = torch.cat(finals_h)
+        c_n = torch.cat(finals_c) if lstm else None
         if unperm is not None:
             h_n = h_n.index_select(1, unperm)
             c_n = c_n.index_select(1, unperm) if lstm else None
         if packed:
             output = PackedSequence(rows, batch_sizes, perm, unperm)
         else:
-            output = rows.view(steps, n, -1)
+            output = rows
             if self.batch_first:
                 output = output.transpose(0, 1)
             if not batched:
