@@ -114,10 +114,41 @@ def backprop_mode() -> Iterator[None]:
 
 
 def _feedback_for_backward(weight: Tensor, feedback: Tensor | None, feedback_fn) -> Tensor:
-    """``W`` in backprop mode, else ``B`` as given or made from the saved ``W``."""
+    """``W`` in backprop mode, else ``B`` as given or made from the saved ``W`` (in ``W``'s dtype, which under
+    autocast is the lower precision)."""
     if _BACKPROP_MODE:
         return weight
-    return feedback if feedback_fn is None else feedback_fn(weight)
+    if feedback_fn is None:
+        return feedback
+    b = feedback_fn(weight)
+    return b if b.dtype == weight.dtype else b.to(weight.dtype)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matrix products and convolutions in on this device now; ``None`` when it is off."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: per-device functions
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+def _cast(t, dtype: torch.dtype):
+    return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype else t
+
+
+def _autocast(function, x: Tensor, weight: Tensor, bias: Tensor | None, feedback, *rest):
+    """``function.apply`` as autocast runs ``F.linear`` and the convolutions: under ``torch.autocast`` the input,
+    weight, bias and feedback are cast (differentiably, so parameters still get float32 gradients) to the
+    autocast dtype and the layer — forward and the rule's backward — runs in it; otherwise unchanged."""
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is None:
+        return function.apply(x, weight, bias, feedback, *rest)
+    with torch.autocast(x.device.type, enabled=False):
+        return function.apply(_cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(feedback, dtype), *rest)
 
 
 class _FeedbackLinear(_Function):
@@ -160,7 +191,7 @@ def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Fe
         - output: ``(*, out)``
     """
     tensor, fn = _split(feedback, weight)
-    return _FeedbackLinear.apply(x, weight, bias, tensor, fn)
+    return _autocast(_FeedbackLinear, x, weight, bias, tensor, fn)
 
 
 class _FeedbackConv(_Function):
@@ -221,7 +252,7 @@ def feedback_conv(
         - output: ``(N, C_out, *spatial_out)``
     """
     tensor, fn = _split(feedback, weight)
-    return _FeedbackConv.apply(x, weight, bias, tensor, fn, list(stride), list(padding), list(dilation), groups,
+    return _autocast(_FeedbackConv, x, weight, bias, tensor, fn, list(stride), list(padding), list(dilation), groups,
                                transposed, list(output_padding) if output_padding is not None else None)
 
 
@@ -417,7 +448,7 @@ def direct_feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedb
         - ``per-position``: D ``(n_out, in)``, q ``(*, n_out)`` with x's leading dimensions
         - ``per-sample``: D ``(E, in)``, q ``(N, …)`` with E entries per sample
     """
-    return _DirectFeedbackLinear.apply(x, weight, bias, feedback, session, mode, projector)
+    return _autocast(_DirectFeedbackLinear, x, weight, bias, feedback, session, mode, projector)
 
 
 class _DirectFeedbackConv(_Function):
@@ -494,8 +525,8 @@ def direct_feedback_conv(
     ``D`` always refers to the layer's own input. Shape: ``D`` is ``(E, C·H·W)`` of that input, ``E`` the
     number of entries of ``q`` per sample.
     """
-    return _DirectFeedbackConv.apply(
-        x, weight, bias, feedback, session, projector, None if pad is None else list(pad), pad_mode,
-        list(stride), list(padding), list(dilation), groups, transposed,
+    return _autocast(
+        _DirectFeedbackConv, x, weight, bias, feedback, session, projector, None if pad is None else list(pad),
+        pad_mode, list(stride), list(padding), list(dilation), groups, transposed,
         list(output_padding) if output_padding is not None else None,
     )

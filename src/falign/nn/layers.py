@@ -500,8 +500,9 @@ class _FAConvTransposeNd(FeedbackLayer):
                                          list(self.padding), list(self.kernel_size), n, list(self.dilation)))
 
     def plain_forward(self, x: Tensor) -> Tensor:
-        return torch.convolution(x, self.weight, self.bias, list(self.stride), list(self.padding),
-                                 list(self.dilation), True, self._opad(x), self.groups)
+        conv = (nn.functional.conv_transpose1d, nn.functional.conv_transpose2d,
+                nn.functional.conv_transpose3d)[len(self.kernel_size) - 1]  # (these autocast as PyTorch's layer)
+        return conv(x, self.weight, self.bias, self.stride, self.padding, self._opad(x), self.groups, self.dilation)
 
     def feedback_forward(self, x: Tensor, feedback: FF.FeedbackSource) -> Tensor:
         return FF.feedback_conv(x, self.weight, self.bias, feedback, self.stride, self.padding, self.dilation,

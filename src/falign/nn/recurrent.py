@@ -26,7 +26,9 @@ with the rule's matrices, in work buffers the layer keeps between steps (``_scra
 Every option works: layers, ``bidirectional``, ``batch_first``, unbatched input, ``dropout``, ``bias``,
 ``nonlinearity``, ``proj_size`` and ``PackedSequence`` input (not with the direct rules, which need a padded
 batch). Without gradients (evaluation) or under ``bp`` the PyTorch forward runs. A second derivative
-through a converted recurrent layer is not supported (it raises).
+through a converted recurrent layer is not supported (it raises). Under ``torch.autocast`` the recurrence runs in
+the parameters' dtype (PyTorch's own layers differ by kind there: the CPU GRU keeps float32, the CPU LSTM fails
+in oneDNN), and its output has that dtype.
 """
 
 from __future__ import annotations
@@ -468,7 +470,19 @@ class _FARNNBase(FeedbackContainer):
     def forward(self, input, hx=None):
         if layers._PROBE is None and (not torch.is_grad_enabled() or not self.rule.has_feedback):
             return self.torch_base.forward(self, input, hx)
-        return self._run(input, hx)
+        device = (input.data if isinstance(input, PackedSequence) else input).device.type
+        if FF._autocast_dtype(device) is None:
+            return self._run(input, hx)
+        # under autocast the recurrence runs in the parameters' dtype (its backward accumulates over every step)
+        dtype = self.weight_hh_l0.dtype
+        cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
+        if isinstance(input, PackedSequence):
+            input = PackedSequence(cast(input.data), input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+        else:
+            input = cast(input)
+        hx = tuple(cast(t) for t in hx) if isinstance(hx, tuple) else cast(hx)
+        with torch.autocast(device, enabled=False):
+            return self._run(input, hx)
 
     def _run(self, input, hx):
         lstm = self.mode == "LSTM"
