@@ -48,3 +48,18 @@ def test_bad_arguments_are_refused(capsys):
     assert main(["bench", "architectures", "--models", "vit,lstm9", "--docs", ""]) != 0
     assert "lstm9" in capsys.readouterr().err
     assert main(["bench", "architectures", "--seeds", "0", "--docs", ""]) != 0
+
+
+def test_speed_benchmark_output_has_no_profiler_chatter():
+    """The CPU memory column uses the profiler; what native code prints then is silenced (fd 2), so the output
+    is the table alone."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "falign", "bench", "speed", "--models", "mlp", "--rules", "fa",
+                           "--repeats", "1", "--warmup", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "| mlp (b=128) | fa |" in proc.stdout
+    for chatter in ("USDT", "profiler_start", "profiler_stop", "CPUAllocator"):
+        assert chatter not in text, chatter

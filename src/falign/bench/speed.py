@@ -19,11 +19,14 @@ Targets (issue 2): fa, usf, frsf, kp, dfa <= 1.05x backprop; brsf <= 1.15x.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -98,6 +101,26 @@ def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
     return sum(seen.values())
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence what native code writes to file descriptor 2 (the profiler's start/stop lines and allocator notes)
+    so a benchmark's output is only its table; Python's own warnings still reach ``sys.stderr`` afterwards."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (an embedded interpreter): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def step_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     """Peak memory a training step allocates on top of what exists before it (gradients included)."""
     if device.type == "cuda":
@@ -109,7 +132,7 @@ def step_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
     current = peak = 0
