@@ -68,3 +68,31 @@ def test_two_processes_resume(tmp_path):
     a, b = load_checkpoint(ref / "checkpoint.pt")["model"], load_checkpoint(crashed / "checkpoint.pt")["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_torchrun_restarts_a_killed_rank_and_resumes_bit_identical(tmp_path):
+    """torchrun --max-restarts=1: rank 0 is SIGKILLed at step 9 (after the step-8 checkpoint); torchrun restarts both
+    workers, which continue the run from that checkpoint on their own and end with the weights of an
+    uninterrupted run, bit for bit."""
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    args = ["--rule", "fa", *ARGS, "--checkpoint-every", "4"]
+    assert run([*args, "--out", str(ref)], 2).returncode == 0
+    elastic = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+         "-m", "falign", "train", *args, "--out", str(crashed)], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "FALIGN_FAULT_KILL_AT_STEP": "9"})
+    assert elastic.returncode == 0, elastic.stderr[-3000:]
+    resumes = read_metrics(crashed / "resumes.jsonl")
+    assert len(resumes) == 1 and resumes[0]["step"] == 8, resumes
+    a, b = load_checkpoint(ref / "checkpoint.pt")["model"], load_checkpoint(crashed / "checkpoint.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_torchrun_with_restarts_needs_out(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=1",
+         "-m", "falign", "train", *ARGS], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "--out" in proc.stderr
+    assert not (tmp_path / "runs").exists()

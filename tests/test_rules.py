@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
 import pytest
 import torch
+from torch import nn
 
 import falign
 from falign.models import MLP
@@ -107,3 +109,29 @@ def test_feedback_init_scales():
 def test_every_rule_reaches_90_percent_on_digits(rule, tmp_path):
     summary = train(TrainConfig(rule=rule, epochs=20, **REFERENCE[rule].train), tmp_path / rule, progress=False)
     assert summary["final"]["test_acc"] >= 0.90, summary["final"]
+
+
+def test_wm_every_k_mirrors_only_every_kth_step_and_resumes_exactly():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model = falign.convert(net, "wm", every=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    falign.attach(model, opt)
+    layer = model[2]
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    changed = []
+    for step in range(1, 7):
+        before = layer.feedback_weight.clone()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        changed.append(not torch.equal(before, layer.feedback_weight))
+        if step == 4:
+            saved = copy.deepcopy(model.state_dict())
+    assert changed == [False, False, True, False, False, True]
+    assert int(layer.feedback_step) == 6
+    twin = falign.convert(net, "wm", every=3)
+    twin.load_state_dict(saved)
+    assert twin[2].rule_state["step"] == 4
+    with pytest.raises(ValueError, match="every"):
+        falign.convert(net, "wm", every=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -134,10 +135,32 @@ def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> se
     return {k for k, v in vars(namespace).items() if v is not unset}
 
 
+def _elastic(args: argparse.Namespace) -> None:
+    """Under ``torchrun --max-restarts=N``: a restarted worker continues the run in ``--out`` from its last
+    checkpoint (or starts it afresh when the failure came before the first one); the first attempt needs
+    ``--out`` so that a restart finds the run."""
+    from falign.errors import FalignError
+    from falign.train.trainer import elastic_restart
+
+    restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if args.resume or not (restarts_allowed or elastic_restart()):
+        return
+    if args.out is None:
+        raise FalignError("under torchrun --max-restarts, give --out: a restarted worker resumes the run there")
+    if elastic_restart() == 0:
+        return
+    if (Path(args.out) / "checkpoint.pt").is_file():
+        args.resume, args.out, args.overwrite = args.out, None, False
+        args.argv = [a for a in args.argv if a != "--overwrite"]
+    else:  # failed before the first checkpoint: this run's own files are replaced
+        args.overwrite = True
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from falign.errors import FalignError
     from falign.train import TrainConfig, Trainer
 
+    _elastic(args)
     if args.resume:
         given = explicit_options(args.parser, args.argv) - set(_NOT_CONFIG)
         if args.overwrite:

@@ -13,6 +13,8 @@ zero or less means "backprop's memory plus the feedback matrices, no more".
 Run:  falign bench speed                      # both models, every rule, CPU (= python benchmarks/step_time.py)
       falign bench speed --compile            # also torch.compile'd models
       falign bench speed --repeats 300 --device cuda --json out.json
+      falign bench speed --device cuda --models gpu   # the sizes a GPU user trains: ResNet-20/56 at batch 128
+                                              # and 256, a 4096-wide MLP at batch 1024, a ViT at batch 256
 Targets (issue 2): fa, usf, frsf, kp, dfa <= 1.05x backprop; brsf <= 1.15x.
 """
 
@@ -34,6 +36,7 @@ from torch import nn
 import falign
 from falign.errors import FalignError
 from falign.models import MLP, LeNet5
+from falign.models.resnet import resnet20, resnet56
 from falign.outdir import check_file
 
 TARGETS = {"fa": 1.05, "usf": 1.05, "frsf": 1.05, "kp": 1.05, "dfa": 1.05, "brsf": 1.15}
@@ -41,7 +44,31 @@ MODELS = {
     "mlp": (lambda: MLP([784, 1024, 1024, 10]), (784,), 128),
     "lenet": (lambda: LeNet5(1, 10, 28), (1, 28, 28), 64),
     "deconv": (lambda: _deconv(), (1, 28, 28), 64),
+    # the sizes a GPU user trains (issue 12): CIFAR-shaped ResNets, a wide MLP, a Vision Transformer
+    "resnet20-b128": (lambda: resnet20(10, 3), (3, 32, 32), 128),
+    "resnet20-b256": (lambda: resnet20(10, 3), (3, 32, 32), 256),
+    "resnet56-b128": (lambda: resnet56(10, 3), (3, 32, 32), 128),
+    "resnet56-b256": (lambda: resnet56(10, 3), (3, 32, 32), 256),
+    "mlp4096-b1024": (lambda: MLP([3072, 4096, 4096, 4096, 10]), (3072,), 1024),
+    "vit-b256": (lambda: _vit(), (3, 32, 32), 256),
 }
+GPU_MODELS = ("resnet20-b128", "resnet20-b256", "resnet56-b128", "resnet56-b256", "mlp4096-b1024", "vit-b256")
+
+
+def _vit() -> nn.Module:
+    """A ViT on 32×32 RGB images (4×4 patches, width 192, 6 layers, 3 heads): the attention layers' step time."""
+    from falign.models.sequence import PatchViT
+
+    class RGBViT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix = nn.Conv2d(3, 1, 1)  # channels to one plane, then PatchViT's 4×4 patches
+            self.vit = PatchViT(32, 4, 10, dim=192, depth=6, heads=3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.vit(self.mix(x))
+
+    return RGBViT()
 
 
 def _deconv() -> nn.Module:
@@ -185,7 +212,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="mlp,lenet",
-                        help=f"comma-separated, from {', '.join(MODELS)} (default: mlp,lenet)")
+                        help=f"comma-separated, from {', '.join(MODELS)}, or 'gpu' for {', '.join(GPU_MODELS)} "
+                             f"(default: mlp,lenet)")
     parser.add_argument("--rules", default=",".join(r for r in falign.available_rules() if r != "bp"))
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
@@ -224,7 +252,7 @@ def names(text: str, known: list[str], what: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> None:
-    models = names(args.models, list(MODELS), "models")
+    models = list(GPU_MODELS) if args.models == "gpu" else names(args.models, list(MODELS), "models")
     rules = names(args.rules, falign.available_rules(), "rules")
     if args.repeats < 1 or args.warmup < 0:
         raise FalignError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")

@@ -7,6 +7,8 @@ each layer, ``y = x Wᵀ``, and
     B ← (1 − λ) B + η yᵀ x / N,
 
 whose expectation is ``(1 − λ) B + η σ² W``: ``B`` converges to ``(η σ²/λ) W``, aligned with ``W``.
+``every=k`` takes the mirror steps after every k-th optimiser step only, dividing their cost by k (the
+W–B angle and accuracy this costs: ``python benchmarks/wm_schedule.py``, docs/benchmarks.md).
 The defaults (η = λ = 0.2, N = 128) track ``W`` within a few steps: a slow mirror (λ = 0.05) lags
 behind fast-moving weights, and on LeNet / Fashion-MNIST with SGD momentum 0.9 that lag made
 training diverge, while λ = 0.2 stayed stable (angles 8–30° per layer).
@@ -44,13 +46,16 @@ class MirrorOptions:
     noise_std: float = field(default=1.0, metadata={"help": "standard deviation σ of the mirror noise"})
     batch_size: int = field(default=128, metadata={"help": "noise samples N per mirror step"})
     steps: int = field(default=1, metadata={"help": "mirror steps after each optimiser step"})
+    every: int = field(default=1, metadata={
+        "help": "take the mirror steps after every k-th optimiser step only (1: after each; k > 1 divides their "
+                "cost by k, B then lags W by up to k - 1 updates)"})
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and 0 <= self.decay < 1 and self.noise_std > 0 and self.batch_size >= 1
-                and self.steps >= 0):
-            raise ValueError("wm needs lr > 0, 0 <= decay < 1, noise_std > 0, batch_size >= 1, steps >= 0; got "
-                             f"lr={self.lr}, decay={self.decay}, noise_std={self.noise_std}, "
-                             f"batch_size={self.batch_size}, steps={self.steps}")
+                and self.steps >= 0 and self.every >= 1):
+            raise ValueError("wm needs lr > 0, 0 <= decay < 1, noise_std > 0, batch_size >= 1, steps >= 0, every >= 1; "
+                             f"got lr={self.lr}, decay={self.decay}, noise_std={self.noise_std}, "
+                             f"batch_size={self.batch_size}, steps={self.steps}, every={self.every}")
 
 
 class WeightMirror(FeedbackRule):
@@ -62,10 +67,26 @@ class WeightMirror(FeedbackRule):
     step_work = "mirror steps that teach B the weights"
     Options = MirrorOptions
 
+    def register_state(self, layer) -> None:
+        if self.options.every > 1:  # the optimiser steps counted, saved for an exact resume
+            layer.register_buffer("feedback_step", torch.zeros((), dtype=torch.int64))
+        layer.rule_state["step"] = 0
+
+    def after_load(self, layer) -> None:
+        if self.options.every > 1:
+            layer.rule_state["step"] = int(layer.feedback_step)
+
     def after_step(self, layers) -> None:
         o = self.options
+        due = []
+        for layer in layers:
+            step = layer.rule_state["step"] = layer.rule_state["step"] + 1
+            if o.every > 1:
+                layer.feedback_step.fill_(step)
+            if step % o.every == 0:
+                due.append(layer)
         for _ in range(o.steps):
-            for layer in layers:
+            for layer in due:
                 mirror_layer(layer, o.lr, o.decay, o.noise_std, o.batch_size)
 
 

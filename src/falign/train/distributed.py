@@ -31,7 +31,20 @@ class Distributed:
             torch.cuda.set_device(local)
             self.device = torch.device("cuda", local)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+            if restart not in (None, "", "0") and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                # A worker restarted by torchrun --max-restarts: the agent's store still holds the addresses the
+                # previous attempt's ranks published, and a rank that reads one connects to a dead process. Each
+                # attempt gets its own key space.
+                from datetime import timedelta
+
+                store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                      is_master=False, timeout=timedelta(minutes=10))
+                dist.init_process_group(backend, store=dist.PrefixStore(f"falign/attempt_{restart}", store),
+                                        rank=int(os.environ["RANK"]), world_size=world)
+            else:
+                dist.init_process_group(backend)
             self._owns_group = True
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 

@@ -330,9 +330,9 @@ class Trainer:
             self.run_dir.start_fresh()
         if not self.resume or self.applied_changes:
             self.run_dir.write_json("config.json", cfg.to_dict())
-        if self.applied_changes:
-            self.run_dir.log({"step": self.state.step, "epoch": self.state.epoch, "changes": self.applied_changes},
-                             "resumes.jsonl")
+        if self.resume:  # every resume is recorded: by hand (--resume) or by torchrun after a failure
+            self.run_dir.log({"step": self.state.step, "epoch": self.state.epoch, "changes": self.applied_changes,
+                              "elastic_restart": elastic_restart()}, "resumes.jsonl")
         self.run_dir.write_json("versions.json", {**versions(), "world_size": self.dist.world})
         if self.is_main:
             self.tensorboard = TensorBoard(self.out / "tensorboard")
@@ -344,7 +344,7 @@ class Trainer:
         n = len(self.dataset.y_train)
         bar = progress_bar(cfg.epochs * math.ceil(n / cfg.batch_size), f"{cfg.rule} {cfg.model} {cfg.data}",
                            self.show_progress and self.is_main, initial=s.step)
-        kill_at = os.environ.get("FALIGN_FAULT_KILL_AT_STEP")
+        kill_at = os.environ.get("FALIGN_FAULT_KILL_AT_STEP") if elastic_restart() == 0 else None
         status, message = "completed", ""
         try:
             while s.epoch < cfg.epochs:
@@ -435,6 +435,14 @@ class Trainer:
 def _normal(value: Any) -> Any:
     """Config values compared on resume as JSON sees them (tuples as lists)."""
     return list(value) if isinstance(value, tuple) else value
+
+
+def elastic_restart() -> int:
+    """How many times ``torchrun --max-restarts`` has restarted this worker (0: the first attempt, or no torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
 
 
 def _kill_self() -> None:
