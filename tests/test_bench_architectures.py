@@ -29,12 +29,12 @@ def test_stdlib_text_is_there_and_ascii():
 
 def test_a_tiny_run_writes_rows_and_a_docs_section(tmp_path):
     rows = arch.run_benchmark(["row-gru", "char-lm"], ["bp", "fa"], seeds=2, repeats=2, device=torch.device("cpu"),
-                              steps_scale=0.01, progress=False)
+                              steps_scale=0.01, progress=False, timing_runs=2)
     assert [(r["model"], r["rule"]) for r in rows] == [("row-gru", "bp"), ("row-gru", "fa"), ("char-lm", "bp"),
                                                          ("char-lm", "fa")]
     for r in rows:
         assert len(r["accuracies"]) == 2 and all(0 <= a <= 1 for a in r["accuracies"] if not math.isnan(a))
-        assert r["ratio"] > 0 and r["median_ms"] > 0
+        assert r["ratio"] > 0 and r["median_ms"] > 0 and r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
     section = arch.markdown(rows, "test machine", 2, 1.0, "falign bench architectures")
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nkept\n")

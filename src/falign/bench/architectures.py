@@ -208,13 +208,18 @@ def time_steps(task: Task, rules: list[str], repeats: int, device: torch.device)
 
 
 def run_benchmark(models: list[str], rules: list[str], seeds: int, repeats: int, device: torch.device,
-                  steps_scale: float = 1.0, progress: bool = True) -> list[dict[str, Any]]:
+                  steps_scale: float = 1.0, progress: bool = True, timing_runs: int = 3) -> list[dict[str, Any]]:
     tasks = make_tasks(models, steps_scale)
     bar = progress_bar(len(tasks) * len(rules) * seeds, "bench architectures", progress)
     rows = []
     try:
         for task in tasks:
-            timing = time_steps(task, rules, repeats, device)
+            runs = [time_steps(task, rules, repeats, device) for _ in range(timing_runs)]
+            timing = {}
+            for rule in rules:  # the median run of each rule, and the range of its ratio over the runs
+                ordered = sorted((r[rule] for r in runs), key=lambda t: t["ratio"])
+                timing[rule] = {**ordered[len(ordered) // 2], "ratio_min": ordered[0]["ratio"],
+                                "ratio_max": ordered[-1]["ratio"], "timing_runs": timing_runs}
             for rule in rules:
                 accs = []
                 for seed in range(seeds):
@@ -237,21 +242,24 @@ def markdown(rows: list[dict], machine: str, repeats: int, seconds: float, comma
              f"`{command}` on {machine}, torch {torch.__version__}, {seconds / 60:.0f} min. Accuracy: test "
              "accuracy (%) after the same number of Adam steps for every rule, mean ± std over seeds; Δ bp: the "
              "difference of the means. Step: median step time (forward, loss, backward, optimiser step, the rule's "
-             f"per-step work) over {repeats} round-robin steps, × the unconverted PyTorch model; memory beyond: "
+             f"per-step work) over {repeats} round-robin steps, × the unconverted PyTorch model (median of "
+             f"{rows[0].get('timing_runs', 1)} timing runs, and their range); memory beyond: "
              "(state + step peak) − (PyTorch's) − the feedback matrices, MiB (≤ 0: no memory beyond backprop's "
              f"plus the feedback). Target for fa: ≤ {TARGET}× (issue 11).", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         sub = [r for r in rows if r["model"] == model]
         lines += [f"### {model} — {sub[0]['data']}, {sub[0]['steps']} steps", "",
-                  "| rule | accuracy % | Δ bp | step ms | × torch | feedback MiB | memory beyond, MiB |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| rule | accuracy % | Δ bp | step ms | × torch | range | feedback MiB | memory beyond, MiB |",
+                  "|---|---|---|---|---|---|---|---|"]
         bp = next((_mean_std(r["accuracies"])[0] for r in sub if r["rule"] == "bp"), math.nan)
         for r in sub:
             mean, std = _mean_std(r["accuracies"])
             delta = "" if r["rule"] == "bp" or math.isnan(bp) else f"{100 * (mean - bp):+.1f}"
             spread = "" if math.isnan(std) else f" ± {100 * std:.1f}"
             lines.append(f"| {r['rule']} | {100 * mean:.1f}{spread} (n={r['seeds']}) | {delta} | "
-                         f"{r['median_ms']:.1f} | {r['ratio']:.2f} | {r['feedback_mib']:.2f} | "
+                         f"{r['median_ms']:.1f} | {r['ratio']:.2f} | "
+                         f"{r.get('ratio_min', r['ratio']):.2f}–{r.get('ratio_max', r['ratio']):.2f} | "
+                         f"{r['feedback_mib']:.2f} | "
                          f"{r['beyond_mib']:+.1f} |")
         lines.append("")
     lines.append(END)
@@ -275,6 +283,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="comma-separated rules (default: every registered rule; bp is the reference)")
     parser.add_argument("--seeds", type=int, default=3, help="training runs per model and rule (default 3)")
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per variant (default 30)")
+    parser.add_argument("--timing-runs", type=int, default=3,
+                        help="independent timing runs per model (the table gives their median and range; default 3)")
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="multiply every model's number of training steps (default 1)")
     parser.add_argument("--device", default="cpu")
@@ -288,7 +298,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     models = names(args.models, list(MODELS), "models")
     rules = names(args.rules, falign.available_rules(), "rules")
-    if args.seeds < 1 or args.repeats < 1 or not args.steps_scale > 0:
+    if args.seeds < 1 or args.repeats < 1 or args.timing_runs < 1 or not args.steps_scale > 0:
         raise FalignError(f"--seeds and --repeats must be >= 1 and --steps-scale > 0; got {args.seeds}, "
                           f"{args.repeats}, {args.steps_scale}")
     device = bench_device(args.device)
@@ -297,12 +307,14 @@ def run(args: argparse.Namespace) -> None:
     if args.docs:
         check_file(args.docs, "--docs")
     start = time.perf_counter()
-    rows = run_benchmark(models, rules, args.seeds, args.repeats, device, args.steps_scale, not args.no_progress)
+    rows = run_benchmark(models, rules, args.seeds, args.repeats, device, args.steps_scale, not args.no_progress,
+                         args.timing_runs)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     command = "falign bench architectures" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in (("models", args.models), ("rules", args.rules),
                                                     ("seeds", args.seeds), ("repeats", args.repeats),
+                                                    ("timing_runs", args.timing_runs),
                                                     ("steps_scale", args.steps_scale))
         if str(v) != str(build_parser(argparse.ArgumentParser()).get_default(k)))
     section = markdown(rows, machine, args.repeats, time.perf_counter() - start, command)
