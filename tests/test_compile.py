@@ -44,3 +44,18 @@ def test_compile_traces_the_feedback_functions(rule):
 @pytest.mark.parametrize("rule", falign.available_rules())
 def test_compile_with_inductor(rule):
     compiled_vs_eager(rule, "inductor")
+
+
+@pytest.mark.parametrize("rule", [r for r in falign.available_rules() if not falign.get_rule(r).direct])
+def test_layer_by_layer_rules_compile_as_one_graph(rule):
+    """No graph break: the sign rules build B from the forward's W inside the graph when compiling (the direct
+    rules' per-forward error session is outside any graph; they compile with one break per layer)."""
+    from falign.models import LeNet5
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    for build, shape in ((lambda: MLP([20, 16, 16, 5]), (20,)), (lambda: LeNet5(1, 5, 28), (1, 28, 28))):
+        model = falign.convert(build(), rule, example_input=torch.randn(2, *shape))
+        x, y = torch.randn(8, *shape), torch.randint(0, 5, (8,))
+        explanation = torch._dynamo.explain(lambda inp, m=model, t=y: nn.functional.cross_entropy(m(inp), t))(x)
+        assert explanation.graph_break_count == 0, (rule, explanation.break_reasons)

@@ -189,6 +189,8 @@ class FeedbackLayer(nn.Module):
             return PLAIN, None
         self._feedback_used = self._feedback_used or signal
         if from_weight:
+            if torch.compiler.is_compiling():  # B from the forward's W, inside the graph: no graph break
+                return MATRIX, self.rule.matrix(self, self.weight.detach())
             return MATRIX, self._matrix_in_backward
         feedback = self.rule.matrix(self, self.weight)
         if parameter and not learns:

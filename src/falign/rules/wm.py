@@ -70,7 +70,7 @@ class WeightMirror(FeedbackRule):
     def register_state(self, layer) -> None:
         if self.options.every > 1:  # the optimiser steps counted, saved for an exact resume
             layer.register_buffer("feedback_step", torch.zeros((), dtype=torch.int64))
-        layer.rule_state["step"] = 0
+            layer.rule_state["step"] = 0
 
     def after_load(self, layer) -> None:
         if self.options.every > 1:
@@ -78,13 +78,14 @@ class WeightMirror(FeedbackRule):
 
     def after_step(self, layers) -> None:
         o = self.options
-        due = []
-        for layer in layers:
-            step = layer.rule_state["step"] = layer.rule_state["step"] + 1
-            if o.every > 1:
+        due = layers
+        if o.every > 1:
+            due = []
+            for layer in layers:
+                step = layer.rule_state["step"] = layer.rule_state["step"] + 1
                 layer.feedback_step.fill_(step)
-            if step % o.every == 0:
-                due.append(layer)
+                if step % o.every == 0:
+                    due.append(layer)
         for _ in range(o.steps):
             for layer in due:
                 mirror_layer(layer, o.lr, o.decay, o.noise_std, o.batch_size)
