@@ -219,9 +219,15 @@ def test_brsf_draws_are_reproducible_and_uniform():
         falign.step_rules(b)
     assert torch.equal(a.feedback_weight, b.feedback_weight)
     assert int(a.feedback_step) == 2
-    m = a.feedback_weight / (a.feedback_init.std((64, 64)) * 3**0.5)  # U(0, 1) at 16-bit resolution
+    m = a.feedback_weight / (a.feedback_init.std((64, 64)) * 3**0.5)  # U(0, 1) at 8-bit resolution
     assert 0 < m.min() and m.max() < 1
+    k = m * 256 - 0.5  # on the grid (k + ½)/256, every one of the 256 levels drawn (4096 draws)
+    torch.testing.assert_close(k, k.round(), atol=1e-3, rtol=0)
+    assert torch.unique(k.round()).numel() == 256
     assert abs(m.mean().item() - 0.5) < 0.02 and abs(m.var().item() - 1 / 12) < 0.01
+    from scipy import stats
+
+    assert stats.kstest(m.flatten().double().numpy(), "uniform").pvalue > 1e-3
 
 
 def test_no_input_signal_when_input_needs_no_grad():

@@ -15,7 +15,11 @@ Run:  falign bench speed                      # both models, every rule, CPU (= 
       falign bench speed --repeats 300 --device cuda --json out.json
       falign bench speed --device cuda --models gpu   # the sizes a GPU user trains: ResNet-20/56 at batch 128
                                               # and 256, a 4096-wide MLP at batch 1024, a ViT at batch 256
-Targets (issue 2): fa, usf, frsf, kp, dfa <= 1.05x backprop; brsf <= 1.15x.
+Targets on the CPU (issue 12), step time as a multiple of plain PyTorch's: fa at most 1.02x (it does
+backprop's matrix products and nothing else); kp 1.05x; usf and frsf 1.08x; brsf 1.10x (its per-step redraw
+is the cost); wm 1.25x at its defaults (or a mirror schedule: --rule-option every=k); dfa 1.05x. On a GPU at
+realistic sizes (--models gpu) the target is 1.03x for every rule but wm. The "met" column compares with the
+CPU targets.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from falign.models import MLP, LeNet5
 from falign.models.resnet import resnet20, resnet56
 from falign.outdir import check_file
 
-TARGETS = {"fa": 1.05, "usf": 1.05, "frsf": 1.05, "kp": 1.05, "dfa": 1.05, "brsf": 1.15}
+TARGETS = {"fa": 1.02, "kp": 1.05, "usf": 1.08, "frsf": 1.08, "brsf": 1.10, "wm": 1.25, "dfa": 1.05}
 MODELS = {
     "mlp": (lambda: MLP([784, 1024, 1024, 10]), (784,), 128),
     "lenet": (lambda: LeNet5(1, 10, 28), (1, 28, 28), 64),

@@ -8,8 +8,11 @@ backward passes never draw: evaluating a model, or computing input gradients of 
 ``feedback_step`` (a buffer) is ``t``; ``feedback_weight`` holds ``|R_t|``.
 
 Magnitudes follow the feedback initialisation: for the uniform inits ``|R| ~ U(0, a)``; on the CPU
-this is drawn at 16-bit resolution (``a·(k + ½)/2¹⁶``, k uniform) because a full-precision draw would
-cost more than the step itself; for the normal inits ``|R|`` is half-normal.
+this is drawn at 8-bit resolution — ``a·(k + ½)/256`` with ``k`` uniform on 0…255, mean ``a/2`` and
+variance ``a²/12·(1 − 1/256²)`` — because the redraw is the rule's whole extra cost: one random bit per
+bit of the result, eight draws from each 64-bit word, then one byte-to-float pass (a float32 uniform draw
+costs several times more, and the 16-bit draw of earlier versions twice as many random words); for the
+normal inits ``|R|`` is half-normal.
 """
 
 from __future__ import annotations
@@ -24,15 +27,20 @@ from falign.rules.sign import SignConcordantRule
 from falign.seeding import mix_seed
 
 
-def _fill_uniform16(out: Tensor, bound: float, generator: torch.Generator, words: Tensor) -> None:
-    """Fill ``out`` (CPU, contiguous) with ``bound·(k+½)/65536``, k uniform on 0..65535.
+def _fill_uniform8(out: Tensor, bound: float, generator: torch.Generator, words: Tensor) -> None:
+    """Fill ``out`` (CPU, contiguous) with ``bound·(k+½)/256``, k uniform on 0..255.
 
-    ``words`` is an int64 scratch tensor of ``ceil(numel/4)`` entries: 64 random bits give 4 draws.
+    ``words`` is an int64 scratch tensor of ``ceil(numel/8)`` entries: 64 random bits give 8 draws.
     """
     n = out.numel()
     words.random_(-(2**63), None, generator=generator)
-    out.view(-1).copy_(words.view(torch.int16)[:n])
-    out.add_(32768.5).mul_(bound / 65536.0)
+    out.view(-1).copy_(words.view(torch.uint8)[:n])
+    out.add_(0.5).mul_(bound / 256.0)
+
+
+def _words(n: int) -> int:
+    """Random 64-bit words for ``n`` 8-bit draws."""
+    return (n + 7) // 8
 
 
 def draw_magnitudes(out: Tensor, init: FeedbackInit, seed: int, step: int, scratch: Tensor | None = None) -> Tensor:
@@ -47,8 +55,8 @@ def draw_magnitudes(out: Tensor, init: FeedbackInit, seed: int, step: int, scrat
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     with torch.no_grad():
         if init.uniform and out.device.type == "cpu":
-            words = scratch if scratch is not None else torch.empty((out.numel() + 3) // 4, dtype=torch.int64)
-            _fill_uniform16(target, std * math.sqrt(3.0), generator, words)
+            words = scratch if scratch is not None else torch.empty(_words(out.numel()), dtype=torch.int64)
+            _fill_uniform8(target, std * math.sqrt(3.0), generator, words)
         elif init.uniform:
             target.uniform_(0.0, std * math.sqrt(3.0), generator=generator)
         else:
@@ -85,7 +93,7 @@ class BatchwiseRandomSignFeedback(SignConcordantRule):
         """Advance to the next step's magnitudes ``|R_{t+1}|`` in ``feedback_weight``."""
         m = layer.feedback_weight
         step = layer.rule_state["step"] + 1
-        words = layer.scratch("words", m, ((m.numel() + 3) // 4,), torch.int64) if m.device.type == "cpu" else None
+        words = layer.scratch("words", m, (_words(m.numel()),), torch.int64) if m.device.type == "cpu" else None
         draw_magnitudes(m, layer.feedback_init, layer.feedback_seed, step, words)
         self._set_step(layer, step)
 
