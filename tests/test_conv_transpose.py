@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import falign
@@ -150,3 +152,42 @@ def test_conservation_law_holds_through_transposed_convolutions():
         assert d["relative"] < 1e-3, (key, d)
     moved = float((pairs[0].layer_in.weight - net[0].weight).detach().abs().max())
     assert moved > 1e-4  # it trained
+
+
+@st.composite
+def random_configs(draw):
+    dims = draw(st.sampled_from([1, 2, 3]))
+    groups = draw(st.sampled_from([1, 2]))
+    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    kernel = draw(st.integers(1, 3))
+    stride, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    padding = draw(st.integers(0, (dilation * (kernel - 1)) // 2))
+    output_padding = draw(st.integers(0, max(stride, dilation) - 1))
+    return (dims, cin, cout, kernel, stride, padding, output_padding, groups, dilation, draw(st.booleans()), None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(random_configs(), st.sampled_from(FEEDBACK_RULES))
+def test_random_configurations_follow_the_rule(cfg, rule):
+    """Hypothesis: any option combination — B = W (backprop mode) reproduces autograd, B ≠ W puts B where the
+    input gradient transports W, the weight gradient stays local."""
+    plain = Wrap(cfg)
+    model = falign.convert(Wrap(cfg), rule, seed=0)
+    x1, x2 = _input(cfg), _input(cfg)
+    with backprop_mode():
+        out = model(x1)
+        g = torch.randn_like(out)
+        out.backward(g)
+    ref = plain(x2)
+    ref.backward(g)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(model.t.weight.grad, plain.t.weight.grad)
+    x3 = _input(cfg)
+    model.zero_grad()
+    model(x3).backward(g)
+    b = model.t.current_feedback()
+    xr = _input(cfg)
+    (expect_x,) = torch.autograd.grad(_plain(model.t, xr, b, cfg), xr, g)
+    torch.testing.assert_close(x3.grad, expect_x)
+    torch.testing.assert_close(model.t.weight.grad, plain.t.weight.grad)
