@@ -277,3 +277,39 @@ def test_subclass_with_its_own_forward_keeps_the_clear_error():
 
     with pytest.raises(falign.ConversionError, match="Custom"):
         falign.convert(nn.Sequential(Custom(8, 2)), "fa")
+
+
+def test_diagnostics_read_each_projection_block():
+    """The recorder's gradient alignment of a view (q, k, v of the packed in-projection, an LSTM's W_hh) is the
+    angle between that block of the rule's gradient and the same block of the true gradient."""
+    from falign.diagnostics import angle
+    from falign.diagnostics.recorder import DiagnosticsRecorder
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(5, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.rnn = nn.LSTM(8, 8, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.embed(x)
+            h = self.attn(h, h, h, need_weights=False)[0]
+            return self.head(self.rnn(h)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = falign.convert(Mixed(), "fa")
+    x, y = torch.randn(6, 4, 5), torch.randint(0, 3, (6,))
+    recorder = DiagnosticsRecorder(model)
+    _, _, record = recorder.step(lambda: ((out := model(x)), F.cross_entropy(out, y))[::-1], x)
+    names = {"attn.feedback.q", "attn.feedback.k", "attn.feedback.v", "attn.out_proj", "rnn.feedback.weight_hh_l0"}
+    assert names <= set(record["gradient_alignment"]) and names <= set(record["weight_alignment"])
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    rule_block = model.attn.in_proj_weight.grad[8:16].clone()
+    with backprop_mode():
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+    true_block = model.attn.in_proj_weight.grad[8:16]
+    assert record["gradient_alignment"]["attn.feedback.k"] == pytest.approx(angle(rule_block, true_block), abs=1e-3)
