@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import falign
+from falign.bench.accuracy import update_docs
 from falign.data import load_digits
 from falign.diagnostics import weight_alignment
 from falign.models import MLP
@@ -110,13 +110,7 @@ def main() -> None:
     section = "\n".join(lines)
     print(section)
     if args.docs:
-        path = Path(args.docs)
-        text = path.read_text()
-        if BEGIN in text and END in text:
-            text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda m: section, text, flags=re.S)
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        path.write_text(text)
+        update_docs(Path(args.docs), section, BEGIN, END)
 
 if __name__ == "__main__":
     main()

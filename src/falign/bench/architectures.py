@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import re
 import statistics
 import sysconfig
 import time
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import falign
+from falign.bench import accuracy
 from falign.bench.speed import bench_device, names, state_bytes, step_peak_bytes, sync
 from falign.errors import FalignError
 from falign.models.sequence import CharLM, PatchViT, RowRNN
@@ -268,13 +268,7 @@ def markdown(rows: list[dict], machine: str, repeats: int, seconds: float, comma
 
 def update_docs(path: Path, section: str) -> None:
     """Replace this benchmark's section of ``path`` (between its markers), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda m: section, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    accuracy.update_docs(path, section, BEGIN, END)
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

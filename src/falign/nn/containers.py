@@ -114,17 +114,8 @@ class FeedbackContainer(nn.Module):
     def rule(self):
         return next(iter(self.feedback.values())).rule
 
-    @classmethod
-    def converted_class(cls, base: type[nn.Module]) -> type:
-        if issubclass(base, cls):
-            return base
-        if base is cls.torch_base:
-            return cls
-        key = (cls, base)
-        if key not in _CONVERTED_CLASSES:
-            _CONVERTED_CLASSES[key] = type(f"{cls.__name__[:2]}{base.__name__}", (cls, base),
-                                           {"__module__": base.__module__, "__doc__": cls.__doc__})
-        return _CONVERTED_CLASSES[key]
+    # the same class derivation as the converted layers (a subclass of both for a user's subclass)
+    converted_class = classmethod(FeedbackLayer.converted_class.__func__)
 
     @classmethod
     def convert_in_place(cls, module: nn.Module, **options: Any) -> FeedbackContainer:
