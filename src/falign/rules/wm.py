@@ -7,6 +7,8 @@ each layer, ``y = x Wᵀ``, and
     B ← (1 − λ) B + η yᵀ x / N,
 
 whose expectation is ``(1 − λ) B + η σ² W``: ``B`` converges to ``(η σ²/λ) W``, aligned with ``W``.
+The noise of a layer's mirror steps after optimiser step ``t`` is drawn from a generator seeded with the
+layer's feedback seed and ``t`` (``feedback_step``, a buffer), as brsf's redraws: the same on every process.
 ``every=k`` takes the mirror steps after every k-th optimiser step only, dividing their cost by k (the
 W–B angle and accuracy this costs: ``python benchmarks/wm_schedule.py``, docs/benchmarks.md).
 The defaults (η = λ = 0.2, N = 128) track ``W`` within a few steps: a slow mirror (λ = 0.05) lags
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from falign.rules.base import Feedback, FeedbackRule
+from falign.seeding import mix_seed
 
 
 @dataclass(frozen=True)
@@ -68,27 +71,28 @@ class WeightMirror(FeedbackRule):
     Options = MirrorOptions
 
     def register_state(self, layer) -> None:
-        if self.options.every > 1:  # the optimiser steps counted, saved for an exact resume
-            layer.register_buffer("feedback_step", torch.zeros((), dtype=torch.int64))
-            layer.rule_state["step"] = 0
+        # the optimiser steps counted (saved for an exact resume): with the layer's feedback seed they name the
+        # mirror noise, so a layer's draws do not depend on which other layers share its process (pipeline
+        # stages) or on the global generator
+        layer.register_buffer("feedback_step", torch.zeros((), dtype=torch.int64))
+        layer.rule_state["step"] = 0
 
     def after_load(self, layer) -> None:
-        if self.options.every > 1:
-            layer.rule_state["step"] = int(layer.feedback_step)
+        layer.rule_state["step"] = int(layer.feedback_step)
 
     def after_step(self, layers) -> None:
         o = self.options
-        due = layers
-        if o.every > 1:
-            due = []
-            for layer in layers:
-                step = layer.rule_state["step"] = layer.rule_state["step"] + 1
-                layer.feedback_step.fill_(step)
-                if step % o.every == 0:
-                    due.append(layer)
-        for _ in range(o.steps):
+        due = []
+        for layer in layers:
+            step = layer.rule_state["step"] = layer.rule_state["step"] + 1
+            layer.feedback_step.fill_(step)
+            if step % o.every == 0:
+                due.append(layer)
+        for i in range(o.steps):
             for layer in due:
-                mirror_layer(layer, o.lr, o.decay, o.noise_std, o.batch_size)
+                generator = torch.Generator(device=layer.weight.device)
+                generator.manual_seed(mix_seed(layer.feedback_seed, layer.rule_state["step"], i))
+                mirror_layer(layer, o.lr, o.decay, o.noise_std, o.batch_size, generator)
 
 
 @torch.no_grad()
