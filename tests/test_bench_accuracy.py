@@ -1,0 +1,47 @@
+"""``falign bench accuracy --summarize``: the table from earlier runs' results, without training."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from falign.bench import accuracy
+from falign.cli import main
+from falign.errors import FalignError
+
+FIELDS = ["rule", "seed", "epochs", "status", "final error %", "best-epoch error %", "seconds", "run"]
+
+
+def write(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow(dict(zip(FIELDS, r)))
+
+
+def test_summarize_combines_files_and_one_seed_has_no_spread(tmp_path, capsys):
+    a, b, docs = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "bench.md"
+    write(a, [("dfa", 0, 100, "completed", 17.0, 15.0, 60, "x")])
+    write(b, [("fa", 0, 100, "completed", 14.0, 13.5, 60, "y"), ("fa", 1, 100, "completed", 15.0, 14.5, 60, "z")])
+    docs.write_text("# Benchmarks\n")
+    assert main(["bench", "accuracy", "--summarize", str(a), str(b), "--docs", str(docs)]) == 0
+    text = docs.read_text()
+    assert "| dfa | 15.00 | 17.00 | 12.81 |" in text  # one seed: the mean alone, no "± 0.00"
+    assert "| fa | 14.00 ± 0.71 | 14.50 ± 0.71 | 13.06 |" in text
+    assert "published 100-epoch schedule" in text and "--summarize" in text
+    assert "| fa |" in capsys.readouterr().out
+
+
+def test_summarize_refuses_mixed_schedules_and_foreign_files(tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    write(a, [("dfa", 0, 100, "completed", 17.0, 15.0, 60, "x")])
+    write(b, [("fa", 0, 5, "completed", 14.0, 13.5, 60, "y")])
+    with pytest.raises(FalignError, match="different lengths"):
+        accuracy.read_results([str(a), str(b)])
+    b.write_text("name,value\nx,1\n")
+    with pytest.raises(FalignError, match="not a results.csv"):
+        accuracy.read_results([str(b)])
+    with pytest.raises(FalignError, match="no such file"):
+        accuracy.read_results([str(tmp_path / "missing.csv")])
