@@ -41,7 +41,7 @@ def test_summarize_refuses_mixed_schedules_and_foreign_files(tmp_path):
     with pytest.raises(FalignError, match="different lengths"):
         accuracy.read_results([str(a), str(b)])
     b.write_text("name,value\nx,1\n")
-    with pytest.raises(FalignError, match="not a results.csv"):
+    with pytest.raises(FalignError, match=r"not a results\.csv"):
         accuracy.read_results([str(b)])
     with pytest.raises(FalignError, match="no such file"):
         accuracy.read_results([str(tmp_path / "missing.csv")])

@@ -16,6 +16,7 @@ TRAIN_EXAMPLE = """examples:
   falign train --rule wm --rule-option decay=0.1 --rule-option steps=2   # a rule's own options (falign rules)
   falign train --resume runs/dfa-lenet           # continue from the latest checkpoint
   torchrun --nproc_per_node=2 -m falign train --data synthetic --batch-size 64   # data-parallel (global batch)
+  torchrun --nproc_per_node=2 -m falign train --rule dfa --pipeline-stages 2 --hidden 512,512,512   # 2 stages
 """
 
 
@@ -105,6 +106,17 @@ def _add_train(sub) -> None:
                    help="checkpoint every K steps (0: at the end)")
     p.add_argument("--on-divergence", choices=("stop", "skip-batch"), default=d.on_divergence,
                    help="on a NaN/inf loss: stop the run (default) or skip the batch")
+    p.add_argument("--pipeline-stages", type=int, default=0, metavar="K",
+                   help="pipeline mode: cut the model into K stages, one per process (torchrun --nproc_per_node=K); "
+                        "the model must be a chain of modules (mlp, lenet); a last partial batch is dropped "
+                        "(0: off)")
+    p.add_argument("--pipeline-schedule", choices=("auto", "gpipe", "1f1b", "zbv", "unlocked"), default="auto",
+                   help="pipeline schedule: gpipe, 1f1b, zbv (zero-bubble) for bp and the layer-by-layer rules, "
+                        "unlocked for the direct rules (no backward messages between stages); auto picks unlocked "
+                        "for a direct rule, else 1f1b")
+    p.add_argument("--microbatches", type=int, default=0, metavar="M",
+                   help="microbatches per batch in pipeline mode (0: 2 x --pipeline-stages); the batch must split "
+                        "evenly")
     p.add_argument("--out", default=None, help="run directory (default: runs/<rule>-<model>-<data>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the run in RUN_DIR from its checkpoint; only --epochs (with --lr-schedule none), "

@@ -291,6 +291,11 @@ class ErrorTap:
             return output
         return _Tap.apply(output, session)
 
+    def close(self) -> ErrorSession | None:
+        """Close the innermost session without tapping an output, and return it: a pipeline stage whose output
+        is not the model's fills in ``session.error`` itself (:mod:`falign.pipeline`)."""
+        return self._open.pop() if self._open else None
+
     def abort(self) -> None:
         """Close the innermost session after a forward pass that raised."""
         if self._open:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from collections import OrderedDict
+
+from torch import nn
 
 
-class LeNet5(nn.Module):
+class LeNet5(nn.Sequential):
     """LeNet-5-style CNN: conv(6,5×5) → ReLU → maxpool → conv(16,5×5) → ReLU → maxpool → 120 → 84 → n.
 
     Args:
@@ -15,22 +17,21 @@ class LeNet5(nn.Module):
 
     The first conv uses padding 2 so 28×28 inputs give the classic 16×5×5 feature map.
     Shape: ``(N, in_channels, image_size, image_size) → (N, num_classes)``.
+
+    An ``nn.Sequential`` of ``features`` and ``classifier`` (a chain: pipeline mode can cut it).
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
                  activation: type[nn.Module] = nn.ReLU) -> None:
-        super().__init__()
         small = image_size < 16  # e.g. 8x8 digits: 3x3 kernels keep a spatial map
         k = 3 if small else 5
-        self.features = nn.Sequential(
+        features = nn.Sequential(
             nn.Conv2d(in_channels, 6, k, padding=k // 2), activation(), nn.MaxPool2d(2),
             nn.Conv2d(6, 16, k, padding=k // 2 if small else 0), activation(), nn.MaxPool2d(2),
         )
         side = image_size // 4 if small else ((image_size // 2) - 4) // 2
-        self.classifier = nn.Sequential(
+        classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(16 * side * side, 120), activation(),
             nn.Linear(120, 84), activation(), nn.Linear(84, num_classes),
         )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x))
+        super().__init__(OrderedDict(features=features, classifier=classifier))

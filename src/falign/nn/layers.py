@@ -219,6 +219,15 @@ class FeedbackLayer(nn.Module):
             self._output_features = sizes[0] // max(1, math.prod(sizes[1]))
         self.reset_feedback()
 
+    def direct_input_signal(self, session: FF.ErrorSession | None, x_shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """Under a direct rule, the signal this layer's backward sends its input ``x`` (of shape ``x_shape``):
+        ``q D`` with ``q`` the output error of ``session`` (or its target), exactly as the backward computes
+        it. A pipeline stage computes its output's signal with the next stage's first layer
+        (:mod:`falign.pipeline`), so no backward message travels between stages."""
+        feedback = self.feedback_weight
+        return FF._project(self._projected(session, feedback.shape[0]), feedback, torch.Size(x_shape),
+                           self.direct_mode)
+
     def _projected(self, session: FF.ErrorSession | None, n_out: int) -> Tensor:
         """The rule's projected quantity for the model's output features (``D`` of a per-sample layer has
         more rows: every output position's features)."""

@@ -53,6 +53,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     on_divergence: str = "stop"
     eval_batch_size: int = 1000
+    pipeline_stages: int = 0
+    pipeline_schedule: str = "auto"
+    microbatches: int = 0
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -132,6 +135,18 @@ class TrainConfig:
               f"lr_milestones are fractions in (0, 1), got {self.lr_milestones}")
         check(self.diagnostics_every >= 0, f"diagnostics_every must be >= 0, got {self.diagnostics_every}")
         check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        choice("pipeline_schedule", ("auto", "gpipe", "1f1b", "zbv", "unlocked"))
+        check(self.pipeline_stages == 0 or self.pipeline_stages >= 2,
+              f"pipeline_stages must be 0 (off) or >= 2, got {self.pipeline_stages}")
+        check(self.microbatches >= 0, f"microbatches must be >= 0, got {self.microbatches}")
+        check(self.pipeline_stages or (self.pipeline_schedule == "auto" and not self.microbatches),
+              "--pipeline-schedule and --microbatches are for pipeline mode: give --pipeline-stages K too")
+        if self.pipeline_stages:
+            m = self.microbatches or 2 * self.pipeline_stages
+            check(self.batch_size % m == 0, f"batch_size {self.batch_size} must split into {m} equal microbatches "
+                                            f"(--microbatches; default 2 x --pipeline-stages)")
+            check(self.diagnostics_every == 0, "diagnostics are not recorded in pipeline mode (a stage sees only its "
+                                               "own layers): leave --diagnostics-every at 0")
         try:
             get_rule(self.rule, **self.rule_options)
         except (TypeError, ValueError) as err:

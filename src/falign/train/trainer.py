@@ -159,6 +159,7 @@ class Trainer:
         self.recorder: DiagnosticsRecorder | None = None
         self.assumptions: dict[str, Any] = {}
         self.uses_target = False
+        self.pipeline: Any = None  # pipeline mode: this rank's falign.pipeline.Pipeline
         self._t0 = time.perf_counter()
 
     @property
@@ -216,14 +217,46 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Write ``checkpoint.pt`` atomically (rank 0 only)."""
+        """Write ``checkpoint.pt`` atomically (rank 0 only).
+
+        Pipeline mode: rank 0 gathers every stage's weights (under the whole model's keys), optimiser state and
+        random state first; a rank that died makes the gather fail, and nothing is written."""
         fault = os.environ.get("FALIGN_FAULT_KILL_IN_CHECKPOINT")
         crash = _kill_self if fault is not None and int(fault) == self.state.step else None
+        if self.pipeline is not None:
+            state = self._gather_pipeline_state()
+            if self.is_main:
+                self.run_dir.save_checkpoint(state, before_replace=crash)
+            return
         if self.is_main:
             self.run_dir.save_checkpoint(self._checkpoint_state(), before_replace=crash)
 
+    def _gather_pipeline_state(self) -> dict[str, Any] | None:
+        import torch.distributed as dist
+
+        mine = {"model": {k: v.detach().cpu() for k, v in self.pipeline.stage_state().items()},
+                "optimizer": self.optimizer.state_dict(), "rng": rng_state()}
+        parts: list[Any] = [None] * self.dist.world if self.is_main else None
+        dist.gather_object(mine, parts, dst=0)
+        if not self.is_main:
+            return None
+        state = self._checkpoint_state()
+        for part in parts:
+            state["model"].update(part["model"])
+        state["optimizer"] = None
+        state["pipeline"] = {"stages": self.config.pipeline_stages, "cuts": self.pipeline.cuts,
+                             "optimizers": [p["optimizer"] for p in parts], "rng": [p["rng"] for p in parts]}
+        return state
+
     def _load_checkpoint(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
+        if self.pipeline is not None:
+            layout = saved.get("pipeline")
+            if layout is None or layout["cuts"] != self.pipeline.cuts:
+                raise RunError(f"--resume {self.out}: the checkpoint was not written by this pipeline layout "
+                               f"(stages cut at {None if layout is None else layout['cuts']}, now "
+                               f"{self.pipeline.cuts})")
+            saved = {**saved, "optimizer": layout["optimizers"][self.dist.rank], "rng": layout["rng"][self.dist.rank]}
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state = Progress(saved["epoch"], saved["batch"], saved["step"],
@@ -241,6 +274,9 @@ class Trainer:
         """Build data, model (+ DDP wrapper), optimiser, scheduler, diagnostics; step 0 state."""
         cfg = self.config
         self.dataset, self.model = build_run(cfg, self.device)
+        if cfg.pipeline_stages:
+            self._setup_pipeline()
+            return
         self.uses_target = falign.uses_target(self.model)
         unpaired: dict[str, str] = {}
         if self.uses_target:
@@ -258,6 +294,37 @@ class Trainer:
             momentum=cfg.momentum if cfg.optimizer == "sgd" else 0.0, weight_decay=cfg.weight_decay,
             single_lr=cfg.lr_schedule == "none", not_applicable=unpaired)
 
+    def _setup_pipeline(self) -> None:
+        """Pipeline mode: this rank's stage of the model, its optimiser and per-step work (falign.pipeline)."""
+        from falign.pipeline import Pipeline
+
+        cfg = self.config
+        self.pipeline = Pipeline(self.model, cfg.pipeline_stages, schedule=cfg.pipeline_schedule,
+                                 n_microbatches=cfg.microbatches or None, loss_fn=partial(loss_fn, cfg),
+                                 example=self.dataset.x_train[:2], device=self.device)
+        self.forward = self.model
+        self.optimizer = make_optimizer(cfg, self.pipeline.module)
+        self.scheduler = make_scheduler(cfg, self.optimizer)
+        falign.attach(self.pipeline.module, self.optimizer)
+        self.assumptions = {"applies": False, "why": "not checked in pipeline mode (a stage sees only its own layers)"}
+
+    def _pipeline_step(self, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
+        import torch.distributed as dist
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, correct = self.pipeline.step(x, y)
+        # the last stage knows the loss; every rank takes the same decision on it (one small all-reduce)
+        values = torch.zeros(2, dtype=torch.float64)
+        if loss is not None:
+            values[0], values[1] = float(loss), float(correct)
+        dist.all_reduce(values)
+        value = float(values[0])
+        if not math.isfinite(value):
+            return value, torch.zeros((), dtype=torch.int64)
+        self.optimizer.step()
+        self.pipeline.after_step()
+        return value, torch.tensor(int(values[1]))
+
     def train_step(self, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
         """One optimiser step; returns the batch loss (a float) and the number of correct predictions.
 
@@ -265,6 +332,8 @@ class Trainer:
         backward in backprop mode, and the measurements go to ``metrics.jsonl`` before the update.
         A non-finite loss skips the update (the caller decides what happens next).
         """
+        if self.pipeline is not None:
+            return self._pipeline_step(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         every = self.config.diagnostics_every
         if self.recorder is not None and self.state.step % every == 0:
@@ -298,7 +367,12 @@ class Trainer:
         self.device = self.dist.device
         self.run_dir = RunDir(self.out, main=self.dist.is_main)
         try:
-            if self.config.batch_size % self.dist.world:
+            if self.config.pipeline_stages:
+                if self.dist.world != self.config.pipeline_stages:
+                    raise RunError(f"--pipeline-stages {self.config.pipeline_stages} runs one stage per process, "
+                                   f"but {self.dist.world} processes were started (torchrun "
+                                   f"--nproc_per_node={self.config.pipeline_stages})")
+            elif self.config.batch_size % self.dist.world:
                 raise RunError(f"--batch-size {self.config.batch_size} (the global batch) must be divisible by "
                                f"the {self.dist.world} processes")
             if self.is_main:
@@ -350,7 +424,10 @@ class Trainer:
             while s.epoch < cfg.epochs:
                 order = epoch_order(n, cfg.seed, s.epoch, self.device)
                 for x, y in batches(self.dataset.x_train, self.dataset.y_train, cfg.batch_size, order, s.batch):
-                    x, y = self.dist.shard(x, y)
+                    if self.pipeline is None:
+                        x, y = self.dist.shard(x, y)
+                    elif len(y) < cfg.batch_size:
+                        break  # pipeline schedules keep one batch size: a last partial batch is dropped
                     loss_value, correct = self.train_step(x, y)
                     if not math.isfinite(loss_value):
                         if cfg.on_divergence == "stop":
@@ -392,7 +469,12 @@ class Trainer:
 
     def _end_epoch(self, bar) -> None:
         cfg, s = self.config, self.state
-        test_loss, test_acc = evaluate(self.model, cfg, self.dataset.x_test, self.dataset.y_test)
+        if self.pipeline is not None:
+            self.pipeline.close()
+            test_loss, test_acc = self.pipeline.evaluate(self.dataset.x_test, self.dataset.y_test,
+                                                         cfg.eval_batch_size)
+        else:
+            test_loss, test_acc = evaluate(self.model, cfg, self.dataset.x_test, self.dataset.y_test)
         loss_sum, correct, seen, skipped = self.dist.all_sum(
             [s.sums["loss"], s.sums["correct"], s.sums["seen"], s.sums["skipped"]])
         seen = max(seen, 1.0)

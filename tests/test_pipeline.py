@@ -1,0 +1,187 @@
+"""Pipeline mode (falign.pipeline): the cut, the checks, and 2- and 3-process training that equals one process
+with the same microbatching, bit for bit, for every rule and schedule."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import falign
+from falign.models.cnn import LeNet5
+from falign.pipeline import PipelineError, chain, microbatches, plan, plan_cuts
+from falign.train import TrainConfig, load_checkpoint
+from falign.train.config import ConfigError
+
+WORKER = Path(__file__).parent / "workers" / "pipeline_equal.py"
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def mlp(rule: str, depth: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(),
+                        *[m for _ in range(depth - 2) for m in (nn.Linear(16, 16), nn.ReLU())], nn.Linear(16, 3))
+    return falign.convert(net, rule)
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+# -- the cut ---------------------------------------------------------------------------------------------
+def test_chain_flattens_nested_sequentials_and_refuses_other_graphs():
+    names = [n for n, _ in chain(LeNet5(1, 10, 28))]
+    assert names[:3] == ["features.0", "features.1", "features.2"] and names[-1] == "classifier.5"
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x + self.b(self.a(x))
+
+    with pytest.raises(PipelineError, match="has its own forward"):
+        chain(Residual())
+
+
+def test_plan_cuts_minimises_the_largest_stage_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        n = int(torch.randint(3, 9, (1,), generator=g))
+        costs = (torch.rand(n, generator=g) * 10).tolist()
+        allowed = [i for i in range(1, n) if torch.rand(1, generator=g) < 0.7]
+        k = min(3, len(allowed) + 1)
+        cuts = plan_cuts(costs, k, allowed)
+
+        def worst(starts, n=n, costs=costs):
+            bounds = [*starts, n]
+            return max(sum(costs[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
+
+        best = min(worst([0, *c]) for c in itertools.combinations(sorted(allowed), k - 1))
+        assert cuts[0] == 0 and set(cuts[1:]) <= set(allowed)
+        assert worst(cuts) == pytest.approx(best), (trial, costs, allowed)
+
+
+def test_plan_checks_rule_schedule_and_size():
+    x = torch.randn(4, 8)
+    with pytest.raises(PipelineError, match="for the direct rules"):
+        plan(mlp("fa"), 2, "unlocked", x)
+    with pytest.raises(PipelineError, match="trains with --pipeline-schedule unlocked"):
+        plan(mlp("dfa"), 2, "1f1b", x)
+    with pytest.raises(PipelineError, match="zbv splits each backward"):
+        plan(mlp("kp"), 2, "zbv", x)
+    with pytest.raises(PipelineError, match=r"into 6 stages: it has 8 modules in its chain and 4 places to cut"):
+        plan(mlp("dfa"), 6, "auto", x)  # 4 Linear layers: a direct stage must begin with one
+    with pytest.raises(PipelineError, match="at least 2"):
+        plan(mlp("fa"), 1, "auto", x)
+    assert plan(mlp("dfa"), 2, "auto", x).schedule == "unlocked"
+    assert plan(mlp("fa"), 2, "auto", x).schedule == "1f1b"
+    layout = plan(mlp("dfa", depth=6), 3, "auto", x)
+    links = layout.links
+    assert all(isinstance(links[c][1], falign.nn.FeedbackLayer) for c in layout.cuts[1:])
+    with pytest.raises(PipelineError, match="equal microbatches"):
+        microbatches(torch.zeros(10, 2), 4)
+
+
+def test_config_checks_pipeline_flags():
+    with pytest.raises(ConfigError, match="for pipeline mode"):
+        TrainConfig(pipeline_schedule="gpipe")
+    with pytest.raises(ConfigError, match="equal microbatches"):
+        TrainConfig(pipeline_stages=2, batch_size=30)  # default M = 4
+    with pytest.raises(ConfigError, match="diagnostics are not recorded"):
+        TrainConfig(pipeline_stages=2, diagnostics_every=5)
+    TrainConfig(pipeline_stages=2, batch_size=32)
+
+
+def test_pipeline_needs_a_process_group_of_as_many_ranks():
+    from falign.pipeline import Pipeline
+
+    with pytest.raises(PipelineError, match="needs a process group"):
+        Pipeline(mlp("fa"), 2, example=torch.randn(2, 8))
+
+
+# -- same updates ----------------------------------------------------------------------------------------
+def _cases(output: str) -> dict[tuple[str, int], dict]:
+    rows = [json.loads(m) for m in re.findall(r'\{"case"[^}]*\}', output)]  # two ranks' lines may interleave
+    return {(r["case"], r["rank"]): r for r in rows}
+
+
+TWO = ["bp:gpipe:mlp", "bp:1f1b:mlp", "bp:zbv:mlp", "fa:gpipe:mlp", "fa:1f1b:mlp", "fa:zbv:mlp", "usf:1f1b:mlp",
+       "frsf:zbv:mlp", "brsf:1f1b:mlp", "brsf:zbv:mlp", "kp:1f1b:mlp", "kp:gpipe:lenet", "wm:1f1b:mlp",
+       "wm:zbv:mlp", "fa:1f1b:lenet", "dfa:unlocked:mlp", "dkp:unlocked:mlp", "drtp:unlocked:mlp",
+       "dfa:unlocked:lenet", "dkp:unlocked:lenet", "drtp:unlocked:lenet"]
+CONTROLS = ["dfa:unlocked:mlp:4", "fa:1f1b:mlp:4"]  # the pipelined copy has other feedback: it must differ
+
+
+def test_every_rule_and_schedule_on_two_processes_equals_one_process_bit_for_bit():
+    assert {c.split(":")[0] for c in TWO} == set(falign.available_rules())
+    proc = torchrun(2, str(WORKER), *TWO, *CONTROLS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _cases(proc.stdout)
+    for case in TWO:
+        for rank in (0, 1):
+            assert got[(case, rank)]["max_abs_diff"] == 0.0, got[(case, rank)]
+    for case in CONTROLS:
+        assert max(got[(case, r)]["max_abs_diff_weights"] for r in (0, 1)) > 1e-3, case
+
+
+def test_three_stages_equal_one_process():
+    cases = ["bp:1f1b:mlp", "fa:zbv:mlp", "kp:1f1b:mlp", "wm:gpipe:mlp", "dfa:unlocked:mlp", "dkp:unlocked:mlp",
+             "drtp:unlocked:lenet"]
+    proc = torchrun(3, str(WORKER), *cases)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _cases(proc.stdout)
+    for case in cases:
+        for rank in (0, 1, 2):
+            assert got[(case, rank)]["max_abs_diff"] == 0.0, got[(case, rank)]
+
+
+# -- falign train --pipeline-stages ----------------------------------------------------------------------
+ARGS = ["--data", "synthetic", "--train-subset", "256", "--hidden", "32,32,32", "--epochs", "2", "--batch-size",
+        "32", "--lr", "0.05", "--no-progress"]
+
+
+def train(nproc: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", "-m", "falign", "train", *args], capture_output=True,
+                          text=True, env={**ENV, **(env or {})}, timeout=600)
+
+
+@pytest.mark.parametrize("rule", ["dfa", "fa"])
+def test_train_in_pipeline_mode_checkpoints_and_resumes_bit_identical(tmp_path, rule):
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    args = ["--rule", rule, *ARGS, "--pipeline-stages", "2", "--checkpoint-every", "5"]
+    done = train(2, *args, "--out", str(ref))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((ref / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 16
+    killed = train(2, *args, "--out", str(crashed), env={"FALIGN_FAULT_KILL_AT_STEP": "12"})
+    assert killed.returncode != 0
+    saved = load_checkpoint(crashed / "checkpoint.pt")
+    assert saved["step"] == 10 and saved["pipeline"]["stages"] == 2
+    resumed = train(2, "--resume", str(crashed), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_checkpoint(ref / "checkpoint.pt")["model"], load_checkpoint(crashed / "checkpoint.pt")["model"]
+    assert "fc1.weight" in a and "fc4.weight" in a  # the whole model's keys, gathered from both stages
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_train_refuses_a_model_it_cannot_cut_and_a_wrong_process_count(tmp_path):
+    resnet = train(2, "--rule", "fa", "--model", "resnet20", "--data", "digits", "--pipeline-stages", "2",
+                   "--epochs", "1", "--batch-size", "32", "--no-progress", "--out", str(tmp_path / "r"))
+    assert resnet.returncode != 0 and "has its own forward" in resnet.stderr
+    assert not (tmp_path / "r").exists()
+    wrong = train(2, "--rule", "dfa", *ARGS, "--pipeline-stages", "4", "--out", str(tmp_path / "w"))
+    assert wrong.returncode != 0 and "runs one stage per process" in wrong.stderr
+
