@@ -185,3 +185,42 @@ def test_train_refuses_a_model_it_cannot_cut_and_a_wrong_process_count(tmp_path)
     wrong = train(2, "--rule", "dfa", *ARGS, "--pipeline-stages", "4", "--out", str(tmp_path / "w"))
     assert wrong.returncode != 0 and "runs one stage per process" in wrong.stderr
 
+
+
+# -- falign bench pipeline -------------------------------------------------------------------------------
+def test_cost_model_formulas():
+    from falign.bench.pipeline import model_step, scaled
+
+    f, b, c = [1.0, 1.0], [2.0, 2.0], 0.5
+    assert model_step("gpipe", f, b, 4, c) == pytest.approx((4 + 1) * 3 + 2 * 0.5)  # bubble (K-1)/(M+K-1)
+    assert model_step("1f1b", f, b, 4, c) == model_step("gpipe", f, b, 4, c)
+    assert model_step("zbv", f, b, 4, c) == pytest.approx(4 * 3 + 1 * 1 + 2 * 0.5)
+    assert model_step("unlocked", f, b, 4, c) == pytest.approx(4 * 3 + 0.5)
+    assert model_step("gpipe", [1.0, 3.0], [2.0, 2.0], 4, 0.0) == pytest.approx(5 * 5)  # the slowest stage sets it
+    # K stages share the work evenly: with free messages the unlocked schedule scales by K, GPipe loses its bubble
+    assert (16.0 + 32.0) / scaled("unlocked", 16.0, 32.0, 16, 0.0) == pytest.approx(16.0)
+    assert scaled("gpipe", 16.0, 32.0, 4, 0.0) / scaled("unlocked", 16.0, 32.0, 4, 0.0) == pytest.approx(11 / 8)
+    with pytest.raises(ValueError):
+        model_step("pipedream", f, b, 4, c)
+
+
+def test_bench_pipeline_writes_its_table_and_figure(tmp_path):
+    docs = tmp_path / "bench.md"
+    docs.write_text("# Benchmarks\n")
+    proc = subprocess.run([sys.executable, "-m", "falign", "bench", "pipeline", "--models", "cnn", "--steps", "1",
+                           "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "out"), "--docs", str(docs)],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = docs.read_text()
+    for variant in ("| bp | gpipe |", "| bp | 1f1b |", "| bp | zbv |", "| dfa | unlocked |", "| drtp | unlocked |"):
+        assert variant in text
+    assert "K=16" in text and (tmp_path / "figures" / "pipeline.png").is_file()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for row in summary["measured"]:
+        assert len(row["bubble"]) == 2 and all(0.0 <= b <= 1.0 for b in row["bubble"])
+        if row["rule"] == "drtp":  # nothing travels backwards
+            assert row["bytes_per_step"][1] == 0.0
+        elif row["rule"] == "dfa":  # only the output errors, far smaller than the activations sent forward
+            assert 0.0 < row["bytes_per_step"][1] < row["bytes_per_step"][0] / 10
+        else:  # bp sends each microbatch's input gradient back: as many bytes as the activations forward
+            assert row["bytes_per_step"][0] == row["bytes_per_step"][1] > 0

@@ -310,6 +310,7 @@ BENCH_EXAMPLE = """examples:
   falign bench accuracy                          # LeNet / Fashion-MNIST vs BioTorch's table (CPU schedule)
   falign bench accuracy --full                   # the published 100-epoch schedule
   falign bench architectures                     # ViT, row-LSTM/GRU, char-LM: accuracy and step time per rule
+  falign bench pipeline                          # 2 pipeline stages: dfa unlocked vs bp GPipe/1F1B/zero-bubble
 """
 
 
@@ -332,6 +333,11 @@ def _add_bench(sub) -> None:
     arch = kinds.add_parser("architectures", help="attention and recurrent models: accuracy and step time per rule",
                             description=architectures.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     architectures.build_parser(arch).set_defaults(func=lambda a: architectures.run(a) or 0)
+    from falign.bench import pipeline
+
+    pipe = kinds.add_parser("pipeline", help="pipeline stages: dfa's unlocked schedule vs bp's GPipe/1F1B/zero-bubble",
+                            description=pipeline.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pipeline.build_parser(pipe).set_defaults(func=lambda a: pipeline.run(a) or 0)
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 

@@ -36,7 +36,7 @@ OWNED: dict[str, tuple[str, ...]] = {
     ),
     "plots": (MARKER, "alignment.png", "conservation.png", "decomposition.png"),
     "report": (MARKER, "report.md", "report.html", "tables/*.csv", "figures/*.png", "*/runs/*/**"),
-    "bench": (MARKER, "results.csv", "summary.csv", "runs/*/**"),
+    "bench": (MARKER, "results.csv", "summary.csv", "runs/*/**", "results.json", "summary.json", "pipeline.png"),
 }
 
 

@@ -2,7 +2,9 @@
 
 ``torchrun --nproc_per_node=K -m falign train --pipeline-stages K ...`` (or :class:`Pipeline` in a script
 that has joined a process group of K ranks) cuts a model that is a chain of modules (``nn.Sequential``,
-nested ones flattened) into stages of about equal forward cost; stage ``r`` runs on rank ``r``, each batch
+nested ones flattened) into stages of about equal forward cost (multiply-accumulates), each beginning with a
+module that has weights (under a direct rule: a layer it converted) and not after a module whose output is a
+view (e.g. ``nn.Flatten``: PyTorch's zero-bubble split cannot handle one); stage ``r`` runs on rank ``r``, each batch
 is split into ``M`` microbatches and activations flow forward point to point.
 
 Schedules:
@@ -74,6 +76,18 @@ def chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 yield f"{prefix}{name}", child
 
     return list(walk("", model))
+
+
+def view_outputs(links: list[tuple[str, nn.Module]], example: Tensor) -> list[bool]:
+    """Whether each link's output on ``example`` is a view of another tensor (``nn.Flatten``, a reshape): PyTorch's
+    zero-bubble schedules cannot split the backward of a stage whose output is a view, so no cut follows one."""
+    out = []
+    with torch.no_grad(), falign.functional.backprop_mode():
+        x = example
+        for _, link in links:
+            x = link(x)
+            out.append(bool(isinstance(x, Tensor) and x._is_view()))
+    return out
 
 
 def forward_costs(links: list[tuple[str, nn.Module]], example: Tensor) -> list[float]:
@@ -218,9 +232,11 @@ def plan(model: nn.Module, stages: int, schedule: str = "auto", example: Tensor 
     if schedule == "unlocked":  # a stage must begin with a direct layer, whose D gives its input's signal
         allowed = [i for i, (_, m) in enumerate(links) if i > 0 and isinstance(m, FeedbackLayer) and m.rule.direct]
         where = "before a layer the direct rule converted"
-    else:
-        allowed = list(range(1, len(links)))
-        where = "between two modules of the chain"
+    else:  # a stage begins with a module that has weights (never with a lone activation)
+        allowed = [i for i, (_, m) in enumerate(links) if i > 0 and next(m.parameters(), None) is not None]
+        where = "before a module with weights"
+    views = view_outputs(links, example)
+    allowed = [i for i in allowed if not views[i - 1]]
     if len(allowed) < n_chunks - 1:
         pieces = "chunks (zbv: 2 per stage)" if schedule == "zbv" else "stages"
         raise PipelineError(
@@ -384,12 +400,12 @@ class Pipeline:
         args = (x.to(self.device),) if self.is_first else ()
         kwargs = {"target": y.to(self.device), "losses": losses} if self.is_last else {}
         out = self._schedule.step(*args, **kwargs)
-        # what this rank sent: the activations of each chunk it holds but the last, the input gradients of each
-        # chunk but the first (counted, per microbatch)
-        for i in self.mine:
-            if i + 1 < len(self.chunks):
+        # what this rank sent: each microbatch's activations to the next chunk's rank, input gradients to the
+        # previous chunk's rank (counted)
+        for i in self.mine:  # messages between chunks on one rank stay in the process
+            if i + 1 < len(self.chunks) and self._owner(i + 1) != self.rank:
                 self.bytes_sent += self._boundary[i] * self.m
-            if i > 0:
+            if i > 0 and self._owner(i - 1) != self.rank:
                 self.bytes_sent += self._boundary[i - 1] * self.m
         if not self.is_last:
             return None, None
