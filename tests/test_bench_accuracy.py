@@ -45,3 +45,22 @@ def test_summarize_refuses_mixed_schedules_and_foreign_files(tmp_path):
         accuracy.read_results([str(b)])
     with pytest.raises(FalignError, match="no such file"):
         accuracy.read_results([str(tmp_path / "missing.csv")])
+
+
+def test_summarize_reads_the_finished_runs_of_an_interrupted_bench(tmp_path):
+    import json
+
+    folder = tmp_path / "bench"
+    for rule, status, accs in (("fa", "completed", [0.80, 0.86, 0.85]), ("kp", None, [0.70])):
+        run = folder / "runs" / f"{rule}-s0"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"rule": rule, "seed": 0, "epochs": 100}))
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"event": "epoch", "epoch": i + 1, "test_acc": a}) + "\n" for i, a in enumerate(accs)))
+        if status:  # the kp run was interrupted: no summary.json, so it is not counted
+            (run / "summary.json").write_text(json.dumps({"status": status, "wall_time_s": 12.0}))
+    rows = accuracy.read_results([str(folder)])
+    assert [r["rule"] for r in rows] == ["fa"]
+    assert rows[0]["best-epoch error %"] == pytest.approx(14.0) and rows[0]["final error %"] == pytest.approx(15.0)
+    with pytest.raises(FalignError, match="no finished run"):
+        accuracy.read_results([str(tmp_path)])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import platform
 import re
@@ -79,11 +80,38 @@ def _mean_std(mean: float, std: float) -> str:
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
+def _rows_of_folder(folder: Path) -> list[dict]:
+    """Result rows of the finished runs in a ``falign bench accuracy --out`` folder (``runs/<rule>-s<seed>``), read
+    from each run's config, metrics and summary: a bench interrupted before writing results.csv keeps its
+    finished runs; unfinished ones are skipped."""
+    rows = []
+    for run in sorted((folder / "runs").glob("*")):
+        try:
+            summary = json.loads((run / "summary.json").read_text())
+            config = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        epochs = [r for r in read_metrics(run / "metrics.jsonl") if r["event"] == "epoch"]
+        done = summary.get("status") == "completed" and bool(epochs)
+        rows.append({"rule": config["rule"], "seed": int(config["seed"]), "epochs": int(config["epochs"]),
+                     "status": summary.get("status", "unknown"),
+                     "final error %": 100 * (1 - epochs[-1]["test_acc"]) if done else math.nan,
+                     "best-epoch error %": 100 * (1 - max(r["test_acc"] for r in epochs)) if done else math.nan,
+                     "seconds": float(summary.get("wall_time_s", 0.0)), "run": str(run)})
+    return rows
+
+
 def read_results(paths: list[str]) -> list[dict]:
-    """The rows of ``results.csv`` files written by earlier runs, in the order given (a rule in several files:
-    every row counts)."""
+    """The rows of ``results.csv`` files, or of the finished runs in ``--out`` folders, written by earlier runs of
+    ``falign bench accuracy``, in the order given (a rule in several places: every row counts)."""
     rows: list[dict] = []
     for path in paths:
+        if Path(path).is_dir():
+            found = _rows_of_folder(Path(path))
+            if not found:
+                raise FalignError(f"--summarize {path}: no finished run under {Path(path) / 'runs'}")
+            rows += found
+            continue
         if not Path(path).is_file():
             raise FalignError(f"--summarize {path}: no such file")
         with open(path, newline="") as f:
@@ -191,9 +219,10 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--docs", default=None,
                         help="Markdown file whose accuracy section is regenerated (default: docs/benchmarks.md "
                              "when it exists, i.e. run from the repository; '' to skip)")
-    parser.add_argument("--summarize", nargs="+", metavar="RESULTS_CSV", default=None,
-                        help="train nothing: regenerate the table (and the docs section) from the results.csv of "
-                             "earlier runs, e.g. rules run on different days or machines")
+    parser.add_argument("--summarize", nargs="+", metavar="RESULTS", default=None,
+                        help="train nothing: regenerate the table (and the docs section) from the results.csv "
+                             "files or --out folders (their finished runs) of earlier runs, e.g. rules run on "
+                             "different days or machines")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -219,7 +248,8 @@ def run(args: argparse.Namespace) -> None:
         section = markdown(summarize(rows), epochs, args.lr, "", 0.0, command=(
             f"`falign bench accuracy --summarize {' '.join(args.summarize)}` from runs of "
             f"`falign bench accuracy{' --full' if epochs >= 100 else ''} --epochs {epochs}` ({hours:.0f} min of "
-            f"training in all; each file's runs list their rules and seeds)"))
+            f"training in all; each file's runs list their rules and seeds; `falign bench accuracy"
+            f"{' --full' if epochs >= 100 else ''} --seeds 1` runs every rule in one go)"))
         begin, end = markers(epochs)
         if args.docs:
             update_docs(Path(args.docs), section, begin, end)

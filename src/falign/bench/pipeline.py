@@ -14,11 +14,13 @@ microbatches, SGD:
 A cost model of each schedule from the measured per-stage forward (F) and backward (B) time per microbatch and
 the time C of one message (a ping-pong of one boundary activation):
 
-- GPipe and 1F1B: ``(M + K − 1)·max(F + B) + 2(K − 1)·C`` (a flush per step: the bubble (K−1)/(M+K−1));
+- GPipe and 1F1B: ``(M + K − 1)·max(F + B) + 2(K − 1)·C + O`` (a flush per step: the bubble (K−1)/(M+K−1));
 - zero-bubble (ZB-H1 bound of Qi et al., 2023, with the backward split evenly into its input and weight
-  halves): ``M·max(F + B) + (K − 1)·max F + 2(K − 1)·C``;
+  halves): ``M·max(F + B) + (K − 1)·max F + 2(K − 1)·C + O``;
 - unlocked (a stage waits only for its input and the output error, and overlaps the next step's forward
-  passes with the later stages' backward): ``M·max(F + B) + C``.
+  passes with the later stages' backward): ``M·max(F + B) + C + O``,
+
+with O the slowest stage's optimiser step (measured alone too).
 
 It is checked against the K = 2 measurements (the error is printed beside them), then used for K = 2 … 16 with
 the measured single-process compute split evenly over K stages and M = 2K microbatches of a fixed batch:
@@ -71,25 +73,26 @@ def data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -- cost model ----------------------------------------------------------------------------------------
-def model_step(schedule: str, f: list[float], b: list[float], m: int, c: float) -> float:
+def model_step(schedule: str, f: list[float], b: list[float], m: int, c: float, o: float = 0.0) -> float:
     """Modelled step time of ``schedule`` for per-stage forward ``f`` and backward ``b`` times per microbatch,
-    ``m`` microbatches and message time ``c`` (formulas in the module docstring)."""
+    ``m`` microbatches, message time ``c`` and optimiser step ``o`` (the slowest stage's; formulas in the module
+    docstring)."""
     k = len(f)
     busy = max(fi + bi for fi, bi in zip(f, b))
     if schedule in ("gpipe", "1f1b"):
-        return (m + k - 1) * busy + 2 * (k - 1) * c
+        return (m + k - 1) * busy + 2 * (k - 1) * c + o
     if schedule == "zbv":
-        return m * busy + (k - 1) * max(f) + 2 * (k - 1) * c
+        return m * busy + (k - 1) * max(f) + 2 * (k - 1) * c + o
     if schedule == "unlocked":
-        return m * busy + c
+        return m * busy + c + o
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def scaled(schedule: str, f_total: float, b_total: float, k: int, c: float) -> float:
-    """Modelled step time on ``k`` stages: the single-process forward/backward time of the batch split evenly
-    over ``k`` stages and ``2k`` microbatches."""
+def scaled(schedule: str, f_total: float, b_total: float, k: int, c: float, o_total: float = 0.0) -> float:
+    """Modelled step time on ``k`` stages: the single-process forward/backward time of the batch and its optimiser
+    step split evenly over ``k`` stages and ``2k`` microbatches."""
     m = 2 * k
-    return model_step(schedule, [f_total / (m * k)] * k, [b_total / (m * k)] * k, m, c)
+    return model_step(schedule, [f_total / (m * k)] * k, [b_total / (m * k)] * k, m, c, o_total / k)
 
 
 # -- the worker (one per process) ----------------------------------------------------------------------
@@ -129,6 +132,18 @@ def _local_times(pipe, x: torch.Tensor, repeats: int = 5) -> tuple[float, float]
     for p in pipe.parameters():
         p.grad = None
     return statistics.median(fwd), statistics.median(both)
+
+
+def _optimizer_time(pipe, opt, repeats: int = 5) -> float:
+    """This rank's optimiser step (with the rule's per-step work), gradients of ones."""
+    for p in pipe.parameters():
+        p.grad = torch.ones_like(p) * 1e-6
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _ping(pipe, x: torch.Tensor, repeats: int = 20) -> float:
@@ -196,7 +211,9 @@ def worker(args: argparse.Namespace) -> None:
             sent = pipe.bytes_sent / (args.repeats * args.steps)
             f, fb = _local_times(pipe, x)
             c = _ping(pipe, x)
-            mine = {"rank": rank, "forward_s": f, "backward_s": fb, "bytes_per_step": sent, "ping_s": c,
+            o = _optimizer_time(pipe, opt)
+            mine = {"rank": rank, "forward_s": f, "backward_s": fb, "optimizer_s": o, "bytes_per_step": sent,
+                    "ping_s": c,
                     "step_s": repeats, "cuts": pipe.cuts, "chunks": pipe.describe()}
             parts: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(parts, mine)
@@ -222,10 +239,12 @@ def summarize(results: list[dict]) -> list[dict]:
         b = [p["backward_s"] for p in ranks]
         m = r["microbatches"]
         c = statistics.median(p["ping_s"] for p in ranks)
-        modelled = model_step(r["schedule"], f, b, m, c)
+        o = [p["optimizer_s"] for p in ranks]
+        modelled = model_step(r["schedule"], f, b, m, c, max(o))
         rows.append({**{k: r[k] for k in ("model", "rule", "schedule", "microbatches", "batch")},
                      "step_ms": step * 1e3, "range_ms": [s * 1e3 for s in spread],
-                     "bubble": [max(0.0, 1 - m * (fi + bi) / step) for fi, bi in zip(f, b)],
+                     "bubble": [max(0.0, 1 - (m * (fi + bi) + oi) / step) for fi, bi, oi in zip(f, b, o)],
+                     "optimizer_ms": [v * 1e3 for v in o],
                      "bytes_per_step": [p["bytes_per_step"] for p in ranks],
                      "modelled_ms": modelled * 1e3, "forward_ms": [v * 1e3 for v in f],
                      "backward_ms": [v * 1e3 for v in b], "message_ms": c * 1e3})
@@ -248,14 +267,15 @@ def projection(rows: list[dict]) -> list[dict]:
         for rule in dict.fromkeys(r["rule"] for r in sub):
             mine = [r for r in sub if r["rule"] == rule]
             compute[rule] = (statistics.median(sum(r["forward_ms"]) * r["microbatches"] for r in mine),
-                             statistics.median(sum(r["backward_ms"]) * r["microbatches"] for r in mine))
+                             statistics.median(sum(r["backward_ms"]) * r["microbatches"] for r in mine),
+                             statistics.median(sum(r["optimizer_ms"]) for r in mine))
         message = statistics.median(r["message_ms"] for r in sub)
         for r in sub:
-            f_total, b_total = compute[r["rule"]]
+            f_total, b_total, o_total = compute[r["rule"]]
             for k in KS:
-                t = scaled(r["schedule"], f_total, b_total, k, message)
+                t = scaled(r["schedule"], f_total, b_total, k, message, o_total)
                 out.append({"model": model, "rule": r["rule"], "schedule": r["schedule"], "K": k, "step_ms": t,
-                            "speedup": (f_total + b_total) / t})
+                            "speedup": (f_total + b_total + o_total) / t})
     for model in dict.fromkeys(p["model"] for p in out):
         for k in KS:
             here = [p for p in out if p["model"] == model and p["K"] == k]
@@ -274,19 +294,23 @@ def figure(proj: list[dict], path: Path) -> bool:
     except ImportError:
         return False
     models = list(dict.fromkeys(p["model"] for p in proj))
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 6.4), squeeze=False)
+    for col, model in enumerate(models):
         for rule, schedule in VARIANTS:
             pts = [p for p in proj if p["model"] == model and p["rule"] == rule and p["schedule"] == schedule]
-            ax.plot([p["K"] for p in pts], [p["speedup"] for p in pts], marker="o",
-                    label=f"{rule} {schedule}")
-        ax.plot(KS, KS, color="grey", linestyle=":", label="ideal (K×)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(KS, [str(k) for k in KS])
-        ax.set_xlabel("pipeline stages K (M = 2K microbatches)")
-        ax.set_ylabel("modelled speed-up over one process")
-        ax.set_title(model)
-        ax.grid(alpha=0.3)
+            for row, key in enumerate(("speedup", "vs_bp_best")):
+                axes[row][col].plot([p["K"] for p in pts], [p[key] for p in pts], marker="o",
+                                    linestyle="--" if schedule in ("gpipe", "unlocked") and rule != "bp" else "-",
+                                    label=f"{rule} {schedule}")
+        axes[0][col].plot(KS, KS, color="grey", linestyle=":", label="ideal (K×)")
+        axes[0][col].set_title(model)
+        axes[0][col].set_ylabel("modelled speed-up over one process")
+        axes[1][col].set_ylabel("step time ÷ bp's best schedule")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(KS, [str(k) for k in KS])
+            ax.set_xlabel("pipeline stages K (M = 2K microbatches)")
+            ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -300,8 +324,9 @@ def markdown(rows: list[dict], proj: list[dict], seconds: float, figure_path: st
              f"Generated by `falign bench pipeline` on {machine} in {seconds / 60:.1f} min. K = 2 stages (one "
              "per process, gloo), the same cut for every schedule, M = 4 microbatches, SGD. Step time: mean of "
              "10 steps between barriers, median (range) of the repeats. Bubble: 1 − (the stage's own forward + "
-             "backward time for the M microbatches, measured alone) / step time. Bytes: sent by each stage per "
-             "step. Model: the cost model of `falign bench pipeline --help` from the measured per-stage times.", "",
+             "backward time for the M microbatches and its optimiser step, measured alone) / step time. Bytes: "
+             "sent by each stage per step. Model: the cost model of `falign bench pipeline --help` from the "
+             "measured per-stage times.", "",
              "| model | rule | schedule | ms / step | × bp's best | bubble stage 0 / 1 | MiB sent stage 0 / 1 | "
              "modelled ms (error) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
