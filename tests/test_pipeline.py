@@ -165,7 +165,8 @@ def test_train_in_pipeline_mode_checkpoints_and_resumes_bit_identical(tmp_path, 
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 16
-    killed = train(2, *args, "--out", str(crashed), env={"FALIGN_FAULT_KILL_AT_STEP": "12"})
+    # one stage's process dies mid-run (rank 1 only): no half-written checkpoint, the step-10 one resumes
+    killed = train(2, *args, "--out", str(crashed), env={"FALIGN_FAULT_KILL_AT_STEP": "12", "FALIGN_FAULT_RANK": "1"})
     assert killed.returncode != 0
     saved = load_checkpoint(crashed / "checkpoint.pt")
     assert saved["step"] == 10 and saved["pipeline"]["stages"] == 2

@@ -312,12 +312,19 @@ class Trainer:
         import torch.distributed as dist
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss, correct = self.pipeline.step(x, y)
-        # the last stage knows the loss; every rank takes the same decision on it (one small all-reduce)
-        values = torch.zeros(2, dtype=torch.float64)
-        if loss is not None:
-            values[0], values[1] = float(loss), float(correct)
-        dist.all_reduce(values)
+        try:
+            loss, correct = self.pipeline.step(x, y)
+            # the last stage knows the loss; every rank takes the same decision on it (one small all-reduce)
+            values = torch.zeros(2, dtype=torch.float64)
+            if loss is not None:
+                values[0], values[1] = float(loss), float(correct)
+            dist.all_reduce(values)
+        except RuntimeError as err:
+            if "closed" in str(err).lower() or "connection" in str(err).lower():
+                raise RunError(f"pipeline mode: the process of another stage stopped at step {self.state.step} "
+                               f"({str(err).splitlines()[0][:200]}); the last complete checkpoint is kept, continue "
+                               f"with --resume {self.out}") from None
+            raise
         value = float(values[0])
         if not math.isfinite(value):
             return value, torch.zeros((), dtype=torch.int64)
@@ -419,6 +426,8 @@ class Trainer:
         bar = progress_bar(cfg.epochs * math.ceil(n / cfg.batch_size), f"{cfg.rule} {cfg.model} {cfg.data}",
                            self.show_progress and self.is_main, initial=s.step)
         kill_at = os.environ.get("FALIGN_FAULT_KILL_AT_STEP") if elastic_restart() == 0 else None
+        if os.environ.get("FALIGN_FAULT_RANK", str(self.dist.rank)) != str(self.dist.rank):
+            kill_at = None  # fault injection in one rank only
         status, message = "completed", ""
         try:
             while s.epoch < cfg.epochs:
