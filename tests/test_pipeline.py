@@ -80,8 +80,8 @@ def test_plan_checks_rule_schedule_and_size():
         plan(mlp("dfa"), 2, "1f1b", x)
     with pytest.raises(PipelineError, match="zbv splits each backward"):
         plan(mlp("kp"), 2, "zbv", x)
-    with pytest.raises(PipelineError, match=r"into 6 stages: it has 8 modules in its chain and 4 places to cut"):
-        plan(mlp("dfa"), 6, "auto", x)  # 4 Linear layers: a direct stage must begin with one
+    with pytest.raises(PipelineError, match=r"into 6 stages: it has 8 modules in its chain and 3 places to cut"):
+        plan(mlp("dfa"), 6, "auto", x)  # a direct stage begins with a Linear layer, never right after Flatten
     with pytest.raises(PipelineError, match="at least 2"):
         plan(mlp("fa"), 1, "auto", x)
     assert plan(mlp("dfa"), 2, "auto", x).schedule == "unlocked"

@@ -261,7 +261,22 @@ class Pipeline:
 
     After :meth:`step`, the parameters of :meth:`parameters` hold the step's gradients; build the optimiser
     over them, call :func:`falign.attach` on :attr:`module`, and call :meth:`after_step` after each
-    optimiser step.
+    optimiser step; :meth:`close` when done.
+
+    Example (``torchrun --nproc_per_node=2 script.py``)::
+
+        dist.init_process_group("gloo")
+        model = falign.convert(nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512),
+                                             nn.ReLU(), nn.Linear(512, 10)), "dfa", seed=0)  # same seed everywhere
+        pipe = falign.pipeline.Pipeline(model, 2, example=x[:2])       # dfa: the unlocked schedule
+        opt = torch.optim.SGD(pipe.parameters(), lr=0.01)
+        falign.attach(pipe.module, opt)
+        for x, y in batches:                                           # every rank iterates the same batches
+            opt.zero_grad()
+            loss, correct = pipe.step(x, y)                            # (None, None) except on the last stage
+            opt.step()
+            pipe.after_step()
+        pipe.close()
     """
 
     def __init__(self, model: nn.Module, stages: int, *, schedule: str = "auto", n_microbatches: int | None = None,
