@@ -243,6 +243,7 @@ def run(args: argparse.Namespace) -> None:
         check_file(args.docs, "--docs")
     if args.summarize:
         rows = read_results(args.summarize)
+        rows.sort(key=lambda r: RULES.index(r["rule"]) if r["rule"] in RULES else len(RULES))  # stable: bench order
         epochs = rows[0]["epochs"]
         hours = sum(r["seconds"] for r in rows) / 60
         section = markdown(summarize(rows), epochs, args.lr, "", 0.0, command=(
