@@ -59,14 +59,14 @@ def _plain(layer, x, weight, cfg):
     return CONV_T[cfg[0]](x, weight, layer.bias, layer.stride, layer.padding, op, layer.groups, layer.dilation)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS)
-@pytest.mark.parametrize("rule", RULES)
-def test_backprop_mode_equals_autograd(rule, cfg):
+def _backprop_mode_matches_autograd(cfg, rule, call=lambda model, x: model(x)):
+    """Converted under ``rule`` and run in backprop mode, the layer's output and input/weight gradients equal
+    plain autograd's; returns ``(model, plain, g)``."""
     plain = Wrap(cfg)
     model = falign.convert(Wrap(cfg), rule, seed=0)
     x1, x2 = _input(cfg), _input(cfg)
     with backprop_mode():
-        out = with_target(model, x1)
+        out = call(model, x1)
         g = torch.randn_like(out)
         out.backward(g)
     ref = plain(x2)
@@ -74,6 +74,13 @@ def test_backprop_mode_equals_autograd(rule, cfg):
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x1.grad, x2.grad)
     torch.testing.assert_close(model.t.weight.grad, plain.t.weight.grad)
+    return model, plain, g
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("rule", RULES)
+def test_backprop_mode_equals_autograd(rule, cfg):
+    model, plain, _ = _backprop_mode_matches_autograd(cfg, rule, with_target)
     if cfg[9]:
         torch.testing.assert_close(model.t.bias.grad, plain.t.bias.grad)
 
@@ -171,18 +178,7 @@ def random_configs(draw):
 def test_random_configurations_follow_the_rule(cfg, rule):
     """Hypothesis: any option combination — B = W (backprop mode) reproduces autograd, B ≠ W puts B where the
     input gradient transports W, the weight gradient stays local."""
-    plain = Wrap(cfg)
-    model = falign.convert(Wrap(cfg), rule, seed=0)
-    x1, x2 = _input(cfg), _input(cfg)
-    with backprop_mode():
-        out = model(x1)
-        g = torch.randn_like(out)
-        out.backward(g)
-    ref = plain(x2)
-    ref.backward(g)
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(x1.grad, x2.grad)
-    torch.testing.assert_close(model.t.weight.grad, plain.t.weight.grad)
+    model, plain, g = _backprop_mode_matches_autograd(cfg, rule)
     x3 = _input(cfg)
     model.zero_grad()
     model(x3).backward(g)

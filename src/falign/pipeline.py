@@ -32,7 +32,6 @@ The batch must split into ``M`` equal microbatches.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -78,23 +77,14 @@ def chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(walk("", model))
 
 
-def view_outputs(links: list[tuple[str, nn.Module]], example: Tensor) -> list[bool]:
-    """Whether each link's output on ``example`` is a view of another tensor (``nn.Flatten``, a reshape): PyTorch's
-    zero-bubble schedules cannot split the backward of a stage whose output is a view, so no cut follows one."""
-    out = []
-    with torch.no_grad(), falign.functional.backprop_mode():
-        x = example
-        for _, link in links:
-            x = link(x)
-            out.append(bool(isinstance(x, Tensor) and x._is_view()))
-    return out
-
-
-def forward_costs(links: list[tuple[str, nn.Module]], example: Tensor) -> list[float]:
-    """Multiply-accumulates per sample of each link's forward pass on ``example``: for every module with a
-    weight of two or more dimensions, ``weight.numel()`` times the output positions (deterministic: every
-    rank computes the same cut)."""
+def probe_links(links: list[tuple[str, nn.Module]], example: Tensor) -> tuple[list[float], list[bool]]:
+    """One forward pass of the chain on ``example``: each link's multiply-accumulates per sample (for every module
+    with a weight of two or more dimensions, ``weight.numel()`` times the output positions; deterministic, so every
+    rank computes the same cut) and whether its output is a view of another tensor (``nn.Flatten``, a reshape:
+    PyTorch's zero-bubble schedules cannot split the backward of a stage whose output is a view, so no cut
+    follows one)."""
     costs = [0.0] * len(links)
+    views = [False] * len(links)
     current = [0]
 
     def hook(module, inputs, output):
@@ -110,10 +100,11 @@ def forward_costs(links: list[tuple[str, nn.Module]], example: Tensor) -> list[f
             for i, (_, link) in enumerate(links):
                 current[0] = i
                 x = link(x)
+                views[i] = bool(isinstance(x, Tensor) and x._is_view())
     finally:
         for h in handles:
             h.remove()
-    return [c + 1.0 for c in costs]  # weightless links cost a little: they still run
+    return [c + 1.0 for c in costs], views  # weightless links cost a little: they still run
 
 
 def plan_cuts(costs: list[float], chunks: int, allowed: list[int]) -> list[int]:
@@ -174,6 +165,16 @@ def accumulate(model: nn.Module, x: Tensor, y: Tensor, n_microbatches: int,
     return outputs
 
 
+def _wire(t: Tensor) -> Tensor:
+    """A tensor as it travels between stages: detached, contiguous, floating point in the default dtype (under
+    ``torch.autocast`` a bfloat16 activation is sent as float32, which the next stage's layers cast back
+    exactly), so sender and receiver always agree on the message's size."""
+    t = t.detach()
+    if t.is_floating_point():
+        t = t.to(torch.get_default_dtype())
+    return t.contiguous()
+
+
 def _scale_grads(params, m: int) -> None:
     for p in params:
         if p.grad is not None:
@@ -227,7 +228,7 @@ def plan(model: nn.Module, stages: int, schedule: str = "auto", example: Tensor 
         falign.set_target(model, torch.zeros(len(example), dtype=torch.long, device=example.device))
     with torch.no_grad():  # the whole model once: direct layers size their D from its output (convert's probe)
         out = model(example)
-    costs = forward_costs(links, example)
+    costs, views = probe_links(links, example)
     n_chunks = 2 * stages if schedule == "zbv" else stages
     if schedule == "unlocked":  # a stage must begin with a direct layer, whose D gives its input's signal
         allowed = [i for i, (_, m) in enumerate(links) if i > 0 and isinstance(m, FeedbackLayer) and m.rule.direct]
@@ -235,7 +236,6 @@ def plan(model: nn.Module, stages: int, schedule: str = "auto", example: Tensor 
     else:  # a stage begins with a module that has weights (never with a lone activation)
         allowed = [i for i, (_, m) in enumerate(links) if i > 0 and next(m.parameters(), None) is not None]
         where = "before a module with weights"
-    views = view_outputs(links, example)
     allowed = [i for i in allowed if not views[i - 1]]
     if len(allowed) < n_chunks - 1:
         pieces = "chunks (zbv: 2 per stage)" if schedule == "zbv" else "stages"
@@ -308,7 +308,6 @@ class Pipeline:
         self.module = nn.ModuleList([self.chunks[i] for i in self.mine])
         """This rank's modules (optimise and attach these)."""
         self.bytes_sent = 0
-        self.wait_s = 0.0
         self._shapes: dict[tuple[int, int], torch.Size] = {}
         self._sends: list[Any] = []
         self._feedback_handle = None
@@ -348,7 +347,7 @@ class Pipeline:
     def _send(self, t: Tensor, dst: int, header: bool) -> None:
         import torch.distributed as dist
 
-        t = t.detach().contiguous()
+        t = _wire(t)
         if header:
             shape = torch.zeros(_HEADER, dtype=torch.int64)
             shape[: t.dim()] = torch.tensor(t.shape)
@@ -359,22 +358,18 @@ class Pipeline:
     def _recv(self, src: int, shape: torch.Size | None, dtype: torch.dtype) -> Tensor:
         import torch.distributed as dist
 
-        start = time.perf_counter()
         if shape is None:
             header = torch.zeros(_HEADER, dtype=torch.int64)
             dist.recv(header, src)
             shape = torch.Size([int(d) for d in header.tolist() if d > 0])
         t = torch.empty(shape, dtype=dtype, device=self.device)
         dist.recv(t, src)
-        self.wait_s += time.perf_counter() - start
         return t
 
     def _wait_sends(self) -> None:
-        start = time.perf_counter()
         for h in self._sends:
             h.wait()
         self._sends.clear()
-        self.wait_s += time.perf_counter() - start
 
     # -- training ---------------------------------------------------------------------------------------
     def step(self, x: Tensor, y: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -462,7 +457,7 @@ class Pipeline:
                 loss = self.loss_fn(out, ys[m])
                 if self.needs_error and self.stages > 1:
                     (e,) = torch.autograd.grad(loss, out, retain_graph=True)
-                    e = e.detach().contiguous()
+                    e = _wire(e)
                     errors.append((e, dist.broadcast(e, src=self._last_rank, group=self.error_group, async_op=True)))
                     self.bytes_sent += e.numel() * e.element_size() * (self.stages - 1)
                 records.append((out, loss, None))
@@ -477,9 +472,7 @@ class Pipeline:
                     e = torch.empty((mb, *self.output_tail), device=self.device)
                     errors.append((e, dist.broadcast(e, src=self._last_rank, group=self.error_group, async_op=True)))
         if self.recv_feedback and self._feedback_handle is not None:
-            start = time.perf_counter()
             self._feedback_handle.wait()
-            self.wait_s += time.perf_counter() - start
             self._feedback_handle = None
         for m, (out, loss, session) in enumerate(records):
             if last:
@@ -487,9 +480,7 @@ class Pipeline:
                 continue
             if self.needs_error:
                 e, handle = errors[m]
-                start = time.perf_counter()
                 handle.wait()
-                self.wait_s += time.perf_counter() - start
                 session.error = e
             out.backward(self.next_first.direct_input_signal(session, out.shape))
         for _, handle in errors if last else ():

@@ -1,6 +1,7 @@
-"""Run under torchrun: for each case "rule:schedule:model[:feedback seed of the pipelined copy]", train 3 steps
-pipelined and on one process with the same microbatching (falign.pipeline.accumulate), and print one JSON line
-per rank with the largest difference between this rank's parameters and the single-process ones."""
+"""Run under torchrun: for each case "rule:schedule:model[:feedback seed of the pipelined copy[:bf16]]" ("bf16":
+both under torch.autocast), train 3 steps pipelined and on one process with the same microbatching
+(falign.pipeline.accumulate), and print one JSON line per rank with the largest difference between this rank's
+parameters and the single-process ones."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 
-def case(rule: str, schedule: str, kind: str, m: int, pipeline_seed: int = 3) -> dict[str, float]:
+def case(rule: str, schedule: str, kind: str, m: int, pipeline_seed: int = 3, bf16: bool = False) -> dict[str, float]:
     ref = build(kind, rule)
     x0, y0 = data(kind, 0)
     if falign.uses_target(ref):
@@ -52,11 +53,12 @@ def case(rule: str, schedule: str, kind: str, m: int, pipeline_seed: int = 3) ->
     falign.attach(pipe.module, popt)
     for step in range(3):
         x, y = data(kind, step)
-        opt.zero_grad()
-        accumulate(ref, x, y, m, F.cross_entropy)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            opt.zero_grad()
+            accumulate(ref, x, y, m, F.cross_entropy)
+            popt.zero_grad()
+            pipe.step(x, y)
         opt.step()
-        popt.zero_grad()
-        pipe.step(x, y)
         popt.step()
         pipe.after_step()
     pipe.close()
@@ -74,8 +76,8 @@ def main() -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     for spec in sys.argv[1:]:
-        rule, schedule, kind, *seed = spec.split(":")
-        diff = case(rule, schedule, kind, m=4, pipeline_seed=int(seed[0]) if seed else 3)
+        rule, schedule, kind, *extra = spec.split(":")
+        diff = case(rule, schedule, kind, m=4, pipeline_seed=int(extra[0]) if extra else 3, bf16="bf16" in extra[1:])
         row = {"case": spec, "rank": dist.get_rank(), "max_abs_diff": diff["all"],
                "max_abs_diff_weights": diff["weight"]}
         print(json.dumps(row), flush=True)

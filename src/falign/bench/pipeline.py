@@ -45,10 +45,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from falign.pipeline import LAYER_SCHEDULES
+
 VARIANTS = (("bp", "gpipe"), ("bp", "1f1b"), ("bp", "zbv"), ("dfa", "unlocked"), ("drtp", "unlocked"))
 MODELS = {"mlp": 128, "cnn": 64}
 BEGIN, END = "<!-- pipeline:begin -->", "<!-- pipeline:end -->"
 KS = (2, 4, 8, 16)
+LINESTYLE = {"gpipe": "--", "1f1b": "-", "zbv": "-", "unlocked": "-."}  # gpipe and 1f1b model alike: both show
 
 
 def build(name: str) -> nn.Module:
@@ -250,7 +253,7 @@ def summarize(results: list[dict]) -> list[dict]:
                      "backward_ms": [v * 1e3 for v in b], "message_ms": c * 1e3})
     for model in dict.fromkeys(r["model"] for r in rows):
         sub = [r for r in rows if r["model"] == model]
-        best = min((r for r in sub if r["rule"] == "bp"), key=lambda r: r["step_ms"])
+        best = min((r for r in sub if r["schedule"] in LAYER_SCHEDULES), key=lambda r: r["step_ms"])
         for r in sub:
             r["vs_bp_best"] = r["step_ms"] / best["step_ms"]
             r["bp_best"] = best["schedule"]
@@ -279,7 +282,7 @@ def projection(rows: list[dict]) -> list[dict]:
     for model in dict.fromkeys(p["model"] for p in out):
         for k in KS:
             here = [p for p in out if p["model"] == model and p["K"] == k]
-            best = min(p["step_ms"] for p in here if p["rule"] == "bp")
+            best = min(p["step_ms"] for p in here if p["schedule"] in LAYER_SCHEDULES)
             for p in here:
                 p["vs_bp_best"] = p["step_ms"] / best
     return out
@@ -300,7 +303,7 @@ def figure(proj: list[dict], path: Path) -> bool:
             pts = [p for p in proj if p["model"] == model and p["rule"] == rule and p["schedule"] == schedule]
             for row, key in enumerate(("speedup", "vs_bp_best")):
                 axes[row][col].plot([p["K"] for p in pts], [p[key] for p in pts], marker="o",
-                                    linestyle="--" if schedule in ("gpipe", "unlocked") and rule != "bp" else "-",
+                                    linestyle=LINESTYLE[schedule],
                                     label=f"{rule} {schedule}")
         axes[0][col].plot(KS, KS, color="grey", linestyle=":", label="ideal (K×)")
         axes[0][col].set_title(model)
