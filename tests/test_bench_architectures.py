@@ -63,3 +63,37 @@ def test_speed_benchmark_output_has_no_profiler_chatter():
     assert "| mlp (b=128) | fa |" in proc.stdout
     for chatter in ("USDT", "profiler_start", "profiler_stop", "CPUAllocator"):
         assert chatter not in text, chatter
+
+
+def test_image_models_fall_back_to_digits_without_fashion_mnist(tmp_path, monkeypatch, capsys):
+    """No Fashion-MNIST (an empty folder in $FALIGN_FASHION_MNIST_DIR hides an installed copy): digits, said so."""
+    monkeypatch.setenv("FALIGN_FASHION_MNIST_DIR", str(tmp_path))
+    source, side, train, test = arch._images(100, 50)
+    assert source == "digits (Fashion-MNIST not installed)" and side == 8 and train[0].shape[1] == 64
+    assert "Fashion-MNIST is not installed" in capsys.readouterr().out
+    assert main(["bench", "architectures", "--models", "row-gru", "--rules", "fa", "--seeds", "1", "--repeats", "1",
+                 "--steps-scale", "0.01", "--timing-runs", "1", "--docs", ""]) == 0
+    out = capsys.readouterr().out
+    assert "train on digits instead" in out and "digits (Fashion-MNIST not installed)" in out
+
+
+def test_image_models_use_fashion_mnist_where_it_is(tmp_path, monkeypatch):
+    """The same call reads Fashion-MNIST from the default folder when it is there (tiny IDX files here)."""
+    from tests.test_data import write_tiny_mnist
+
+    write_tiny_mnist(tmp_path, gz=True)
+    monkeypatch.setenv("FALIGN_FASHION_MNIST_DIR", str(tmp_path))
+    source, side, train, test = arch._images(20, 5)
+    assert source == "Fashion-MNIST" and side == 6 and train[0].shape == (20, 36) and test[0].shape == (5, 36)
+
+
+@pytest.mark.needs_fashion_mnist
+def test_installed_fashion_mnist_is_the_published_one():
+    """The installed files match the published MD5 sums and shapes (runs where Fashion-MNIST is installed)."""
+    from falign.data import load_idx_dataset
+
+    ds = load_idx_dataset(verify=True)
+    assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
+    assert ds.num_classes == 10 and torch.bincount(ds.y_train).tolist() == [6000] * 10
+    source, side, _, _ = arch._images(1000, 100)
+    assert source == "Fashion-MNIST" and side == 28

@@ -69,12 +69,13 @@ class Task:
 
 
 def _images(train_size: int, test_size: int) -> tuple[str, int, tuple, tuple]:
-    from falign.data import DatasetError, load_dataset
+    from falign.data import DatasetMissing, load_dataset
 
     try:
         data = load_dataset("fashion-mnist", train_subset=train_size)
         name = "Fashion-MNIST"
-    except DatasetError:
+    except DatasetMissing as err:
+        print(f"Fashion-MNIST is not installed ({err}): the image models train on digits instead", flush=True)
         data = load_dataset("digits")
         name = "digits (Fashion-MNIST not installed)"
     side = math.isqrt(data.x_train[0].numel())

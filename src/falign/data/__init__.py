@@ -10,6 +10,7 @@ from pathlib import Path
 from falign.data.base import (
     Dataset,
     DatasetError,
+    DatasetMissing,
     add_label_noise,
     batches,
     epoch_order,
@@ -18,7 +19,7 @@ from falign.data.base import (
 )
 from falign.data.cifar import load_cifar
 from falign.data.digits import load_digits
-from falign.data.idx import FASHION_MNIST_DIR, load_idx_dataset, read_idx
+from falign.data.idx import FASHION_MNIST_DIR, fashion_mnist_dir, load_idx_dataset, read_idx
 from falign.data.synthetic import many_class_subset, synthetic_classification
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic")
@@ -32,7 +33,8 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, n_classes: in
     Args:
         name: ``digits``, ``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100`` (the last three need
             ``data_dir``) or ``synthetic``.
-        data_dir: folder of the IDX files (default for Fashion-MNIST: ``/usr/share/datasets/fashion-mnist``).
+        data_dir: folder of the IDX files (default for Fashion-MNIST: ``/usr/share/datasets/fashion-mnist``, or
+            ``$FALIGN_FASHION_MNIST_DIR`` when set).
         n_classes: keep the first ``n`` classes.
         label_noise: symmetric label-noise rate in ``[0, 1)`` on the training labels.
         train_subset: seeded random subset of this many training examples.
@@ -42,7 +44,7 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, n_classes: in
     if name == "digits":
         ds = load_digits(seed=seed)
     elif name == "fashion-mnist":
-        ds = load_idx_dataset(data_dir or FASHION_MNIST_DIR, "fashion-mnist")
+        ds = load_idx_dataset(data_dir, "fashion-mnist")
     elif name == "mnist":
         if data_dir is None:
             raise DatasetError("mnist: no files are bundled; put the four IDX files in a folder and pass --data-dir")
@@ -66,8 +68,10 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, n_classes: in
 __all__ = [
     "DATASETS",
     "FASHION_MNIST_DIR",
+    "fashion_mnist_dir",
     "Dataset",
     "DatasetError",
+    "DatasetMissing",
     "add_label_noise",
     "batches",
     "epoch_order",

@@ -17,6 +17,10 @@ class DatasetError(FalignError, ValueError):
     """A dataset file is missing, malformed, or an option does not fit the dataset."""
 
 
+class DatasetMissing(DatasetError, FileNotFoundError):
+    """A dataset's files are not on this machine (the commands with a documented fallback catch this)."""
+
+
 @dataclass
 class Dataset:
     """Train and test tensors held in memory.

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from falign.data.base import Dataset, DatasetError
+from falign.data.base import Dataset, DatasetError, DatasetMissing
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_ENV = "FALIGN_FASHION_MNIST_DIR"
 FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -35,6 +37,13 @@ HOW_TO_GET = {
                      f"{FASHION_MNIST_DIR}) or pass --data-dir with the four IDX files",
     "mnist": "put the four MNIST IDX files (train-images-idx3-ubyte[.gz], ...) in a folder and pass --data-dir",
 }
+
+
+def fashion_mnist_dir() -> Path:
+    """Where Fashion-MNIST is looked for by default: ``$FALIGN_FASHION_MNIST_DIR`` when set, else the folder
+    ``apt-get install -y dataset-fashion-mnist`` fills (an empty folder in the variable hides an installed copy,
+    as CI does to test the fallbacks)."""
+    return Path(os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -76,7 +85,7 @@ def _find(directory: Path, stem: str, dataset: str) -> Path:
     for candidate in (directory / stem, directory / f"{stem}.gz"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{directory / stem}[.gz] not found: {HOW_TO_GET.get(dataset, HOW_TO_GET['mnist'])}")
+    raise DatasetMissing(f"{directory / stem}[.gz] not found: {HOW_TO_GET.get(dataset, HOW_TO_GET['mnist'])}")
 
 
 def md5_of(path: Path) -> str:
@@ -87,14 +96,15 @@ def md5_of(path: Path) -> str:
 _CACHE: dict[tuple, Dataset] = {}
 
 
-def load_idx_dataset(directory: str | Path = FASHION_MNIST_DIR, name: str = "fashion-mnist",
+def load_idx_dataset(directory: str | Path | None = None, name: str = "fashion-mnist",
                      verify: bool = False) -> Dataset:
     """Load the four IDX files of an MNIST-format dataset as ``(1, H, W)`` images scaled to ``[0, 1]``
     and standardised with the training set's mean and standard deviation.
 
-    ``verify`` checks Fashion-MNIST's published MD5 sums.
+    ``directory`` defaults to :func:`fashion_mnist_dir`; ``verify`` checks Fashion-MNIST's published MD5 sums.
+    Missing files raise :class:`DatasetMissing`.
     """
-    directory = Path(directory)
+    directory = Path(directory) if directory is not None else fashion_mnist_dir()
     paths = {key: _find(directory, stem, name) for key, stem in FILES.items()}
     key = (name, verify, *((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths.values()))
     if key not in _CACHE:  # sweeps load the same files many times; the tensors are never modified

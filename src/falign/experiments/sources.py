@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from falign.data import Dataset, DatasetError, load_cifar, load_idx_dataset
-from falign.data.idx import FASHION_MNIST_DIR, FILES
+from falign.data.idx import FILES, fashion_mnist_dir
 from falign.data.images import ImageFolder, tiny_imagenet
 
 PAPER_DATA = {
@@ -83,7 +83,7 @@ def catalog(data_dir: str | Path | None) -> Catalog:
             cat.tiny.check()
         else:
             cat.notes.append(f"--data-dir {root} holds no tiny-imagenet-200/: multiclass runs without Tiny-ImageNet")
-    fashion = _idx_folder(([root / "fashion-mnist"] if root is not None else []) + [Path(FASHION_MNIST_DIR)])
+    fashion = _idx_folder(([root / "fashion-mnist"] if root is not None else []) + [fashion_mnist_dir()])
     if fashion is not None:
         cat.fashion = load_idx_dataset(fashion, "fashion-mnist")
     return cat
