@@ -62,7 +62,7 @@ def check_integers(values: np.ndarray, low: int, high: int, what: str, source: o
     Raises :class:`DatasetError` naming ``source`` (the file) and the first bad value with its index, e.g.
     ``data_batch_3: label 10 at index 417 is outside 0..9``; floats and booleans are refused, not cast.
     """
-    if values.dtype.kind not in "iu":
+    if values.size and values.dtype.kind not in "iu":  # an empty list is float64 to numpy, and holds no floats
         raise DatasetError(f"{source}: {what}s of type {values.dtype}, expected integers {low}..{high}")
     bad = np.flatnonzero((values < low) | (values > high))
     if len(bad):

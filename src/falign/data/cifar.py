@@ -25,6 +25,7 @@ _ALLOWED = {
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("_codecs", "encode"),  # how protocol-2 pickles from Python 3 store bytes
+    ("__builtin__", "bytes"), ("builtins", "bytes"),  # ... and empty bytes (the buffer of an empty array)
 }
 FILES = {
     "cifar10": (["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"], ["test_batch"],
@@ -39,6 +40,7 @@ class _ArraysOnly(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         if module.startswith("numpy.core") and np.lib.NumpyVersion(np.__version__) >= "2.0.0":
             module = module.replace("numpy.core", "numpy._core", 1)
+        module = "builtins" if module == "__builtin__" else module
         return getattr(importlib.import_module(module), name)
 
 
