@@ -68,10 +68,12 @@ def test_cifar100_fine_labels_are_0_to_99(tmp_path):
 def test_cifar_float_pixels_and_float_labels_are_refused_not_cast(tmp_path):
     pixels = np.random.default_rng(0).random((420, 3072))  # floats in [0, 1): all 0 once cast to uint8
     write_cifar_batches(tmp_path, data_batch_2={b"data": pixels})
-    with pytest.raises(DatasetError, match=r"data_batch_2: pixels of type float64, expected integers 0\.\.255"):
+    with pytest.raises(DatasetError, match=r"data_batch_2: pixels of type float64 \(pixel 0\.63\d* at index "
+                                           r"\(0, 0\)\), expected integers 0\.\.255$"):
         load_dataset("cifar10", data_dir=tmp_path)
     write_cifar_batches(tmp_path, data_batch_2={b"labels": [float(i % 10) + 0.7 for i in range(420)]})
-    with pytest.raises(DatasetError, match=r"data_batch_2: labels of type float64, expected integers 0\.\.9"):
+    with pytest.raises(DatasetError, match=r"data_batch_2: labels of type float64 \(label 0\.7 at index 0\), "
+                                           r"expected integers 0\.\.9$"):
         load_dataset("cifar10", data_dir=tmp_path)
     wide = np.random.default_rng(0).integers(0, 256, (420, 3072))
     wide[7, 100] = 300  # int64 pixels are fine while they fit a byte
@@ -228,6 +230,11 @@ def test_image_folders_need_two_classes_each_with_training_images(tmp_path, pil)
     for split, cls in (("train", "cat"), ("train", "dog"), ("val", "cat"), ("val", "cow")):
         _jpeg(folder / split / cls / "a.jpg", 0)
     with pytest.raises(DatasetError, match=r"folder/val/cow: class cow has no training folder"):
+        image_folder(folder)
+    (folder / "val" / "cow" / "a.jpg").unlink()
+    (folder / "val" / "cow").rmdir()
+    (folder / "val" / "cat" / "a.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"folder/val: no test examples"):
         image_folder(folder)
 
 

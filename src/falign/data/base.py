@@ -62,13 +62,15 @@ def check_integers(values: np.ndarray, low: int, high: int, what: str, source: o
     Raises :class:`DatasetError` naming ``source`` (the file) and the first bad value with its index, e.g.
     ``data_batch_3: label 10 at index 417 is outside 0..9``; floats and booleans are refused, not cast.
     """
+    def at(flat: int) -> str:
+        where = np.unravel_index(flat, values.shape)
+        return f"{what} {values[where]} at index {where[0] if len(where) == 1 else tuple(int(i) for i in where)}"
+
     if values.size and values.dtype.kind not in "iu":  # an empty list is float64 to numpy, and holds no floats
-        raise DatasetError(f"{source}: {what}s of type {values.dtype}, expected integers {low}..{high}")
+        raise DatasetError(f"{source}: {what}s of type {values.dtype} ({at(0)}), expected integers {low}..{high}")
     bad = np.flatnonzero((values < low) | (values > high))
     if len(bad):
-        where = np.unravel_index(bad[0], values.shape)
-        index = where[0] if len(where) == 1 else tuple(int(i) for i in where)
-        raise DatasetError(f"{source}: {what} {values[where]} at index {index} is outside {low}..{high}")
+        raise DatasetError(f"{source}: {at(bad[0])} is outside {low}..{high}")
 
 
 def check_splits(y_train: np.ndarray, y_test: np.ndarray, train_source: object, test_source: object) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ def _pillow():
 
 
 @contextmanager
-def _named_errors(path: Path, image_module) -> Iterator[None]:
+def _named_errors(path: Path, image_module: Any) -> Iterator[None]:
     """Pillow's errors while reading ``path`` (truncated, not an image, a header claiming a decompression bomb)
     as one :class:`DatasetError` naming the file."""
     try:
@@ -165,6 +166,8 @@ def tiny_imagenet(root: str | Path) -> ImageFolder:
         raise DatasetError(f"{root}: Tiny-ImageNet needs train/<wnid>/images/, val/images/ and "
                            f"val/val_annotations.txt")
     classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"{train_root}: no class folders")
     index = {c: i for i, c in enumerate(classes)}
     train = []
     for c in classes:
@@ -184,6 +187,4 @@ def tiny_imagenet(root: str | Path) -> ImageFolder:
         if not path.is_file():
             raise DatasetError(f"{annotations}:{number}: {path} does not exist")
         test.append((path, index[parts[1]]))
-    if not classes:
-        raise DatasetError(f"{train_root}: no class folders")
     return _checked(ImageFolder("tiny-imagenet", classes, train, test), train_root, annotations)
