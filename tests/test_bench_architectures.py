@@ -68,7 +68,7 @@ def test_speed_benchmark_output_has_no_profiler_chatter():
 def test_image_models_fall_back_to_digits_without_fashion_mnist(tmp_path, monkeypatch, capsys):
     """No Fashion-MNIST (an empty folder in $FALIGN_FASHION_MNIST_DIR hides an installed copy): digits, said so."""
     monkeypatch.setenv("FALIGN_FASHION_MNIST_DIR", str(tmp_path))
-    source, side, train, test = arch._images(100, 50)
+    source, side, train, _test = arch._images(100, 50)
     assert source == "digits (Fashion-MNIST not installed)" and side == 8 and train[0].shape[1] == 64
     assert "Fashion-MNIST is not installed" in capsys.readouterr().out
     assert main(["bench", "architectures", "--models", "row-gru", "--rules", "fa", "--seeds", "1", "--repeats", "1",

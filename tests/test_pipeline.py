@@ -65,7 +65,7 @@ def test_plan_cuts_minimises_the_largest_stage_against_brute_force():
 
         def worst(starts, n=n, costs=costs):
             bounds = [*starts, n]
-            return max(sum(costs[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
+            return max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
 
         best = min(worst([0, *c]) for c in itertools.combinations(sorted(allowed), k - 1))
         assert cuts[0] == 0 and set(cuts[1:]) <= set(allowed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -52,7 +53,7 @@ def mlp_stack(draw):
     widths = draw(st.lists(st.integers(1, 9), min_size=2, max_size=5))
     seq = draw(st.integers(0, 3))  # extra leading dimensions
     layers: list[nn.Module] = []
-    for a, b in zip(widths[:-1], widths[1:]):
+    for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b, bias=draw(st.booleans())), draw(st.sampled_from([nn.ReLU(), nn.GELU()]))]
     return nn.Sequential(*layers).to(DT), (*([2] * seq), widths[0])
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -95,7 +96,7 @@ def test_exact_feedback_equals_autograd(rule):
         assert RULES[rule].signal is Signal.TARGET, f"{rule}: only a target-projecting rule may lack B = W"
         return
     for widths in ((6, 9, 7, N_OUT), (6, 9, N_OUT)):  # deepest network where the rule can be exact
-        net = nn.Sequential(*[m for a, b in zip(widths[:-1], widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())][:-1])
+        net = nn.Sequential(*[m for a, b in itertools.pairwise(widths) for m in (nn.Linear(a, b), nn.ReLU())][:-1])
         net = net.to(DT)
         model = falign.convert(net, rule, seed=3)
         x, y = batch("mlp")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +58,7 @@ def _bias_grad_linear(g: Tensor) -> Tensor:
     return g.reshape(-1, g.shape[-1]).sum(0)
 
 
-FeedbackSource = Union[Tensor, Callable[[Tensor], Tensor]]
+FeedbackSource = Tensor | Callable[[Tensor], Tensor]
 """``B`` itself, or a function ``W ↦ B`` evaluated in the backward pass (at the forward's ``W``)."""
 
 
@@ -355,7 +354,7 @@ class _Tap(_Function):
 
 PER_POSITION, PER_SAMPLE = "per-position", "per-sample"
 
-Projector = Callable[[Union[ErrorSession, None], int], Tensor]
+Projector = Callable[[ErrorSession | None, int], Tensor]
 """``(session, n_out) ↦ q``: the quantity a direct rule projects (the output error, or the target)."""
 
 

@@ -31,6 +31,7 @@ The batch must split into ``M`` equal microbatches.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -302,8 +303,8 @@ class Pipeline:
         self.uses_target = falign.uses_target(model)
         self.tap = getattr(getattr(model, "_falign_root", None), "tap", None)
         bounds = [*self.cuts, len(self.links)]
-        self.chunks = [nn.Sequential(*[m for _, m in self.links[a:b]]) for a, b in zip(bounds[:-1], bounds[1:])]
-        self.chunk_names = [[n for n, _ in self.links[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
+        self.chunks = [nn.Sequential(*[m for _, m in self.links[a:b]]) for a, b in itertools.pairwise(bounds)]
+        self.chunk_names = [[n for n, _ in self.links[a:b]] for a, b in itertools.pairwise(bounds)]
         self.mine = [self.rank, 2 * stages - 1 - self.rank] if self.schedule_name == "zbv" else [self.rank]
         self.module = nn.ModuleList([self.chunks[i] for i in self.mine])
         """This rank's modules (optimise and attach these)."""

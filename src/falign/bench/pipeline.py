@@ -32,6 +32,7 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -60,7 +61,7 @@ def build(name: str) -> nn.Module:
     if name == "mlp":
         widths = [784] + [1024] * 8
         layers: list[nn.Module] = [nn.Flatten()]
-        for a, b in zip(widths[:-1], widths[1:]):
+        for a, b in itertools.pairwise(widths):
             layers += [nn.Linear(a, b), nn.ReLU()]
         return nn.Sequential(*layers, nn.Linear(1024, 10))
     return nn.Sequential(

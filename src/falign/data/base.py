@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -57,6 +58,39 @@ class Dataset:
     def __repr__(self) -> str:
         return (f"Dataset({self.name!r}, train={len(self.y_train)}, test={len(self.y_test)}, "
                 f"input_shape={self.input_shape}, classes={self.num_classes})")
+
+
+def check_integers(values: np.ndarray, low: int, high: int, what: str, source: object) -> None:
+    """Refuse anything but integers in ``low … high``: the one check of labels and pixels read from a file.
+
+    Raises :class:`DatasetError` naming ``source`` (the file) and the first bad value with its index, e.g.
+    ``data_batch_3: label 10 at index 417 is outside 0..9``; floats and booleans are refused, not cast.
+    """
+    def at(flat: int) -> str:
+        where = np.unravel_index(flat, values.shape)
+        return f"{what} {values[where]} at index {where[0] if len(where) == 1 else tuple(int(i) for i in where)}"
+
+    if values.size and values.dtype.kind not in "iu":  # an empty list is float64 to numpy, and holds no floats
+        raise DatasetError(f"{source}: {what}s of type {values.dtype} ({at(0)}), expected integers {low}..{high}")
+    bad = np.flatnonzero((values < low) | (values > high))
+    if len(bad):
+        raise DatasetError(f"{source}: {at(bad[0])} is outside {low}..{high}")
+
+
+def check_splits(y_train: np.ndarray, y_test: np.ndarray, train_source: object, test_source: object) -> None:
+    """Refuse a task that cannot be trained or tested: no training or test examples, fewer than two classes
+    among the training labels, or a test label no training example has (the labels are in range already)."""
+    if len(y_train) == 0 or len(y_test) == 0:
+        raise DatasetError(f"{train_source if len(y_train) == 0 else test_source}: no "
+                           f"{'training' if len(y_train) == 0 else 'test'} examples")
+    present = np.unique(y_train)
+    if len(present) < 2:
+        raise DatasetError(f"{train_source}: every training label is {present[0]}; a classification task needs "
+                           f"at least 2 classes")
+    unseen = np.flatnonzero(~np.isin(y_test, present))
+    if len(unseen):
+        i = unseen[0]
+        raise DatasetError(f"{test_source}: label {y_test[i]} at index {i} has no training examples")
 
 
 def subset_classes(ds: Dataset, n_classes: int) -> Dataset:

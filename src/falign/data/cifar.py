@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from falign.data.base import Dataset, DatasetError
+from falign.data.base import Dataset, DatasetError, check_integers, check_splits
 
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("_codecs", "encode"),  # how protocol-2 pickles from Python 3 store bytes
+    ("__builtin__", "bytes"), ("builtins", "bytes"),  # ... and empty bytes (the buffer of an empty array)
 }
 FILES = {
     "cifar10": (["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"], ["test_batch"],
@@ -39,11 +40,27 @@ class _ArraysOnly(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         if module.startswith("numpy.core") and np.lib.NumpyVersion(np.__version__) >= "2.0.0":
             module = module.replace("numpy.core", "numpy._core", 1)
+        module = "builtins" if module == "__builtin__" else module
         return getattr(importlib.import_module(module), name)
 
 
-def read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR pickle as ``(images (N, 3, 32, 32) uint8, labels (N,) int64)``."""
+def _array(value: Any, what: str, path: Path) -> np.ndarray:
+    """``value`` as a numpy array, or an error naming the file when it is not an array of numbers."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as err:  # ragged lists and the like
+        raise DatasetError(f"{path}: '{what}' is not an array ({type(err).__name__}: {err})") from None
+    if array.dtype.kind not in "biuf":
+        raise DatasetError(f"{path}: '{what}' is a {type(value).__name__} of {array.dtype}, expected integers")
+    return array
+
+
+def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR pickle as ``(images (N, 3, 32, 32) uint8, labels (N,) int64)``.
+
+    Refuses, naming the file and the value, pixels that are not integers in ``0 … 255`` (floats are never cast)
+    and labels that are not integers in ``0 … num_classes−1``.
+    """
     try:
         with open(path, "rb") as f:
             batch = _ArraysOnly(f, encoding="bytes").load()
@@ -54,17 +71,22 @@ def read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or label_key not in batch:
         raise DatasetError(f"{path}: missing 'data' or '{label_key}'")
-    data = np.asarray(batch["data"], dtype=np.uint8)
-    labels = np.asarray(batch[label_key], dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    data, labels = _array(batch["data"], "data", path), _array(batch[label_key], label_key, path)
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
         raise DatasetError(f"{path}: expected data of shape (N, 3072) and N labels, "
                            f"got {data.shape} and {labels.shape}")
-    return data.reshape(-1, 3, 32, 32), labels
+    check_integers(data, 0, 255, "pixel", path)
+    check_integers(labels, 0, num_classes - 1, "label", path)
+    return data.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def load_cifar(directory: str | Path, name: str = "cifar10") -> Dataset:
     """CIFAR-10/100 as ``(3, 32, 32)`` images scaled to [0, 1] and standardised per channel with the
-    training set's statistics."""
+    training set's statistics.
+
+    Every file is checked before anything trains (see :func:`read_batch`); both splits need examples, the
+    training labels at least two classes, and every test label training examples.
+    """
     if name not in FILES:
         raise DatasetError(f"unknown CIFAR variant {name!r}; choose cifar10 or cifar100")
     train_files, test_files, label_key, classes = FILES[name]
@@ -77,11 +99,13 @@ def load_cifar(directory: str | Path, name: str = "cifar10") -> Dataset:
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: download the CIFAR 'python version' archive yourself, "
                                         f"extract it and pass --data-dir with its folder")
-            parts.append(read_batch(path, label_key))
+            parts.append(read_batch(path, label_key, classes))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     x_tr, y_tr = read(train_files)
     x_te, y_te = read(test_files)
+    train_name = train_files[0] if len(train_files) == 1 else f"{train_files[0]}…{train_files[-1]}"
+    check_splits(y_tr, y_te, directory / train_name, directory / test_files[0])
     x_tr_t = torch.from_numpy(x_tr.astype(np.float32) / 255.0)
     x_te_t = torch.from_numpy(x_te.astype(np.float32) / 255.0)
     mean = x_tr_t.mean(dim=(0, 2, 3), keepdim=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import zlib
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from falign.data.base import Dataset, DatasetError, DatasetMissing
+from falign.data.base import Dataset, DatasetError, DatasetMissing, check_integers, check_splits
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_ENV = "FALIGN_FASHION_MNIST_DIR"
@@ -37,6 +38,8 @@ HOW_TO_GET = {
                      f"{FASHION_MNIST_DIR}) or pass --data-dir with the four IDX files",
     "mnist": "put the four MNIST IDX files (train-images-idx3-ubyte[.gz], ...) in a folder and pass --data-dir",
 }
+# Classes of the known IDX datasets; any other name takes its class count from the training labels.
+CLASSES = {"mnist": 10, "fashion-mnist": 10}
 
 
 def fashion_mnist_dir() -> Path:
@@ -74,7 +77,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if ndim < 1 or len(raw) < header:
         raise DatasetError(f"{path}: IDX header truncated or with {ndim} dimensions")
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + int(np.prod(dims))
+    expected = header + math.prod(dims)  # Python ints: a header claiming 2^93 bytes cannot overflow
     if len(raw) != expected:
         raise DatasetError(f"{path}: size {len(raw)} bytes does not match its header {dims} "
                            f"({expected} bytes expected); the file is truncated or corrupt")
@@ -102,7 +105,9 @@ def load_idx_dataset(directory: str | Path | None = None, name: str = "fashion-m
     and standardised with the training set's mean and standard deviation.
 
     ``directory`` defaults to :func:`fashion_mnist_dir`; ``verify`` checks Fashion-MNIST's published MD5 sums.
-    Missing files raise :class:`DatasetMissing`.
+    Missing files raise :class:`DatasetMissing`. Labels are checked before anything trains: MNIST and
+    Fashion-MNIST labels are ``0 … 9``, both splits need examples, training needs at least two classes and
+    every test label needs training examples; a :class:`DatasetError` names the file and the bad value.
     """
     directory = Path(directory) if directory is not None else fashion_mnist_dir()
     paths = {key: _find(directory, stem, name) for key, stem in FILES.items()}
@@ -121,15 +126,18 @@ def _load(paths: dict[str, Path], directory: Path, name: str, verify: bool) -> D
     arrays = {key: read_idx(path) for key, path in paths.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.ndim != 3:
-            raise DatasetError(f"{paths[f'{split}_images']}: expected 3 dimensions (N, H, W), got {images.shape}")
+        if images.ndim != 3 or 0 in images.shape[1:]:
+            raise DatasetError(f"{paths[f'{split}_images']}: expected images of shape (N, H, W), got {images.shape}")
         if labels.ndim != 1 or len(labels) != len(images):
             raise DatasetError(f"{paths[f'{split}_labels']}: {labels.shape[0]} labels for {len(images)} images")
+    num_classes = CLASSES.get(name) or int(arrays["train_labels"].max(initial=0)) + 1
+    for split in ("train", "test"):
+        check_integers(arrays[f"{split}_labels"], 0, num_classes - 1, "label", paths[f"{split}_labels"])
+    check_splits(arrays["train_labels"], arrays["test_labels"], paths["train_labels"], paths["test_labels"])
     x_tr = torch.from_numpy(arrays["train_images"].astype(np.float32) / 255.0).unsqueeze(1)
     x_te = torch.from_numpy(arrays["test_images"].astype(np.float32) / 255.0).unsqueeze(1)
     y_tr = torch.from_numpy(arrays["train_labels"].astype(np.int64))
     y_te = torch.from_numpy(arrays["test_labels"].astype(np.int64))
-    num_classes = int(max(y_tr.max(), y_te.max())) + 1
-    mean, std = x_tr.mean(), x_tr.std()
+    mean, std = x_tr.mean(), x_tr.std().clamp_min(1e-8)
     return Dataset(name, (x_tr - mean) / std, y_tr, (x_te - mean) / std, y_te, num_classes,
                    info={"source": str(directory), "files": {k: str(p) for k, p in paths.items()}})

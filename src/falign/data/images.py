@@ -12,14 +12,16 @@ float tensor ``(C, H, W)`` in [0, 1], resized (bilinear) to ``size × size`` whe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from falign.data.base import Dataset, DatasetError
+from falign.data.base import Dataset, DatasetError, check_splits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm")
 
@@ -32,18 +34,33 @@ def _pillow():
     return Image
 
 
+@contextmanager
+def _named_errors(path: Path, image_module: Any) -> Iterator[None]:
+    """Pillow's errors while reading ``path`` (truncated, not an image, a header claiming a decompression bomb)
+    as one :class:`DatasetError` naming the file."""
+    try:
+        yield
+    except (OSError, ValueError, SyntaxError, image_module.DecompressionBombError) as err:
+        raise DatasetError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+
+
 def read_image(path: Path, size: int | None = None) -> torch.Tensor:
     """One image as ``(3, H, W)`` floats in [0, 1] (RGB), a clear error naming a file Pillow cannot read."""
     image_module = _pillow()
-    try:
-        with image_module.open(path) as image:
-            image = image.convert("RGB")
-            if size is not None and image.size != (size, size):
-                image = image.resize((size, size), image_module.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as err:
-        raise DatasetError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+    with _named_errors(path, image_module), image_module.open(path) as image:
+        image = image.convert("RGB")
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), image_module.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def check_image(path: Path) -> None:
+    """Open and decode ``path`` without keeping the pixels: an error naming the file if Pillow cannot read it
+    whole (a truncated JPEG has a readable header, so reading headers alone would not find it)."""
+    image_module = _pillow()
+    with _named_errors(path, image_module), image_module.open(path) as image:
+        image.load()
 
 
 @dataclass
@@ -68,14 +85,10 @@ class ImageFolder:
         return torch.stack(images), torch.tensor([items[i][1] for i in indices], dtype=torch.long)
 
     def check(self) -> None:
-        """Read one training and one test image of every class: an unreadable file is an error naming it now,
-        before any training, not halfway through a run."""
-        for pairs in (self.train, self.test):
-            seen: set[int] = set()
-            for path, label in pairs:
-                if label not in seen:
-                    seen.add(label)
-                    read_image(path, 8)
+        """Decode every training and test image once, keeping nothing: an unreadable file is an error naming it
+        now, before any training, not halfway through a run (about 0.2–0.5 ms a 64×64 JPEG)."""
+        for path, _ in self.train + self.test:
+            check_image(path)
 
     def labels(self, split: str) -> torch.Tensor:
         items = self.train if split == "train" else self.test
@@ -122,11 +135,26 @@ def image_folder(root: str | Path, name: str = "images") -> ImageFolder:
         raise DatasetError(f"{train_root}: no class folders")
     index = {c: i for i, c in enumerate(classes)}
     train = [(path, index[c]) for c in classes for path in _images_in(train_root / c)]
-    test = [(path, index[c.name]) for c in sorted(test_root.iterdir()) if c.is_dir() and c.name in index
-            for path in _images_in(c)]
-    if not train or not test:
-        raise DatasetError(f"{root}: no images found in {'train' if not train else test_root.name}")
-    return ImageFolder(name, classes, train, test)
+    test = []
+    for folder in sorted(p for p in test_root.iterdir() if p.is_dir()):
+        if folder.name not in index:
+            raise DatasetError(f"{folder}: class {folder.name} has no training folder {train_root / folder.name}")
+        test += [(path, index[folder.name]) for path in _images_in(folder)]
+    return _checked(ImageFolder(name, classes, train, test), train_root, test_root)
+
+
+def _checked(folder: ImageFolder, train_root: Path, test_source: Path) -> ImageFolder:
+    """``folder`` once every class folder has training images, there are at least two classes, and the test
+    split has images: the class count comes from the folders, so an empty one is an error, not a dead class."""
+    counts = np.bincount(folder.labels("train").numpy(), minlength=len(folder.classes))
+    for name, count in zip(folder.classes, counts):
+        if count == 0:
+            raise DatasetError(f"{train_root / name}: no training images of class {name}")
+    if len(folder.classes) < 2:
+        raise DatasetError(f"{train_root}: one class folder ({folder.classes[0]}); a classification task needs "
+                           f"at least 2")
+    check_splits(folder.labels("train").numpy(), folder.labels("test").numpy(), train_root, test_source)
+    return folder
 
 
 def tiny_imagenet(root: str | Path) -> ImageFolder:
@@ -138,6 +166,8 @@ def tiny_imagenet(root: str | Path) -> ImageFolder:
         raise DatasetError(f"{root}: Tiny-ImageNet needs train/<wnid>/images/, val/images/ and "
                            f"val/val_annotations.txt")
     classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"{train_root}: no class folders")
     index = {c: i for i, c in enumerate(classes)}
     train = []
     for c in classes:
@@ -157,6 +187,4 @@ def tiny_imagenet(root: str | Path) -> ImageFolder:
         if not path.is_file():
             raise DatasetError(f"{annotations}:{number}: {path} does not exist")
         test.append((path, index[parts[1]]))
-    if not train or not test:
-        raise DatasetError(f"{root}: no Tiny-ImageNet images found")
-    return ImageFolder("tiny-imagenet", classes, train, test)
+    return _checked(ImageFolder("tiny-imagenet", classes, train, test), train_root, annotations)

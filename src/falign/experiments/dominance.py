@@ -23,6 +23,7 @@ The fraction of steps with dominance is also reported over a sweep of the margin
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from functools import partial
@@ -187,7 +188,7 @@ def _one(ctx: Context, rule: str, seed: int, control: bool) -> dict[str, Any]:
     n, lr = len(y), p["lr"]
     # measured decay against the bound integrated over the run (trapezoid between records), to the floor
     decay = bound_sum = 0.0
-    for a, b in zip(records, records[1:]):
+    for a, b in itertools.pairwise(records):
         if b["step"] >= end:
             break
         bound_sum += lr * (b["step"] - a["step"]) * sum((1 + r["rho"]) * (2 / n) * r["lambda_min"] for r in (a, b)) / 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -33,7 +34,7 @@ class MLP(nn.Sequential):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+        for i, (a, b) in enumerate(itertools.pairwise(widths), start=1):
             layers.append((f"fc{i}", nn.Linear(int(a), int(b), bias=bias)))
             if i < len(widths) - 1:
                 layers.append((f"act{i}", ACTIVATIONS[activation]()))
