@@ -49,7 +49,8 @@ class _MergeDict(argparse.Action):
     """Collect repeated ``KEY=VALUE`` options into one dictionary."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        merged = dict(getattr(namespace, self.dest) or {})
+        current = getattr(namespace, self.dest, None)
+        merged = dict(current) if isinstance(current, dict) else {}  # not a dict: explicit_options' placeholder
         key, value = values
         merged[key] = value
         setattr(namespace, self.dest, merged)

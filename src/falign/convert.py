@@ -28,8 +28,10 @@ converted once and stays shared. Everything else keeps backpropagating, by this 
 
 The *output layer* is the converted layer that produces the model's output. It is found on the first
 forward pass (or at once, from ``example_input=``): one extra forward pass in eval mode, gradients
-enabled, whose autograd graph is walked back from the output to the nearest converted layer. The same
-probe measures the output's size, from which ``dfa`` sizes its feedback matrices.
+enabled, no forward hooks run (the user's hooks see only the real call), whose autograd graph is walked back
+from the output to the nearest converted layer. The same probe measures the output's size, from which ``dfa``
+sizes its feedback matrices. Under ``torch.jit.trace`` there is no probe (the trace records the plain forward
+pass); the eager model probes at its own first call.
 
 :func:`conversion_report` tells afterwards what was converted and what was left on backprop.
 """
@@ -37,8 +39,10 @@ probe measures the output's size, from which ``dfa`` sizes its feedback matrices
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -409,13 +413,15 @@ class _Root:
         model._falign_root = self
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.jit.is_tracing():  # a trace records the plain forward pass: no probe, no error tap in it
+            return
         if not self.probed:
             self.probe(module, args, kwargs)
         if self.tap is not None:
             self.tap.begin()
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if self.tap is None:
+        if self.tap is None or torch.jit.is_tracing():
             return None
         if output is None:  # the forward raised (always_call hook)
             self.tap.abort()
@@ -429,7 +435,8 @@ class _Root:
     @torch.compiler.disable
     def probe(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """One forward pass in eval mode with gradients on: which converted layer produces the output, and
-        the output's size (for dfa). Runs once; touches no parameter, buffer or running statistic."""
+        the output's size (for dfa). Runs once, with every forward hook off; touches no parameter, buffer or
+        running statistic."""
         self.probed = True
         nodes: dict[Any, FeedbackLayer] = {}
         inputs: list[tuple[FeedbackLayer, Tensor]] = []
@@ -446,7 +453,7 @@ class _Root:
         _layers._PROBE = record
         try:
             model.eval()
-            with torch.enable_grad():
+            with torch.enable_grad(), _forward_hooks_off(model):
                 output = model.forward(*args, **kwargs)
         finally:
             _layers._PROBE = previous
@@ -479,6 +486,28 @@ class _Root:
                 for r in self.report.layers:
                     if r.name == self.report.output_layer:
                         r.rule = backprop.name
+
+
+@contextlib.contextmanager
+def _forward_hooks_off(model: nn.Module) -> Iterator[None]:
+    """No forward (pre-)hook runs inside: neither those of ``model``'s modules nor the global ones
+    (``register_module_forward_hook``), so the probe pass is not seen by the user's hooks."""
+    from torch.nn.modules import module as torch_module
+
+    saved = [(m, m._forward_hooks, m._forward_pre_hooks) for m in model.modules()]
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks")
+    saved_global = {name: getattr(torch_module, name) for name in names}
+    try:
+        for m, _, _ in saved:
+            m._forward_hooks, m._forward_pre_hooks = collections.OrderedDict(), collections.OrderedDict()
+        for name in names:
+            setattr(torch_module, name, collections.OrderedDict())
+        yield
+    finally:
+        for m, hooks, pre_hooks in saved:
+            m._forward_hooks, m._forward_pre_hooks = hooks, pre_hooks
+        for name, hooks in saved_global.items():
+            setattr(torch_module, name, hooks)
 
 
 def _nearest_layer(roots: list[Any], nodes: dict[Any, FeedbackLayer]) -> FeedbackLayer | None:

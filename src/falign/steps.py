@@ -20,7 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from falign.errors import FalignError
 from falign.nn.layers import FeedbackLayer
+
+
+class AttachError(FalignError, TypeError):
+    """:func:`attach` was given something that runs no optimiser step hooks."""
 
 
 def _groups(model: nn.Module) -> list[tuple[Any, list[FeedbackLayer]]]:
@@ -69,9 +74,21 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer) -> StepHook:
     """Run the rules' per-step work after every ``optimizer.step()``; returns a handle with ``remove()``.
 
     Call it once, after building the optimiser over the converted model (for any rule: it does nothing
-    for rules without per-step work). ``brsf`` redraws ``|R_t|``; ``wm`` takes its mirror steps.
+    for rules without per-step work). ``brsf`` redraws ``|R_t|``; ``wm`` takes its mirror steps. A wrapper
+    that subclasses ``torch.optim.Optimizer`` without its step hooks and keeps the wrapped optimiser as
+    ``.optimizer`` (HF accelerate's ``AcceleratedOptimizer``, from ``accelerator.prepare``) is attached
+    through the optimiser it wraps, whose ``step()`` it calls.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}; without one, "
-                        f"call falign.step_rules(model) after each update")
+        raise AttachError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}; without one, "
+                          f"call falign.step_rules(model) after each update")
+    if not hasattr(optimizer, "_optimizer_step_post_hooks"):
+        # a wrapper that never ran Optimizer.__init__ (accelerate's AcceleratedOptimizer): its step() runs no
+        # hooks, the torch optimiser it wraps does
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or not hasattr(inner, "_optimizer_step_post_hooks"):
+            raise AttachError(f"{type(optimizer).__name__} wraps an optimiser but runs no step hooks; pass the "
+                              f"torch.optim.Optimizer it wraps to falign.attach, or call falign.step_rules(model) "
+                              f"after each step")
+        optimizer = inner
     return StepHook(model, optimizer)

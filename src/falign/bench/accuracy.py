@@ -41,6 +41,13 @@ def markers(epochs: int) -> tuple[str, str]:
     return (FULL_BEGIN, FULL_END) if epochs >= 100 else (BEGIN, END)
 
 
+def bench_config(rule: str, seed: int, *, epochs: int, lr: float, data_dir: str | None, device: str) -> TrainConfig:
+    """The config of one benchmark run (BioTorch's LeNet setup); a bad value is a ConfigError."""
+    return TrainConfig(rule=rule, model="lenet", data="fashion-mnist", data_dir=data_dir, epochs=epochs,
+                       batch_size=64, optimizer="sgd", lr=lr, momentum=0.9, weight_decay=1e-3,
+                       lr_schedule="step", lr_milestones=(0.5, 0.75), seed=seed, device=device)
+
+
 def run_accuracy(out: Path, *, rules: list[str], seeds: int, epochs: int, lr: float, data_dir: str | None,
                  device: str, progress: bool = True) -> list[dict]:
     """Train every (rule, seed) and return one result row per run."""
@@ -49,9 +56,7 @@ def run_accuracy(out: Path, *, rules: list[str], seeds: int, epochs: int, lr: fl
     try:
         for rule in rules:
             for seed in range(seeds):
-                cfg = TrainConfig(rule=rule, model="lenet", data="fashion-mnist", data_dir=data_dir, epochs=epochs,
-                                  batch_size=64, optimizer="sgd", lr=lr, momentum=0.9, weight_decay=1e-3,
-                                  lr_schedule="step", lr_milestones=(0.5, 0.75), seed=seed, device=device)
+                cfg = bench_config(rule, seed, epochs=epochs, lr=lr, data_dir=data_dir, device=device)
                 run_dir = out / "runs" / f"{rule}-s{seed}"
                 start = time.perf_counter()
                 try:
@@ -234,7 +239,7 @@ def run(args: argparse.Namespace) -> None:
         raise FalignError(f"unknown rule(s) {', '.join(unknown)}; choose from {', '.join(RULES)}")
     if args.seeds < 1:
         raise FalignError(f"--seeds must be at least 1, got {args.seeds}")
-    epochs = args.epochs or (100 if args.full else 5)
+    epochs = args.epochs if args.epochs is not None else 100 if args.full else 5
     if epochs < 1:
         raise FalignError(f"--epochs must be at least 1, got {epochs}")
     if args.docs is None:
@@ -258,6 +263,8 @@ def run(args: argparse.Namespace) -> None:
         return
     from falign.data import load_dataset
 
+    for rule in rules:  # every run's config is valid (--lr, --epochs, ...) before the folder is claimed
+        bench_config(rule, args.seeds - 1, epochs=epochs, lr=args.lr, data_dir=args.data_dir, device=args.device)
     target = OutputDir(args.out, "bench", "--out")
     target.check()
     load_dataset("fashion-mnist", data_dir=args.data_dir)  # a missing or malformed file fails before any work

@@ -25,12 +25,22 @@ import torch
 from torch import Tensor, nn
 
 from falign import functional as FF
+from falign.errors import FalignError
 from falign.rules import FeedbackInit, FeedbackRule, get_rule
 
 __all__ = ["FAConv1d", "FAConv2d", "FAConv3d", "FALinear", "FeedbackLayer", "TracedBackpropWarning"]
 
 _PROBE: Any = None  # set by falign.convert's probe of the first forward pass
 PLAIN, MATRIX, DIRECT = "plain", "matrix", "direct"  # the routes of FeedbackLayer.route
+
+
+class LateFeedbackError(FalignError, RuntimeError):
+    """A direct rule's learned feedback would be made after a wrapper (DDP) has fixed the model's parameters."""
+
+
+def _inside_ddp() -> bool:
+    """Whether a ``DistributedDataParallel`` forward pass is running (it sets this class attribute)."""
+    return getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None) is not None
 
 
 class TracedBackpropWarning(UserWarning):
@@ -208,6 +218,12 @@ class FeedbackLayer(nn.Module):
         return self.rule.matrix(self, weight, out=self.scratch("feedback", weight))
 
     def _plan_direct(self, x: Tensor) -> None:
+        if self.rule.feedback_is_parameter and _inside_ddp():
+            raise LateFeedbackError(
+                f"{self.rule.name}: the model was wrapped in DistributedDataParallel before its first forward pass, "
+                f"where {self.rule.name} makes the feedback matrices D it trains, so DDP cannot synchronise them; "
+                f"run one forward pass of the converted model (or convert with example_input=) before building "
+                f"the optimiser and the DistributedDataParallel wrapper")
         sizes = None if self.error_tap is None else self.error_tap.output_sizes
         if sizes is None and self.direct_shape is None:
             raise RuntimeError(

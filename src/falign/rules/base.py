@@ -140,6 +140,9 @@ class FeedbackRule:
         if unknown:
             listed = ", ".join(sorted(known)) or "none"
             raise TypeError(f"unknown option(s) {', '.join(unknown)} for rule {self.name!r} (its options: {listed})")
+        for f in dataclasses.fields(self.Options):
+            if f.name in options:
+                _check_option_type(self.name, f, options[f.name])
         self.options = self.Options(**options)
 
     # -- capabilities read by the rest of falign ---------------------------------------------------------
@@ -194,6 +197,23 @@ class FeedbackRule:
         fields = dataclasses.fields(self.Options)
         args = ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in fields)
         return f"{type(self).__name__}({args})"
+
+
+def _check_option_type(rule: str, f: dataclasses.Field, value: Any) -> None:
+    """Refuse an option value of the wrong type: a bool is not a number (``steps=true`` is not 1), a
+    fractional number is not an integer, a number is finite."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "int":
+        ok, want = number and isinstance(value, int), "an integer"
+    elif kind == "float":
+        ok, want = number and math.isfinite(value), "a finite number"
+    elif kind == "bool":
+        ok, want = isinstance(value, bool), "true or false"
+    else:
+        return
+    if not ok:
+        raise TypeError(f"option {f.name} of rule {rule!r} must be {want}, got {value!r}")
 
 
 def option_help(rule: type[FeedbackRule]) -> list[tuple[str, Any, str]]:

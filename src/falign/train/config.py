@@ -13,6 +13,12 @@ from falign.models import MODELS
 from falign.models.mlp import ACTIVATIONS
 from falign.rules import FEEDBACK_INITS, RULES, available_rules, get_rule
 
+MAX_SEED = 2**63 - 1
+"""The largest seed (``torch.manual_seed`` refuses more than 64 bits, and falign mixes seeds in 63)."""
+
+BUNDLED = ("digits", "synthetic")
+"""Datasets made in-process (no ``data_dir``)."""
+
 
 class ConfigError(FalignError, ValueError):
     """A configuration value is unknown or out of range."""
@@ -123,14 +129,22 @@ class TrainConfig:
         check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         check(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}")
         check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
-        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+              f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         check(0 <= self.label_noise < 1, f"label noise rate must be in [0, 1), got {self.label_noise}")
         check(self.n_classes is None or self.n_classes >= 2, f"n_classes must be >= 2, got {self.n_classes}")
         check(self.train_subset is None or self.train_subset >= 1,
               f"train_subset must be >= 1, got {self.train_subset}")
         check(self.synthetic_classes >= 2, f"synthetic_classes must be >= 2, got {self.synthetic_classes}")
-        check(self.init_scale > 0, f"init_scale must be > 0, got {self.init_scale}")
-        check(self.feedback_scale > 0, f"feedback_scale must be > 0, got {self.feedback_scale}")
+        check(math.isfinite(self.init_scale) and self.init_scale > 0,
+              f"init_scale must be a finite number > 0, got {self.init_scale}")
+        check(math.isfinite(self.feedback_scale) and self.feedback_scale > 0,
+              f"feedback_scale must be a finite number > 0, got {self.feedback_scale}")
+        check(0 <= self.seed <= MAX_SEED, f"seed must be an integer in [0, 2**63 - 1] (what torch.manual_seed "
+                                          f"takes), got {self.seed}")
+        check(self.data_dir is None or self.data not in BUNDLED,
+              f"--data-dir does not apply to --data {self.data} (made in-process, it reads no files); leave it "
+              f"out, or choose a dataset read from files ({', '.join(d for d in DATASETS if d not in BUNDLED)})")
         check(all(0 < m < 1 for m in self.lr_milestones),
               f"lr_milestones are fractions in (0, 1), got {self.lr_milestones}")
         check(self.diagnostics_every >= 0, f"diagnostics_every must be >= 0, got {self.diagnostics_every}")

@@ -30,6 +30,7 @@ from falign.diagnostics import DiagnosticsRecorder, conservation_assumptions, fi
 from falign.errors import FalignError
 from falign.models import build_model
 from falign.seeding import rng_state, seed_everything, set_rng_state
+from falign.train.checkpoint import CheckpointError
 from falign.train.config import ConfigError, TrainConfig
 from falign.train.distributed import Distributed
 from falign.train.logging import TensorBoard
@@ -160,6 +161,7 @@ class Trainer:
         self.assumptions: dict[str, Any] = {}
         self.uses_target = False
         self.pipeline: Any = None  # pipeline mode: this rank's falign.pipeline.Pipeline
+        self._saved: dict[str, Any] | None = None  # on resume: the checkpoint, read by _resolve_resume
         self._t0 = time.perf_counter()
 
     @property
@@ -182,7 +184,7 @@ class Trainer:
         conflicts = [k for k, v in self.changes.items()
                      if k not in RESUMABLE and _normal(v) != _normal(saved_values.get(k))]
         if conflicts:
-            listed = ", ".join(f"--{k.replace('_', '-')} {_normal(self.changes[k])!r} (the run has "
+            listed = ", ".join(f"{_flag(k)} {_normal(self.changes[k])!r} (the run has "
                                f"{_normal(saved_values.get(k))!r})" for k in conflicts)
             verb = "conflicts" if len(conflicts) == 1 else "conflict"
             raise RunError(f"--resume {self.out}: {listed} {verb} with the saved run; on resume only "
@@ -197,6 +199,26 @@ class Trainer:
         self.applied_changes = {k: [saved_values[k], _normal(v)] for k, v in applied.items()}
         if self.dist is None or self.dist.world == 1:
             self.device = resolve_device(self.config.device)
+        self._saved = self.run_dir.load_checkpoint(self.device)
+        if self._saved is not None:
+            self._check_saved_config(saved_values)
+
+    def _check_saved_config(self, saved_values: dict[str, Any]) -> None:
+        """Refuse a ``config.json`` that differs from the config the checkpoint was trained with (edited by hand
+        after the run saved it: resuming would silently train with other settings)."""
+        path = self.run_dir.checkpoint
+        if "config" not in self._saved:
+            return  # written before checkpoints held their config
+        try:
+            trained = TrainConfig.from_dict(self._saved["config"]).to_dict()
+        except (ConfigError, TypeError) as err:
+            raise CheckpointError(f"{path}: its config is not a valid falign config ({err})") from None
+        differ = sorted(k for k in trained if k not in RESUMABLE and _normal(trained[k]) != _normal(saved_values[k]))
+        if differ:
+            listed = ", ".join(f"{k} {_normal(saved_values[k])!r} (the checkpoint has {_normal(trained[k])!r})"
+                               for k in differ)
+            raise RunError(f"--resume {self.out}: config.json was changed after the checkpoint was written: {listed}; "
+                           f"restore config.json, or start a new run (--out) to train with other settings")
 
     # -- state ---------------------------------------------------------------------------------------
     def _checkpoint_state(self) -> dict[str, Any]:
@@ -249,6 +271,24 @@ class Trainer:
         return state
 
     def _load_checkpoint(self, saved: dict[str, Any]) -> None:
+        """Restore the run's state from ``saved``; a checkpoint that does not fit this run (entries missing, or
+        tensors of another model or optimiser: tampered with, or copied from another run) is a
+        :class:`CheckpointError` naming the file."""
+        path = self.run_dir.checkpoint
+        missing = [k for k in _CHECKPOINT_KEYS if k not in saved]
+        if missing:
+            raise CheckpointError(f"{path}: not a checkpoint of a falign run (no {', '.join(missing)} "
+                                  f"entr{'y' if len(missing) == 1 else 'ies'}); it cannot be resumed")
+        try:
+            self._restore(saved)
+        except FalignError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+            why = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+            raise CheckpointError(f"{path}: does not fit this run's model or optimiser (tampered with, or from "
+                                  f"another run): {why[:300]}") from None
+
+    def _restore(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
         if self.pipeline is not None:
             layout = saved.get("pipeline")
@@ -401,7 +441,7 @@ class Trainer:
         """Step 0 of a new run, or the checkpoint of the run being resumed; the run's config and versions."""
         cfg = self.config
         self._t0 = time.perf_counter()
-        saved = self.run_dir.load_checkpoint(self.device) if self.resume else None
+        saved, self._saved = self._saved, None  # the checkpoint read by _resolve_resume (None: a new run)
         if saved is not None:
             self._load_checkpoint(saved)
             if self.state.epoch > cfg.epochs:
@@ -521,6 +561,16 @@ class Trainer:
             "conservation_assumptions": self.assumptions,
             "resumes": self.run_dir.rows_of("resumes.jsonl") if self.is_main else [],
         }
+
+
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "batch", "step", "epoch_sums", "elapsed", "rng",
+                    "metrics_rows")
+"""The entries of a run's checkpoint that a resume reads."""
+
+
+def _flag(field_name: str) -> str:
+    """The command-line flag of a config field."""
+    return "--rule-option" if field_name == "rule_options" else "--" + field_name.replace("_", "-")
 
 
 def _normal(value: Any) -> Any:
