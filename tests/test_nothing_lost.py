@@ -87,7 +87,7 @@ def test_a_run_written_before_markers_is_resumed_but_never_overwritten(tmp_path)
     quick_run(run)
     (run / ".falign").unlink()
     before = (run / "checkpoint.pt").read_bytes()
-    with pytest.raises(falign.outdir.OutputError, match="no .falign marker"):  # its files are not known falign's
+    with pytest.raises(falign.outdir.OutputError, match=r"no \.falign marker"):  # its files are not known falign's
         Trainer(TrainConfig(hidden=(8,), epochs=1), run, progress=False, overwrite=True).run()
     assert (run / "checkpoint.pt").read_bytes() == before
     Trainer(TrainConfig(), run, progress=False, resume=True, changes={"epochs": 2}).run()  # named by --resume
