@@ -369,7 +369,8 @@ class Trainer:
 
         Everything that can be checked is checked before the run directory is touched (the folder,
         the saved config on resume, the data and the model), so a run that fails to start leaves
-        nothing behind.
+        nothing behind. A new run that fails after claiming its folder but before its first training step
+        leaves nothing either; one that fails later says why in ``summary.json`` (``"status": "failed"``).
         """
         self.dist = Distributed(self.device)
         self.device = self.dist.device
