@@ -150,6 +150,7 @@ class Trainer:
         self.run_dir = RunDir(self.out)
         self.tensorboard = TensorBoard(None)
         self.state = Progress()
+        self._training = False  # the training loop has started (a failure from then on is in summary.json)
         # built by setup(): data, model (and what the loop calls), optimiser, schedule, diagnostics
         self.dataset: Dataset | None = None
         self.model: nn.Module | None = None
@@ -160,7 +161,6 @@ class Trainer:
         self.assumptions: dict[str, Any] = {}
         self.uses_target = False
         self.pipeline: Any = None  # pipeline mode: this rank's falign.pipeline.Pipeline
-        self._training = False  # the training loop has started (a failure from then on is in summary.json)
         self._t0 = time.perf_counter()
 
     @property
