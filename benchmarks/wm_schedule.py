@@ -3,7 +3,7 @@
 For k in 1, 2, 4, 8: the step time against plain PyTorch (MLP 784-1024-1024-10, batch 128, SGD momentum 0.9,
 round-robin medians, as ``falign bench speed``), and on digits (MLP 64-256-256-10, ReLU, SGD momentum 0.9,
 lr 0.01, batch 64, 20 epochs, 3 seeds) the final test accuracy and the W–B angle of the hidden layers
-(mean over layers) at the end. Writes its section of docs/benchmarks.md (``--docs ""``: print only).
+(mean over layers) at the end. Prints its section; ``--docs docs/benchmarks.md`` also writes it into that file.
 
 Run:  python benchmarks/wm_schedule.py
 """
@@ -84,7 +84,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--runs", type=int, default=3, help="timing runs (the spread is reported)")
-    parser.add_argument("--docs", default="docs/benchmarks.md")
+    parser.add_argument("--docs", default=None, metavar="FILE",
+                        help="also write the section into this Markdown file, e.g. docs/benchmarks.md")
     args = parser.parse_args()
     start = time.perf_counter()
     ks = [int(k) for k in args.every.split(",")]

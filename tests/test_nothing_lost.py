@@ -82,12 +82,16 @@ def test_overwrite_replaces_a_run_and_only_its_files(tmp_path):
     assert (run / "mine.txt").exists() and (run / "checkpoint.pt").exists()
 
 
-def test_overwrite_recognises_runs_written_before_markers(tmp_path):
+def test_a_run_written_before_markers_is_resumed_but_never_overwritten(tmp_path):
     run = tmp_path / "old"
     quick_run(run)
     (run / ".falign").unlink()
-    Trainer(TrainConfig(hidden=(8,), epochs=1), run, progress=False, overwrite=True).run()
-    assert (run / ".falign").exists()
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(falign.outdir.OutputError, match=r"no \.falign marker"):  # its files are not known falign's
+        Trainer(TrainConfig(hidden=(8,), epochs=1), run, progress=False, overwrite=True).run()
+    assert (run / "checkpoint.pt").read_bytes() == before
+    Trainer(TrainConfig(), run, progress=False, resume=True, changes={"epochs": 2}).run()  # named by --resume
+    assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 2
 
 
 def test_every_writing_command_refuses_foreign_folders(tmp_path, capsys):
@@ -652,6 +656,7 @@ def test_plot_skips_a_torn_last_line_and_says_so(tmp_path, capsys):
 def test_cli_subprocess_has_no_traceback_for_a_bad_resume(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
+    (bad / ".falign").write_text('{"kind": "run"}')
     (bad / "config.json").write_text("{bad")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "falign", "train", "--resume", str(bad)], capture_output=True,

@@ -310,6 +310,7 @@ BENCH_EXAMPLE = """examples:
   falign bench speed --compile --device cuda
   falign bench accuracy                          # LeNet / Fashion-MNIST vs BioTorch's table (CPU schedule)
   falign bench accuracy --full                   # the published 100-epoch schedule
+  falign bench accuracy --docs docs/benchmarks.md   # also regenerate that file's section (only when asked)
   falign bench architectures                     # ViT, row-LSTM/GRU, char-LM: accuracy and step time per rule
   falign bench pipeline                          # 2 pipeline stages: dfa unlocked vs bp GPipe/1F1B/zero-bubble
 """

@@ -5,23 +5,33 @@ Every command that writes a folder (``falign train --out``, ``reproduce --out``,
 
 - a path that exists and is not a folder is refused;
 - a new or empty folder is created and marked with a ``.falign`` file naming the kind of output;
-- a folder that already holds output of the same kind (its ``.falign`` marker, or for runs written before
-  markers existed, ``config.json`` + ``versions.json`` written by falign) is reused; with ``overwrite=True``
-  the files that kind of output consists of (:data:`OWNED`) are deleted first, one by one;
-- anything else in the folder is never deleted: a folder holding a file that falign did not write is refused
-  with a list of those files, and the folder itself (``.``, a home directory, ...) is never removed.
+- a folder is falign's only if its ``.falign`` marker (a plain file, not a link) says so: a folder that holds
+  output of the same kind is reused; with ``overwrite=True`` the files that kind of output consists of
+  (:data:`OWNED`) are deleted first, one by one;
+- a folder without that marker holds nothing of falign's, whatever its files are called: unless it is empty, it
+  is refused with a list of its files. Nothing else is ever deleted, and the folder itself (``.``, a home
+  directory, ...) is never removed;
+- falign never writes through a symbolic link: an output path that is a link, or a folder holding one, is
+  refused (:meth:`OutputDir.check_links`); files are written by :func:`atomic_write` (a new file renamed into
+  place, which replaces a link rather than following it) or opened by :func:`open_append` (``O_NOFOLLOW``).
 
-A claim that fails, or a command that fails before it writes anything, leaves nothing behind
-(:meth:`OutputDir.abandon`). Output *files* (``bench speed --json``) are checked with :func:`check_file`
-before any work starts.
+A failed write (a full disk) is a :class:`WriteError` naming the file. A claim that fails, or a command that
+fails before it writes anything, leaves nothing behind (:meth:`OutputDir.abandon`). Output *files* (``bench
+speed --json``, ``--docs``) are checked with :func:`check_file` before any work starts.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import os
+import re
+import secrets
+import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 from falign.errors import FalignError
 
@@ -30,7 +40,7 @@ MARKER = ".falign"
 # Relative POSIX paths (fnmatch patterns; "*" does not cross "/") that each kind of output consists of.
 OWNED: dict[str, tuple[str, ...]] = {
     "run": (
-        MARKER, ".lock", ".*.tmp", "config.json", "versions.json", "metrics.jsonl", "timing.jsonl",
+        MARKER, ".lock", "config.json", "versions.json", "metrics.jsonl", "timing.jsonl",
         "checkpoint.pt", "summary.json", "resumes.jsonl", "tensorboard/events.out.tfevents.*",
         "plots/" + MARKER, "plots/alignment.png", "plots/conservation.png", "plots/decomposition.png",
     ),
@@ -40,8 +50,120 @@ OWNED: dict[str, tuple[str, ...]] = {
 }
 
 
+# The temporary file of an interrupted atomic write of NAME: ".NAME.<8 hex digits>.tmp" (see atomic_write).
+_TEMP = re.compile(r"(?P<folder>(?:.*/)?)\.(?P<name>[^/]+)\.[0-9a-f]{8}\.tmp")
+
+
 class OutputError(FalignError, ValueError):
     """An output path cannot be used as asked (a file where a folder is needed, foreign files, ...)."""
+
+
+class WriteError(FalignError, OSError):
+    """A file of falign's output could not be written (a full disk, a link in its place, ...)."""
+
+
+def _write_error(path: Path, err: OSError, kept: bool) -> WriteError:
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        reason += " (the disk is full or a file-size limit is reached)"
+    return WriteError(f"cannot write {path}: {reason}" + (f"; the previous {path.name} is kept" if kept else ""))
+
+
+class _Recording:
+    """A file object that remembers the error of a failed write (``torch.save``'s zip writer swallows it and
+    raises a ``RuntimeError`` of its own)."""
+
+    def __init__(self, file: IO[Any]) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb",
+                 before_replace: Callable[[], None] | None = None) -> None:
+    """Write ``path`` through ``write(fileobj)`` into a new temporary file beside it (``.NAME.<hex>.tmp``),
+    fsync it, then rename it over ``path``: a crash never leaves a half-written file in its place, and a link
+    at ``path`` is replaced, never followed.
+
+    The file gets the mode a plain ``open`` would give it (an existing file's own mode, else 0666 less the
+    umask). A failed write (a full disk) raises :class:`WriteError` naming the file, and the previous file is
+    kept. ``before_replace`` runs between the fsync and the rename (fault injection in tests).
+    """
+    path = Path(path)
+    try:
+        old = os.lstat(path)
+    except FileNotFoundError:
+        old = None
+    kept = old is not None and stat.S_ISREG(old.st_mode)
+    tmp, fd = None, -1
+    try:
+        while fd < 0:
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            except FileExistsError:
+                continue
+        if kept:
+            os.fchmod(fd, stat.S_IMODE(old.st_mode))
+        with os.fdopen(fd, mode) as f:
+            recording = _Recording(f)
+            try:
+                write(recording)
+            except Exception as err:
+                if recording.error is not None and not isinstance(err, OSError):
+                    raise recording.error from err
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as err:
+        if tmp is not None and fd >= 0 and os.path.lexists(tmp):
+            os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise _write_error(path, err, kept) from None
+        raise
+
+
+def open_append(path: str | Path) -> IO[str]:
+    """Open a file of an output folder for appending text (created if missing, never truncated), without
+    following a symbolic link: a link at ``path`` or a failed open raises :class:`WriteError`."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise WriteError(f"{path} is a symbolic link; falign never writes through a link in its output "
+                             f"folders: remove it") from None
+        raise _write_error(path, err, False) from None
+    return os.fdopen(fd, "a")
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append ``text`` to a file of an output folder (:func:`open_append`); a failed write (a full disk)
+    raises :class:`WriteError` naming the file."""
+    try:
+        with open_append(path) as f:
+            f.write(text)
+    except WriteError:
+        raise
+    except OSError as err:
+        raise _write_error(Path(path), err, False) from None
 
 
 def _matches(rel: str, patterns: tuple[str, ...]) -> bool:
@@ -68,16 +190,27 @@ def _files(path: Path) -> list[str]:
     return sorted(out)
 
 
+def _owned(rel: str, patterns: tuple[str, ...]) -> bool:
+    """Whether ``rel`` is a file of this kind of output, or the temporary file of an atomic write of one."""
+    temp = _TEMP.fullmatch(rel)
+    return _matches(temp["folder"] + temp["name"] if temp else rel, patterns)
+
+
 def _read_marker(path: Path) -> str | None:
+    """The kind of output the folder's marker names (``None``: no marker, a link, or not falign's)."""
+    marker = path / MARKER
+    if marker.is_symlink():
+        return None
     try:
-        data = json.loads((path / MARKER).read_text())
+        data = json.loads(marker.read_text())
     except (OSError, ValueError):
         return None
     return data.get("kind") if isinstance(data, dict) else None
 
 
-def _legacy_run(path: Path) -> bool:
-    """A run directory written before markers existed: falign's config.json and versions.json."""
+def legacy_run(path: Path) -> bool:
+    """A run directory written before markers existed: falign's config.json and versions.json (trusted only
+    where the user names the run, ``--resume``; never to replace files)."""
     try:
         config = json.loads((path / "config.json").read_text())
         versions = json.loads((path / "versions.json").read_text())
@@ -123,23 +256,54 @@ class OutputDir:
         self.kind = kind
         self.what = what
         self.created: list[Path] = []  # folders this claim created (removed again by abandon)
+        self.fresh = False  # whether every file of this kind in the folder was written since the claim
+
+    def marked(self) -> bool:
+        """Whether the folder's ``.falign`` marker (a plain file) says it holds this kind of output."""
+        return _read_marker(self.path) == self.kind
 
     def owned(self) -> list[str]:
-        """Files in the folder that this kind of output consists of."""
-        return [f for f in _files(self.path) if _matches(f, OWNED[self.kind])] if self.path.is_dir() else []
+        """Files in a marked folder that this kind of output consists of (plain files, never links)."""
+        if not self.marked():
+            return []
+        return [f for f in _files(self.path)
+                if _owned(f, OWNED[self.kind]) and not (self.path / f).is_symlink()]
 
     def foreign(self) -> list[str]:
-        """Files in the folder that falign did not write (never deleted)."""
-        return [f for f in _files(self.path) if not _matches(f, OWNED[self.kind])] if self.path.is_dir() else []
+        """Files in the folder that falign did not write (never deleted): every file of a folder without the
+        marker of this kind, and every link."""
+        if not self.path.is_dir():
+            return []
+        owned = set(self.owned())
+        return [f for f in _files(self.path) if f not in owned]
+
+    def links(self) -> list[str]:
+        """Symbolic links in the folder (never followed), as relative POSIX paths."""
+        return [f for f in _files(self.path) if (self.path / f).is_symlink()] if self.path.is_dir() else []
+
+    def stale_temps(self) -> list[str]:
+        """Temporary files of interrupted atomic writes of this kind's own files (plain files only)."""
+        return [f for f in self.owned() if _TEMP.fullmatch(f)]
 
     def holds_output(self) -> bool:
         """Whether the folder already holds this kind of output (beyond a marker or a stale lock)."""
-        substantive = [f for f in self.owned() if f not in (MARKER, ".lock")]
-        return bool(substantive) and (_read_marker(self.path) == self.kind
-                                      or (self.kind == "run" and _legacy_run(self.path)))
+        return any(f not in (MARKER, ".lock") for f in self.owned())
+
+    def check_links(self) -> None:
+        """Refuse an output path that is a symbolic link, or a folder holding one: falign never writes
+        through a link."""
+        if self.path.is_symlink():
+            raise OutputError(f"{self.what} {self.path} is a symbolic link (to {os.path.realpath(self.path)}); "
+                              f"falign never writes through a link: give the folder itself")
+        links = self.links()
+        if links:
+            raise OutputError(f"{self.what} {self.path} holds symbolic links ({_listing(links)}); falign never "
+                              f"writes through a link in its output folders: remove them or choose another folder")
 
     def check(self) -> None:
-        """Refuse a path that is a file, or a folder of another kind / with files falign did not write."""
+        """Refuse a path that is a file or a link, or a folder with a link, a folder of another kind, or one
+        with files falign did not write (a folder without the marker of this kind, unless it is empty)."""
+        self.check_links()
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"{self.what} {self.path} is a file, not a folder")
         if not self.path.is_dir():
@@ -150,8 +314,10 @@ class OutputDir:
                               f"choose another folder")
         foreign = self.foreign()
         if foreign:
-            raise OutputError(f"{self.what} {self.path} holds files falign did not write ({_listing(foreign)}); "
-                              f"falign never writes into or deletes such a folder: choose a new or empty folder")
+            unmarked = "" if marker == self.kind else f" and no {MARKER} marker"
+            raise OutputError(f"{self.what} {self.path} holds files falign did not write ({_listing(foreign)})"
+                              f"{unmarked}; falign never writes into or deletes such a folder: choose a new or "
+                              f"empty folder")
 
     def claim(self, *, overwrite: bool = False, reuse: bool = True) -> Path:
         """Make the folder ready for writing; returns its path.
@@ -161,11 +327,14 @@ class OutputDir:
         With neither, a folder holding output is refused.
         """
         self.check()
+        self.fresh = True
         if self.holds_output():
             if overwrite:
                 self._delete_owned()
             elif not reuse:
                 raise OutputError(f"{self.what} {self.path} already holds falign {self.kind} output")
+            else:
+                self.fresh = False
         missing = []
         parent = self.path
         while not parent.exists():
@@ -173,7 +342,9 @@ class OutputDir:
             parent = parent.parent
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / MARKER).write_text(json.dumps({"kind": self.kind}) + "\n")
+            atomic_write(self.path / MARKER, lambda f: f.write(json.dumps({"kind": self.kind}) + "\n"), "w")
+        except WriteError:
+            raise
         except OSError as err:
             raise OutputError(f"{self.what} {self.path}: cannot write there: {err.strerror or err}") from None
         self.created = missing
@@ -192,13 +363,11 @@ class OutputDir:
                 pass
 
     def abandon(self) -> None:
-        """Undo a claim after a failed start: remove the marker and lock, and the folders the claim created
-        if nothing else was written into them."""
-        for name in (MARKER, ".lock"):
-            try:
-                (self.path / name).unlink()
-            except FileNotFoundError:
-                pass
+        """Undo a claim after a failed start: when the claim found no earlier output of this kind (or deleted
+        it), remove every file of this kind (all written since the claim, the marker and lock included), then
+        the folders the claim created if nothing else was written into them."""
+        if self.fresh:
+            self._delete_owned()
         for folder in self.created:
             try:
                 folder.rmdir()

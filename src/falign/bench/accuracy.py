@@ -6,8 +6,8 @@ at 50% and 75% of training, 100 epochs; the error reported is that of the best e
 images. The CPU-feasible default here keeps everything but the number of epochs; ``--full`` uses 100.
 Each run is an ordinary ``falign train`` run (its directory holds config.json and metrics.jsonl).
 
-``falign bench accuracy`` writes ``results.csv`` (one row per run), ``summary.csv`` and regenerates the
-accuracy section of ``docs/benchmarks.md``.
+``falign bench accuracy`` writes ``results.csv`` (one row per run) and ``summary.csv``; with ``--docs FILE`` it
+also regenerates the accuracy section of that Markdown file (in the repository: ``--docs docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -221,11 +221,11 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", default="runs/bench-accuracy", help="run directories and CSVs")
-    parser.add_argument("--docs", default=None,
-                        help="Markdown file whose accuracy section is regenerated (default: docs/benchmarks.md "
-                             "when it exists, i.e. run from the repository; '' to skip)")
+    parser.add_argument("--docs", default=None, metavar="FILE",
+                        help="also regenerate the accuracy section of this Markdown file, e.g. --docs "
+                             "docs/benchmarks.md in the repository (default: no file is changed)")
     parser.add_argument("--summarize", nargs="+", metavar="RESULTS", default=None,
-                        help="train nothing: regenerate the table (and the docs section) from the results.csv "
+                        help="train nothing: print the table (and regenerate the --docs section) from the results.csv "
                              "files or --out folders (their finished runs) of earlier runs, e.g. rules run on "
                              "different days or machines")
     parser.add_argument("--no-progress", action="store_true")
@@ -242,8 +242,6 @@ def run(args: argparse.Namespace) -> None:
     epochs = args.epochs if args.epochs is not None else 100 if args.full else 5
     if epochs < 1:
         raise FalignError(f"--epochs must be at least 1, got {epochs}")
-    if args.docs is None:
-        args.docs = "docs/benchmarks.md" if Path("docs/benchmarks.md").is_file() else ""
     if args.docs:
         check_file(args.docs, "--docs")
     if args.summarize:

@@ -13,8 +13,9 @@ For each model and rule: test accuracy (mean ± std over ``--seeds`` seeds, the 
 learning rate for every rule), and the step time of one training step against the unconverted model, timed
 round-robin (median over ``--repeats`` steps), with the memory columns of ``falign bench speed``.
 
-Run:  falign bench architectures                 # every rule, 3 seeds; rewrites its section of docs/benchmarks.md
-      falign bench architectures --models vit --rules bp,fa --seeds 1 --docs ""
+Run:  falign bench architectures                 # every rule, 3 seeds; prints the table
+      falign bench architectures --docs docs/benchmarks.md   # and rewrites its section of that file
+      falign bench architectures --models vit --rules bp,fa --seeds 1
 """
 
 from __future__ import annotations
@@ -283,9 +284,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="multiply every model's number of training steps (default 1)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--docs", default=None,
-                        help="Markdown file whose section is regenerated (default: docs/benchmarks.md when it "
-                             "exists; '' for none)")
+    parser.add_argument("--docs", default=None, metavar="FILE",
+                        help="also regenerate this benchmark's section of this Markdown file, e.g. --docs "
+                             "docs/benchmarks.md in the repository (default: no file is changed)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -297,8 +298,6 @@ def run(args: argparse.Namespace) -> None:
         raise FalignError(f"--seeds and --repeats must be >= 1 and --steps-scale > 0; got {args.seeds}, "
                           f"{args.repeats}, {args.steps_scale}")
     device = bench_device(args.device)
-    if args.docs is None:
-        args.docs = "docs/benchmarks.md" if Path("docs/benchmarks.md").is_file() else ""
     if args.docs:
         check_file(args.docs, "--docs")
     start = time.perf_counter()

@@ -25,8 +25,9 @@ with O the slowest stage's optimiser step (measured alone too).
 It is checked against the K = 2 measurements (the error is printed beside them), then used for K = 2 … 16 with
 the measured single-process compute split evenly over K stages and M = 2K microbatches of a fixed batch:
 the modelled speed-up over one process (same rule) and the ratio of dfa's unlocked step to backprop's best schedule.
-Writes ``results.json``, ``pipeline.png`` (with the ``plot`` extra) and the pipeline section of
-docs/benchmarks.md.
+Writes ``results.json``, ``summary.json`` and ``pipeline.png`` (with the ``plot`` extra) into ``--out``; with
+``--docs FILE`` (in the repository: ``--docs docs/benchmarks.md``) the pipeline section of that Markdown file and
+its figure ``figures/pipeline.png`` beside it instead.
 """
 
 from __future__ import annotations
@@ -364,8 +365,10 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (default: 5)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     parser.add_argument("--out", default="runs/bench-pipeline", help="results.json and pipeline.png")
-    parser.add_argument("--docs", default=None, help="Markdown file whose pipeline section is regenerated "
-                                                     "(default: docs/benchmarks.md when it exists; '' to skip)")
+    parser.add_argument("--docs", default=None, metavar="FILE",
+                        help="also regenerate the pipeline section of this Markdown file (and figures/pipeline.png "
+                             "beside it), e.g. --docs docs/benchmarks.md in the repository (default: no file is "
+                             "changed)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--results", default=None, help=argparse.SUPPRESS)
     return parser
@@ -387,8 +390,6 @@ def run(args: argparse.Namespace) -> None:
                              ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):
         if value < low:
             raise FalignError(f"{name} must be at least {low}, got {value}")
-    if args.docs is None:
-        args.docs = "docs/benchmarks.md" if Path("docs/benchmarks.md").is_file() else ""
     if args.docs:
         check_file(args.docs, "--docs")
     target = OutputDir(args.out, "bench", "--out")

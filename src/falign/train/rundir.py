@@ -1,18 +1,17 @@
 """Run directories: resolved config, versions, ``metrics.jsonl``, checkpoints, ``summary.json``, and the
 folder's claim and lock (:class:`RunDir`).
 
-Every file is written atomically (temporary file in the same folder, ``fsync``, ``rename``) so a
-crash never leaves a half-written file in place of a good one.
+Every file is written atomically (:func:`falign.outdir.atomic_write`: temporary file in the same folder,
+``fsync``, ``rename``) so a crash never leaves a half-written file in place of a good one; ``.jsonl`` rows
+and the lock are opened without following links (:func:`falign.outdir.open_append`).
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
-import os
 import platform
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,35 +20,8 @@ import numpy as np
 import torch
 
 from falign.errors import FalignError
-from falign.outdir import OutputDir
+from falign.outdir import MARKER, OutputDir, append_text, atomic_write, legacy_run, open_append
 from falign.train.checkpoint import load_checkpoint
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb",
-                 before_replace: Callable[[], None] | None = None) -> None:
-    """Write ``path`` through ``write(fileobj)`` into a temporary file, fsync it, then rename.
-
-    ``before_replace`` runs between the fsync and the rename (fault injection in tests).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -115,6 +87,7 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.checkpoint = self.path / "checkpoint.pt"
         self.rows = 0
+        self.claimed = False  # this process claimed and locked the folder (the main process of a run)
         self._lock = None
 
     # -- the folder ----------------------------------------------------------------------------------
@@ -125,6 +98,10 @@ class RunDir:
                 raise RunDirError(f"--resume {self.path} is a file, not a run directory")
             if not (self.path / "config.json").is_file():
                 raise RunDirError(f"{self.path}: no run to resume here (config.json missing)")
+            if not (self.folder.marked() or legacy_run(self.path)):
+                raise RunDirError(f"--resume {self.path}: not a falign run directory (no {MARKER} marker of a "
+                                  f"run, and its config.json and versions.json are not falign's)")
+            self.folder.check_links()
             return
         self.folder.check()
         if self.folder.holds_output() and not overwrite:
@@ -141,11 +118,12 @@ class RunDir:
                 self.release()
             self.folder.claim(overwrite=overwrite)
         self._lock_or_fail()
-        for stale in self.path.glob(".*.tmp"):
-            stale.unlink()
+        self.claimed = True
+        for stale in self.folder.stale_temps():
+            (self.path / stale).unlink()
 
     def _lock_or_fail(self) -> None:
-        self._lock = open(self.path / ".lock", "w")
+        self._lock = open_append(self.path / ".lock")  # never truncated, never through a link
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -156,6 +134,14 @@ class RunDir:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+    def abandon(self) -> None:
+        """Undo the claim of a new run that failed before its first training step: its files, marker and lock
+        go, and the folders the claim created (:meth:`falign.outdir.OutputDir.abandon`)."""
+        self.release()
+        if self.claimed:
+            self.folder.abandon()
+            self.claimed = False
 
     # -- files ---------------------------------------------------------------------------------------
     def read_config(self) -> dict[str, Any]:
@@ -179,8 +165,7 @@ class RunDir:
         """Append a JSON row to ``metrics.jsonl`` (counted) or another ``.jsonl`` file of the run."""
         if not self.main:
             return
-        with open(self.path / name, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_text(self.path / name, json.dumps(row) + "\n")
         if name == "metrics.jsonl":
             self.rows += 1
 

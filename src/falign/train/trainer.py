@@ -151,6 +151,7 @@ class Trainer:
         self.run_dir = RunDir(self.out)
         self.tensorboard = TensorBoard(None)
         self.state = Progress()
+        self._training = False  # the training loop has started (a failure from then on is in summary.json)
         # built by setup(): data, model (and what the loop calls), optimiser, schedule, diagnostics
         self.dataset: Dataset | None = None
         self.model: nn.Module | None = None
@@ -408,7 +409,8 @@ class Trainer:
 
         Everything that can be checked is checked before the run directory is touched (the folder,
         the saved config on resume, the data and the model), so a run that fails to start leaves
-        nothing behind.
+        nothing behind. A new run that fails after claiming its folder but before its first training step
+        leaves nothing either; one that fails later says why in ``summary.json`` (``"status": "failed"``).
         """
         self.dist = Distributed(self.device)
         self.device = self.dist.device
@@ -431,11 +433,27 @@ class Trainer:
                 self.run_dir.claim(resume=self.resume, overwrite=self.overwrite)
             self.dist.barrier()
             return self._run()
+        except BaseException as err:
+            if self.run_dir.claimed and not isinstance(err, DivergenceError):  # a divergence has its summary
+                self._record_failure(err)
+            raise
         finally:
             self.run_dir.release()
             self.tensorboard.close()
             self.forward = self.model  # the DDP wrapper goes before its process group
             self.dist.close()
+
+    def _record_failure(self, err: BaseException) -> None:
+        """A failure after the folder was claimed: a new run that took no training step leaves nothing behind;
+        a run that trained says why in ``summary.json`` (``"status": "failed"``). A resume that failed before
+        training keeps the run as it was."""
+        try:
+            if not self.resume and self.state.step == 0:
+                self.run_dir.abandon()
+            elif self._training:
+                self.run_dir.write_json("summary.json", self._summary("failed", f"{type(err).__name__}: {err}"))
+        except Exception:  # e.g. the disk is still full: the original error is the one reported
+            pass
 
     def _start(self) -> None:
         """Step 0 of a new run, or the checkpoint of the run being resumed; the run's config and versions."""
@@ -469,6 +487,7 @@ class Trainer:
         if os.environ.get("FALIGN_FAULT_RANK", str(self.dist.rank)) != str(self.dist.rank):
             kill_at = None  # fault injection in one rank only
         status, message = "completed", ""
+        self._training = True
         try:
             while s.epoch < cfg.epochs:
                 order = epoch_order(n, cfg.seed, s.epoch, self.device)
