@@ -213,3 +213,71 @@ def test_probe_pass_runs_no_user_forward_hooks():
         handle.remove()
     assert calls == {"layer": 1, "layer pre": 1, "root": 1, "global": 1}
     assert falign.conversion_report(model).output_layer == "2"
+
+
+# -- found by benchmarks/adversarial.py beyond the list -----------------------------------------
+def test_tampered_checkpoint_counters_are_refused(run_copy, capsys):
+    path = run_copy / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "step": "seven"}, path)  # used to end in "can only concatenate str"
+    rc, err = cli(["train", "--resume", str(run_copy), "--epochs", "2", "--no-progress"], capsys)
+    assert rc == 1 and f"{path}: its step entry is not what falign writes" in err, err
+
+
+def test_resume_of_a_trained_run_without_its_checkpoint_is_refused(run_copy, capsys):
+    (run_copy / "checkpoint.pt").unlink()  # used to start again from step 0 silently, replacing metrics.jsonl
+    metrics = (run_copy / "metrics.jsonl").read_bytes()
+    rc, err = cli(["train", "--resume", str(run_copy), "--epochs", "2", "--no-progress"], capsys)
+    assert rc == 1 and "has no checkpoint.pt to continue from" in err and "--overwrite" in err, err
+    assert (run_copy / "metrics.jsonl").read_bytes() == metrics
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--out", ""], "--out is empty"),  # used to write into the current folder
+    (["--lr-milestones", "0.3"], "--lr-milestones applies only to --lr-schedule step"),  # used to be ignored
+])
+def test_train_flags_that_did_nothing_are_refused(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    rc, err = cli(["train", *SMALL, *argv], capsys)
+    assert rc == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_of_rows_falign_did_not_write_is_a_clear_error(run_copy, capsys):
+    (run_copy / "metrics.jsonl").write_text('{"event": "diagnostics", "step": 1}\n')  # used to be a KeyError
+    rc, err = cli(["plot", str(run_copy)], capsys)
+    assert rc == 1 and "lacks the fields falign writes" in err, err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["speed", "--json", ""], "--json is empty"),  # used to be ignored
+    (["speed", "--json", "USER"], "exists and is not falign's output of this kind"),  # used to be replaced
+    (["accuracy", "--rules", ","], "--rules ',': unknown (empty)"),  # used to be an IndexError
+    (["accuracy", "--rules", "fa", "--device", "cuda", "--out", "OUT"], "--device cuda was asked for"),
+    (["architectures", "--steps-scale", "inf"], "--steps-scale a finite number > 0"),
+    (["pipeline", "--models", ","], "--models ',': unknown (empty)"),
+])
+def test_bench_values_are_refused_before_any_work(tmp_path, capsys, argv, message):
+    if torch.cuda.is_available() and "cuda" in argv:
+        pytest.skip("a CUDA device is here")
+    user = tmp_path / "notes.txt"
+    user.write_text("mine\n")
+    argv = [str(user) if a == "USER" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    rc, err = cli(["bench", *argv, "--docs", ""] if argv[0] != "speed" else ["bench", *argv], capsys)
+    assert rc == 1 and message in err, err
+    assert user.read_text() == "mine\n" and not (tmp_path / "out").exists()
+
+
+def test_bench_speed_replaces_its_own_earlier_json(tmp_path):
+    from falign.bench.speed import _is_speed_json
+    from falign.outdir import check_file
+
+    earlier = tmp_path / "speed.json"
+    earlier.write_text(json.dumps({"machine": "m", "torch": "t", "rows": []}))
+    assert check_file(earlier, "--json", replaces=_is_speed_json) == earlier
+
+
+@pytest.mark.parametrize("seed", [2**70, 0.5, -1, True])
+def test_convert_refuses_seeds_that_would_alias_another(seed):
+    with pytest.raises((TypeError, ValueError), match=r"seed must be an integer in \[0, 2\*\*63 - 1\]"):
+        falign.convert(_mlp(), "fa", seed=seed)

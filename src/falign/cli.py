@@ -173,6 +173,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from falign.errors import FalignError
     from falign.train import TrainConfig, Trainer
 
+    if args.out is not None and not args.out.strip():
+        raise FalignError("--out is empty; give a folder (or leave --out out for runs/<rule>-<model>-<data>-<time>)")
+    if "lr_milestones" in explicit_options(args.parser, args.argv) and args.lr_schedule != "step" and not args.resume:
+        raise FalignError(f"--lr-milestones applies only to --lr-schedule step (the schedule is {args.lr_schedule})")
     _elastic(args)
     if args.resume:
         given = explicit_options(args.parser, args.argv) - set(_NOT_CONFIG)

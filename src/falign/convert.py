@@ -67,7 +67,7 @@ from falign.nn.layers import (
 )
 from falign.nn.recurrent import FAGRU, FALSTM, FARNN
 from falign.rules import FeedbackInit, FeedbackRule, Signal, get_rule
-from falign.seeding import mix_seed
+from falign.seeding import check_seed, mix_seed
 
 __all__ = [
     "KEPT_ON_BACKPROP",
@@ -343,6 +343,7 @@ def convert(
         raise ValueError(f"unsupported must be 'error' or 'backprop', got {unsupported!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    check_seed(seed)
     map_ = {**LAYER_MAP, **(layer_map or {})}
     if _target(model, map_) is not None:
         raise ConversionError("convert a model that contains the layer (e.g. nn.Sequential(layer)), "

@@ -224,12 +224,21 @@ def _listing(names: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_file(path: str | Path, what: str) -> Path:
+def check_file(path: str | Path, what: str, replaces: Callable[[Path], bool] | None = None) -> Path:
     """An output file path that can be written: its folder exists and it is not a folder itself.
 
-    Called before the work that produces the file, so a bad path fails at once.
+    Called before the work that produces the file, so a bad path fails at once. ``replaces``: for a file
+    that is written whole, whether an existing file at ``path`` is falign's own earlier output of this kind
+    (anything else is refused, never replaced).
     """
+    if not str(path).strip():
+        raise OutputError(f"{what} is empty; give a file name")
     path = Path(path)
+    if path.is_symlink():
+        raise OutputError(f"{what} {path} is a symbolic link; falign never writes through links: give a file name")
+    if replaces is not None and path.is_file() and not replaces(path):
+        raise OutputError(f"{what} {path} exists and is not falign's output of this kind; falign never replaces "
+                          f"such a file: give a new file name")
     if path.is_dir():
         raise OutputError(f"{what} {path} is a folder; give a file name")
     parent = path.parent if str(path.parent) else Path(".")

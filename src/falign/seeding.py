@@ -13,6 +13,19 @@ from typing import Any
 import numpy as np
 import torch
 
+MAX_SEED = 2**63 - 1
+"""The largest seed (``torch.manual_seed`` refuses more than 64 bits, and falign mixes seeds in 63)."""
+
+
+def check_seed(seed: object, what: str = "seed") -> int:
+    """``seed`` if it is an integer in ``[0, MAX_SEED]``; otherwise a ``ValueError`` / ``TypeError`` naming it
+    (a float or a wider integer would silently alias another seed)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{what} must be an integer in [0, 2**63 - 1], got {seed!r} ({type(seed).__name__})")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{what} must be an integer in [0, 2**63 - 1] (what torch.manual_seed takes), got {seed}")
+    return seed
+
 
 def mix_seed(*parts: int) -> int:
     """Deterministic 63-bit seed from integers (splitmix64 chained over the parts)."""

@@ -233,10 +233,11 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-    unknown = [r for r in rules if r not in RULES]
-    if unknown:
-        raise FalignError(f"unknown rule(s) {', '.join(unknown)}; choose from {', '.join(RULES)}")
+    from falign.bench.speed import bench_device, names
+
+    rules = names(args.rules, list(RULES), "rules")
+    if args.device != "auto":
+        bench_device(args.device)  # cuda where there is none fails before the folder is claimed
     if args.seeds < 1:
         raise FalignError(f"--seeds must be at least 1, got {args.seeds}")
     epochs = args.epochs if args.epochs is not None else 100 if args.full else 5

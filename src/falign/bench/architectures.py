@@ -294,9 +294,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     models = names(args.models, list(MODELS), "models")
     rules = names(args.rules, falign.available_rules(), "rules")
-    if args.seeds < 1 or args.repeats < 1 or args.timing_runs < 1 or not args.steps_scale > 0:
-        raise FalignError(f"--seeds and --repeats must be >= 1 and --steps-scale > 0; got {args.seeds}, "
-                          f"{args.repeats}, {args.steps_scale}")
+    if args.seeds < 1 or args.repeats < 1 or args.timing_runs < 1 or not 0 < args.steps_scale < math.inf:
+        raise FalignError(f"--seeds and --repeats must be >= 1 and --steps-scale a finite number > 0; got "
+                          f"{args.seeds}, {args.repeats}, {args.steps_scale}")
     device = bench_device(args.device)
     if args.docs:
         check_file(args.docs, "--docs")

@@ -382,10 +382,9 @@ def run(args: argparse.Namespace) -> None:
     if args.worker:
         worker(args)
         return
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        raise FalignError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    from falign.bench.speed import names
+
+    models = names(args.models, list(MODELS), "models")
     for name, value, low in (("--microbatches", args.microbatches, 1), ("--steps", args.steps, 1),
                              ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):
         if value < low:

@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ import falign
 from falign.errors import FalignError
 from falign.models import MLP, LeNet5
 from falign.models.resnet import resnet20, resnet56
-from falign.outdir import check_file
+from falign.outdir import atomic_write, check_file
 
 TARGETS = {"fa": 1.02, "kp": 1.05, "usf": 1.08, "frsf": 1.08, "brsf": 1.10, "wm": 1.25, "dfa": 1.05}
 MODELS = {
@@ -263,8 +264,8 @@ def run(args: argparse.Namespace) -> None:
     if args.threads is not None and args.threads < 1:
         raise FalignError(f"--threads must be >= 1, got {args.threads}")
     device = bench_device(args.device)
-    if args.json:
-        check_file(args.json, "--json")
+    if args.json is not None:
+        check_file(args.json, "--json", replaces=_is_speed_json)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
@@ -283,9 +284,18 @@ def run(args: argparse.Namespace) -> None:
               f"{r['median_ms']:.3f} | {r['ratio']:.3f} | {'' if target is None else f'≤{target}'} | {met} | "
               f"{r['state_mib']:.1f} | {r['step_peak_mib']:.1f} | {r['feedback_mib']:.1f} | "
               f"{r['memory_over_bp_plus_feedback_mib']:+.1f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "torch": torch.__version__, "rows": rows}, f, indent=2)
+    if args.json is not None:
+        atomic_write(Path(args.json), lambda f: json.dump({"machine": machine, "torch": torch.__version__,
+                                                            "rows": rows}, f, indent=2), "w")
+
+
+def _is_speed_json(path: Path) -> bool:
+    """Whether ``path`` holds an earlier ``bench speed --json`` output (which a new run may replace)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and set(data) == {"machine", "torch", "rows"}
 
 
 if __name__ == "__main__":

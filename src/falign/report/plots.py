@@ -107,6 +107,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None,
         (warn or (lambda text: None))(f"skipped {line}")
     if not rows:
         raise FalignError(f"{metrics} has no diagnostics rows: train with --diagnostics-every K")
+    for row in rows:  # rows falign did not write (edited, another tool's) fail here, not inside matplotlib
+        fields = ("weight_alignment", "gradient_alignment", "signal_alignment", "conservation", "decomposition")
+        if (not isinstance(row.get("step"), int) or not all(isinstance(row.get(f, {}), dict) for f in fields)
+                or not isinstance(row.get("decomposition", {}).get("margin"), (int, float))):
+            raise FalignError(f"{metrics}: a diagnostics row at step {row.get('step')!r} lacks the fields falign "
+                              f"writes (an integer step; {', '.join(fields)} as objects; decomposition.margin)")
     target = OutputDir(Path(out) if out is not None else run_dir / "plots", "plots", "--out")
     out = target.claim()
     return [plot_alignment(rows, out / "alignment.png"), plot_conservation(rows, out / "conservation.png"),

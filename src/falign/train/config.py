@@ -12,9 +12,7 @@ from falign.errors import FalignError
 from falign.models import MODELS
 from falign.models.mlp import ACTIVATIONS
 from falign.rules import FEEDBACK_INITS, RULES, available_rules, get_rule
-
-MAX_SEED = 2**63 - 1
-"""The largest seed (``torch.manual_seed`` refuses more than 64 bits, and falign mixes seeds in 63)."""
+from falign.seeding import MAX_SEED
 
 BUNDLED = ("digits", "synthetic")
 """Datasets made in-process (no ``data_dir``)."""

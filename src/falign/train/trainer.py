@@ -203,6 +203,11 @@ class Trainer:
         self._saved = self.run_dir.load_checkpoint(self.device)
         if self._saved is not None:
             self._check_saved_config(saved_values)
+        elif (self.out / "summary.json").exists() or (self.run_dir.metrics.is_file()
+                                                      and self.run_dir.metrics.stat().st_size > 0):
+            raise RunError(f"--resume {self.out}: the run has trained (metrics.jsonl, summary.json) but has no "
+                           f"checkpoint.pt to continue from; resuming would start it again from step 0: pass "
+                           f"--out {self.out} --overwrite to do that")
 
     def _check_saved_config(self, saved_values: dict[str, Any]) -> None:
         """Refuse a ``config.json`` that differs from the config the checkpoint was trained with (edited by hand
@@ -280,6 +285,13 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{path}: not a checkpoint of a falign run (no {', '.join(missing)} "
                                   f"entr{'y' if len(missing) == 1 else 'ies'}); it cannot be resumed")
+        counters = ("epoch", "batch", "step", "metrics_rows")
+        bad = [k for k in counters if type(saved[k]) is not int or saved[k] < 0]
+        bad += [] if isinstance(saved["elapsed"], (int, float)) else ["elapsed"]
+        bad += [] if isinstance(saved["epoch_sums"], dict) else ["epoch_sums"]
+        if bad:
+            raise CheckpointError(f"{path}: its {', '.join(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not "
+                                  f"what falign writes (tampered with); it cannot be resumed")
         try:
             self._restore(saved)
         except FalignError:
