@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from falign import functional as FF
+from falign.errors import StepWorkSkipped
 from falign.rules import FeedbackInit, FeedbackRule, get_rule
 
 __all__ = ["FAConv1d", "FAConv2d", "FAConv3d", "FALinear", "FeedbackLayer", "TracedBackpropWarning"]
@@ -86,6 +87,7 @@ class FeedbackLayer(nn.Module):
             self.direct_shape = (int(output_features), self.weight.shape[1])
         self._feedback_used = False
         self._step_key: tuple[int, ...] | None = None
+        self._step_values: list[Tensor] | None = None
         self._step_hooks = 0
         for name in ("feedback_weight", "feedback_step"):
             self._parameters.pop(name, None)
@@ -240,22 +242,35 @@ class FeedbackLayer(nn.Module):
     def _params_key(self) -> tuple[int, ...]:
         return tuple(p._version for name, p in self.named_parameters() if not name.endswith("feedback_weight"))
 
+    def _weights(self) -> list[Tensor]:
+        """The layer's own parameters as they are now (a ``torch.func`` transform's wrappers taken off)."""
+        return [_unwrapped(p) for name, p in self.named_parameters() if not name.endswith("feedback_weight")]
+
     def mark_stepped(self) -> None:
         """Record that the rule's per-step work has run for the current weights (called by the step hook
-        of :func:`falign.attach` and by hand-run per-step functions such as ``wm``'s ``mirror_step``)."""
+        of :func:`falign.attach` and by hand-run per-step functions such as ``wm``'s ``mirror_step``).
+        Without the hook, the weights' values are kept too: the check of the next forward pass compares them,
+        since writes through ``.data`` and ``torch.func.functional_call`` leave the version counters alone."""
         self._step_key = self._params_key()
+        self._step_values = None if self._step_hooks else [w.detach().clone() for w in self._weights()]
 
     def _check_stepped(self) -> None:
         """A per-step rule whose weights changed without its per-step work having run fails loudly."""
         key = self._params_key()
         if self._step_key is None:
             self._step_key = key
-        elif key != self._step_key:
-            raise RuntimeError(
-                f"{self.rule.name}: the weights of this layer changed (an optimiser step) but the rule's per-step "
-                f"work ({self.rule.step_work}) did not run. Call falign.attach(model, optimizer) once after "
-                f"building the optimizer, so every optimizer.step() runs it, or run falign.step_rules(model) "
-                f"yourself after each step")
+        if self._step_values is None:
+            with torch.no_grad():
+                self._step_values = [w.detach().clone() for w in self._weights()]
+            if key == self._step_key:
+                return
+        if key != self._step_key or _changed(self._weights(), self._step_values):
+            raise StepWorkSkipped(
+                f"{self.rule.name}: the weights of this layer changed (an optimiser step, a write through .data, "
+                f"new weights given to torch.func.functional_call) but the rule's per-step work "
+                f"({self.rule.step_work}) did not run. Call falign.attach(model, optimizer) once after building "
+                f"the optimizer, so every optimizer.step() runs it, or run falign.step_rules(model) yourself after "
+                f"each update of the model's own parameters")
 
     # -- implemented by the concrete layers ------------------------------------------------------------
     def plain_forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -339,9 +354,28 @@ class FeedbackLayer(nn.Module):
         return self
 
 
+def _unwrapped(t: Tensor) -> Tensor:
+    """``t`` without the wrappers of ``torch.func`` transforms (``grad``, ``vmap``), for reading its values."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def _changed(now: list[Tensor], saved: list[Tensor]) -> bool:
+    """Whether a weight differs from its saved copy (NaN equals NaN; a weight batched by ``vmap`` has another
+    shape and is not compared)."""
+    for a, b in zip(now, saved):
+        if a.shape != b.shape or torch.equal(a, b):
+            continue
+        if bool((a != b).logical_and_(a.isnan().logical_and_(b.isnan()).logical_not_()).any()):
+            return True
+    return False
+
+
 _CONVERTED_CLASSES: dict[tuple[type, type], type] = {}
 _LAYER_ATTRIBUTES = ("rule", "_capabilities", "feedback_init", "feedback_seed", "error_tap", "rule_state",
-                     "direct_mode", "direct_shape", "_output_features", "_feedback_used", "_step_key", "_step_hooks",
+                     "direct_mode", "direct_shape", "_output_features", "_feedback_used", "_step_key", "_step_values",
+                     "_step_hooks",
                      "_scratch")
 
 
