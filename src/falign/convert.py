@@ -119,6 +119,10 @@ LOCAL_GRADIENT: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 OPAQUE: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.RNNBase)
 
 
+ROOT_NAME = "(root)"
+"""The name the conversion report gives the model itself (its own parameters, e.g. a ViT's ``cls_token``)."""
+
+
 class ConversionError(FalignError, TypeError):
     """A module with parameters that no converted layer can stand in for."""
 
@@ -217,6 +221,13 @@ class _Plan:
         self._record(name, child, "unsupported-backprop", f"{why}; parameters {', '.join(params)} trained by "
                                                           f"backprop")
 
+    def walk_model(self, model: nn.Module) -> None:
+        """Plan the whole model. The root is a module like any other: its own parameters are reported or
+        refused exactly as a child's would be (it cannot be a converted layer itself: :func:`convert` refuses
+        a bare layer), and its children are walked unless it is :data:`OPAQUE`."""
+        self.first[id(model)] = ROOT_NAME
+        self._visit(ROOT_NAME, model, None, again=False, shared="", path=())
+
     def walk(self, module: nn.Module, prefix: str = "", path: tuple[int, ...] = ()) -> None:
         for attr, child in module._modules.items():
             if child is None or id(child) in path:
@@ -226,32 +237,37 @@ class _Plan:
             self.first.setdefault(id(child), name)
             shared = f"same module as {self.first[id(child)]!r}" if again else ""
             target = None if _lazy(child) else _target(child, self.map)
-            if target is not None:
-                if not again:
-                    self.layers.append((name, child, target))
-                note = "; ".join(n for n in (getattr(target, "report_note", ""), shared) if n)
-                self.records.append(LayerRecord(name, type(child).__name__, "converted", "", note))
-            elif _lazy(child):
-                self._unsupported(name, child, _own_parameters(child),
-                                  "lazy layer not initialised yet: run one forward pass, then convert", again)
-            elif isinstance(child, LOCAL_GRADIENT):
-                note = ("input is indices: no input signal to replace, its weight gradient is already local (the "
-                        "signal the rule sends to its output, added to the rows looked up)")
-                self._record(name, child, "kept-backprop", f"{note}; {shared}" if shared else note)
-            elif isinstance(child, KEPT_ON_BACKPROP):
-                note = "normalisation/elementwise parameters: exact gradient"
-                self._record(name, child, "kept-backprop", f"{note}; {shared}" if shared else note)
-            elif isinstance(child, OPAQUE):
-                params = [n for n, _ in child.named_parameters()]
-                self._unsupported(name, child, params, "no feedback version (its forward reads the weights of "
-                                                       "its children directly)", again)
-            else:
-                own = _own_parameters(child)
-                if own:
-                    why = ("a subclass that overrides forward" if any(isinstance(child, b) for b in self.map)
-                           else "no feedback version")
-                    self._unsupported(name, child, own, why, again)
-                self.walk(child, name, (*path, id(child)))
+            self._visit(name, child, target, again, shared, path)
+
+    def _visit(self, name: str, child: nn.Module, target: type[FeedbackLayer] | None, again: bool, shared: str,
+               path: tuple[int, ...]) -> None:
+        """Record one use of ``child`` (named ``name``; :data:`ROOT_NAME` for the root) and walk into it."""
+        if target is not None:
+            if not again:
+                self.layers.append((name, child, target))
+            note = "; ".join(n for n in (getattr(target, "report_note", ""), shared) if n)
+            self.records.append(LayerRecord(name, type(child).__name__, "converted", "", note))
+        elif _lazy(child):
+            self._unsupported(name, child, _own_parameters(child),
+                              "lazy layer not initialised yet: run one forward pass, then convert", again)
+        elif isinstance(child, LOCAL_GRADIENT):
+            note = ("input is indices: no input signal to replace, its weight gradient is already local (the "
+                    "signal the rule sends to its output, added to the rows looked up)")
+            self._record(name, child, "kept-backprop", f"{note}; {shared}" if shared else note)
+        elif isinstance(child, KEPT_ON_BACKPROP):
+            note = "normalisation/elementwise parameters: exact gradient"
+            self._record(name, child, "kept-backprop", f"{note}; {shared}" if shared else note)
+        elif isinstance(child, OPAQUE):
+            params = [n for n, _ in child.named_parameters()]
+            self._unsupported(name, child, params, "no feedback version (its forward reads the weights of "
+                                                   "its children directly)", again)
+        else:
+            own = _own_parameters(child)
+            if own:
+                why = ("a subclass that overrides forward" if any(isinstance(child, b) for b in self.map)
+                       else "no feedback version")
+                self._unsupported(name, child, own, why, again)
+            self.walk(child, "" if name == ROOT_NAME else name, (*path, id(child)))
 
 
 def _note_tied_parameters(model: nn.Module, records: list[LayerRecord]) -> None:
@@ -266,7 +282,7 @@ def _note_tied_parameters(model: nn.Module, records: list[LayerRecord]) -> None:
         seen_modules.add(id(module))
         for pname, param in module._parameters.items():
             if param is not None:
-                owners.setdefault(id(param), []).append(f"{name}.{pname}" if name else pname)
+                owners.setdefault(id(param), []).append(f"{name or ROOT_NAME}.{pname}")
     tied = {full: others for names in owners.values() if len(names) > 1
             for full in names for others in [[n for n in names if n != full]]}
     for record in records:
@@ -350,7 +366,7 @@ def convert(
                               "not a bare layer; or use FALinear.from_module")
 
     plan = _Plan(map_, unsupported)
-    plan.walk(model)
+    plan.walk_model(model)
     if plan.problems and unsupported == "error":
         raise ConversionError(
             f"cannot convert {len(plan.problems)} module(s) of {type(model).__name__}: "

@@ -3,3 +3,9 @@
 
 class FalignError(Exception):
     """An error about the user's input or files that falign explains in its message."""
+
+
+class StepWorkSkipped(FalignError, RuntimeError):
+    """A rule with per-step work (``wm``'s mirror steps, ``brsf``'s redraws) saw its layer's weights change
+    without that work having run (an optimiser without :func:`falign.attach`, a write through ``.data``, new
+    weights passed by ``torch.func.functional_call``)."""

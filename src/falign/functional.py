@@ -87,8 +87,13 @@ class _Function(Function):
     @classmethod
     def apply(cls, *args):
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-            return Function.apply.__func__(cls, *args)
+            return _FULL_APPLY.__get__(None, cls)(*args)
         return super(Function, cls).apply(*args)
+
+
+# PyTorch's full ``Function.apply``, bound to a subclass by the descriptor protocol: a Python ``classmethod`` up
+# to torch 2.13, a C ``classmethod_descriptor`` (no ``__func__``) from torch 2.14 on.
+_FULL_APPLY = Function.__dict__["apply"]
 
 
 _BACKPROP_MODE = 0

@@ -62,7 +62,8 @@ class Distributed:
         return DistributedDataParallel(model, device_ids=ids)
 
     def shard(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """This rank's equal slice of a global batch."""
+        """This rank's slice of a global batch: sizes differ by at most one, and a rank gets none when fewer
+        examples than ranks are left (the trainer weights each rank's loss by its examples)."""
         if self.world == 1:
             return x, y
         return x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]

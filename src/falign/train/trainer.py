@@ -89,6 +89,20 @@ def loss_fn(config: TrainConfig, output: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(output, F.one_hot(target, output.shape[-1]).to(output.dtype))
 
 
+def shard_loss(config: TrainConfig, output: Tensor, target: Tensor, total: int, world: int) -> Tensor:
+    """This rank's term of the global batch's mean loss, scaled so that DDP's gradient *average* over the
+    ``world`` ranks is the gradient of the global mean: ``Σ_shard loss × world / total``, ``total`` the
+    global batch's number of examples. Every example weighs ``1/total`` however the batch was split (a last
+    batch need not divide by the ranks), and the mean of this value over ranks is the global mean loss. A
+    rank with no example contributes an exact zero that still runs backward, so every rank joins DDP's
+    gradient all-reduce."""
+    n = len(target)
+    if n == 0:
+        return output.sum() * 0.0
+    loss = loss_fn(config, output, target)
+    return loss if n * world == total else loss * (n * world / total)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, config: TrainConfig, x: Tensor, y: Tensor) -> tuple[float, float]:
     """Mean loss and accuracy of ``model`` on ``(x, y)`` in eval mode."""
@@ -385,8 +399,10 @@ class Trainer:
         self.pipeline.after_step()
         return value, torch.tensor(int(values[1]))
 
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
-        """One optimiser step; returns the batch loss (a float) and the number of correct predictions.
+    def train_step(self, x: Tensor, y: Tensor, total: int | None = None) -> tuple[float, Tensor]:
+        """One optimiser step on this rank's shard ``(x, y)`` of a global batch of ``total`` examples
+        (default: ``len(y)`` times the ranks); returns the global batch's mean loss (a float) and this
+        shard's number of correct predictions.
 
         On a diagnostics step the recorder runs the forward pass, the rule's backward and one extra
         backward in backprop mode, and the measurements go to ``metrics.jsonl`` before the update.
@@ -395,26 +411,28 @@ class Trainer:
         if self.pipeline is not None:
             return self._pipeline_step(x, y)
         self.optimizer.zero_grad(set_to_none=True)
+        total = len(y) * self.dist.world if total is None else total
         every = self.config.diagnostics_every
         if self.recorder is not None and self.state.step % every == 0:
-            loss, output, record = self.recorder.step(partial(self._forward_loss, x, y), x)
+            loss, output, record = self.recorder.step(partial(self._forward_loss, x, y, total), x)
             self.run_dir.log({"event": "diagnostics", "step": self.state.step, "epoch": self.state.epoch + 1,
                               **jsonable(record)})
             self.tensorboard.diagnostics(record, self.state.step)
         else:
-            loss, output = self._forward_loss(x, y)
+            loss, output = self._forward_loss(x, y, total)
             loss.backward()
-        value = float(self.dist.mean(loss.detach()))  # the step's one host synchronisation for the loss
+        # the mean over ranks of the shards' terms is the global batch's mean loss (the step's one host sync)
+        value = float(self.dist.mean(loss.detach()))
         if not math.isfinite(value):
             return value, torch.zeros((), dtype=torch.int64)
         self.optimizer.step()
         return value, (output.detach().argmax(-1) == y).sum()
 
-    def _forward_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward_loss(self, x: Tensor, y: Tensor, total: int) -> tuple[Tensor, Tensor]:
         if self.uses_target:
             falign.set_target(self.model, y)
         out = self.forward(x)
-        return loss_fn(self.config, out, y), out
+        return shard_loss(self.config, out, y, total, self.dist.world), out
 
     def run(self) -> dict[str, Any]:
         """Train to the end (or from the checkpoint to the end); returns the summary.
@@ -504,11 +522,12 @@ class Trainer:
             while s.epoch < cfg.epochs:
                 order = epoch_order(n, cfg.seed, s.epoch, self.device)
                 for x, y in batches(self.dataset.x_train, self.dataset.y_train, cfg.batch_size, order, s.batch):
+                    total = len(y)  # the global batch (a last one may be smaller, and not divide by the ranks)
                     if self.pipeline is None:
                         x, y = self.dist.shard(x, y)
                     elif len(y) < cfg.batch_size:
                         break  # pipeline schedules keep one batch size: a last partial batch is dropped
-                    loss_value, correct = self.train_step(x, y)
+                    loss_value, correct = self.train_step(x, y, total)
                     if not math.isfinite(loss_value):
                         if cfg.on_divergence == "stop":
                             status = "diverged"
@@ -517,7 +536,7 @@ class Trainer:
                             raise _Diverged
                         s.sums["skipped"] += 1
                     else:
-                        s.sums["loss"] += loss_value * len(y)
+                        s.sums["loss"] += loss_value * len(y)  # summed over ranks: the global mean × total
                         s.sums["correct"] += int(correct)
                         s.sums["seen"] += len(y)
                     s.batch += 1
