@@ -26,7 +26,13 @@ def run(args: list[str], nproc: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("rule", falign.available_rules())
+# Rules whose data-parallel path has something of its own (the output-error tap, a per-step redraw or mirror
+# step, a learned B) run by default; the others repeat bp's path and run with `pytest -m slow`.
+DDP_DEFAULT = ("bp", "dfa", "brsf", "wm", "kp")
+
+
+@pytest.mark.parametrize("rule", [r if r in DDP_DEFAULT else pytest.param(r, marks=pytest.mark.slow)
+                                  for r in falign.available_rules()])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, rule):
     extra = ["--diagnostics-every", "3"] if falign.get_rule(rule).has_feedback else []
     one, two = tmp_path / "one", tmp_path / "two"

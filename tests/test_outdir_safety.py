@@ -177,10 +177,10 @@ def failing_step(at: int):
     """A ``Trainer.train_step`` that fails at step ``at`` (a bad batch, a bug in a rule's per-step work...)."""
     real = Trainer.train_step
 
-    def step(self, x, y):
+    def step(self, x, y, *args):
         if self.state.step == at:
             raise RuntimeError("boom at a bad batch")
-        return real(self, x, y)
+        return real(self, x, y, *args)
 
     return step
 

@@ -159,7 +159,7 @@ def train(nproc: int, *args: str, env: dict | None = None) -> subprocess.Complet
                           text=True, env={**ENV, **(env or {})}, timeout=600)
 
 
-@pytest.mark.parametrize("rule", ["dfa", "fa"])
+@pytest.mark.parametrize("rule", ["dfa", pytest.param("fa", marks=pytest.mark.slow)])
 def test_train_in_pipeline_mode_checkpoints_and_resumes_bit_identical(tmp_path, rule):
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
     args = ["--rule", rule, *ARGS, "--pipeline-stages", "2", "--checkpoint-every", "5"]

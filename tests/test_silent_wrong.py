@@ -51,7 +51,8 @@ def one_process(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("rule", "nproc", "extra"), [
-    ("bp", 2, []), ("bp", 4, []), ("dfa", 4, ["--diagnostics-every", "3"]), ("kp", 4, []), ("wm", 4, []),
+    ("bp", 2, []), pytest.param("bp", 4, [], marks=pytest.mark.slow), ("dfa", 4, ["--diagnostics-every", "3"]),
+    pytest.param("kp", 4, [], marks=pytest.mark.slow), pytest.param("wm", 4, [], marks=pytest.mark.slow),
 ])
 def test_data_parallel_last_batch_is_the_global_batch(tmp_path, one_process, rule, nproc, extra):
     """A data size that does not divide by batch × ranks: 2 and 4 ranks end with one process's weights and
