@@ -131,3 +131,17 @@ def test_multiclass_runs_on_the_papers_data_from_data_dir(tmp_path):
     assert tiny_n and max(tiny_n) <= 4  # never more classes than the folder has
     md = paths["markdown"].read_text()
     assert "holds no MNIST IDX files" in md and "the paper used CIFAR-100 and Tiny-ImageNet" in md
+
+
+def test_reproduce_falls_back_without_fashion_mnist_and_finds_it_in_the_default_folder(tmp_path, monkeypatch):
+    """The default Fashion-MNIST folder is read through $FALIGN_FASHION_MNIST_DIR: empty, reproduce's catalog has
+    no Fashion-MNIST (the experiments fall back to digits and say so); with the four files there, it is found."""
+    empty, there = tmp_path / "empty", tmp_path / "there"
+    empty.mkdir()
+    there.mkdir()
+    monkeypatch.setenv("FALIGN_FASHION_MNIST_DIR", str(empty))
+    assert catalog(None).fashion is None
+    write_tiny_mnist(there, gz=True)
+    monkeypatch.setenv("FALIGN_FASHION_MNIST_DIR", str(there))
+    found = catalog(None).fashion
+    assert found is not None and found.name == "fashion-mnist" and found.info["source"] == str(there)
