@@ -121,26 +121,38 @@ def case(id_: str, expect: str, what: str, run: Callable[[Ctx], Res], **kw) -> N
 
 
 # ---- running things ------------------------------------------------------------------------------------------
+def _capture(res: Res, call: Callable[[], None]) -> Res:
+    """Run ``call`` with stdout/stderr captured into ``res``; an exception (other than the work guard's) is kept
+    with its traceback for the classifier."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            call()
+        except WorkStarted as e:
+            res.guard = str(e)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:
+            res.exc, res.tb = e, traceback.format_exc()
+    res.out, res.err = out.getvalue(), err.getvalue()
+    return res
+
+
 def cli(args: list[str] | Callable[[Ctx], list[str]]) -> Callable[[Ctx], Res]:
     def run(ctx: Ctx) -> Res:
         from falign.cli import main
 
         argv = [str(a) for a in (args(ctx) if callable(args) else args)]
-        res, out, err = Res(), io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        res = Res()
+
+        def call() -> None:
             try:
                 res.rc = main(argv)
             except SystemExit as e:
                 res.rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except WorkStarted as e:
-                res.guard = str(e)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as e:
-                res.exc, res.tb = e, traceback.format_exc()
-        res.out, res.err = out.getvalue(), err.getvalue()
-        return res
+
+        return _capture(res, call)
 
     run.argv = args  # type: ignore[attr-defined]
     return run
@@ -148,20 +160,13 @@ def cli(args: list[str] | Callable[[Ctx], list[str]]) -> Callable[[Ctx], Res]:
 
 def api(fn: Callable[[Ctx], object]) -> Callable[[Ctx], Res]:
     def run(ctx: Ctx) -> Res:
-        res, out, err = Res(api=True), io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                res.value = fn(ctx)
-                res.rc = 0
-            except WorkStarted as e:
-                res.guard = str(e)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as e:
-                res.exc, res.tb = e, traceback.format_exc()
-        res.out, res.err = out.getvalue(), err.getvalue()
-        return res
+        res = Res(api=True)
+
+        def call() -> None:
+            res.value = fn(ctx)
+            res.rc = 0
+
+        return _capture(res, call)
 
     return run
 
@@ -1773,6 +1778,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"falign {getattr(falign, '__version__', '?')} from {_FALIGN_DIR}; {len(cases)} cases"
           + ("" if have_pil else " (no Pillow: image cases skipped)"), file=real_stdout, flush=True)
     _BASE_DIR = Path(tempfile.mkdtemp(prefix="falign-adversarial-"))
+    # the cases describe a machine without Fashion-MNIST: an empty default folder hides an installed copy
+    (_BASE_DIR / "no-fashion-mnist").mkdir()
+    os.environ["FALIGN_FASHION_MNIST_DIR"] = str(_BASE_DIR / "no-fashion-mnist")
     guards, rows, start = Guards(), [], time.perf_counter()
     try:
         for i, c in enumerate(cases, 1):

@@ -199,20 +199,25 @@ def test_jit_trace_of_a_model_straight_from_convert(rule):
     nn.functional.cross_entropy(model(x), torch.randint(0, 3, (5,))).backward()
 
 
-def test_probe_pass_runs_no_user_forward_hooks():
-    model = falign.convert(_mlp(), "dfa")
-    calls = {"layer": 0, "layer pre": 0, "root": 0, "global": 0}
-    model[0].register_forward_hook(lambda *a: calls.__setitem__("layer", calls["layer"] + 1))
-    model[2].register_forward_pre_hook(lambda *a: calls.__setitem__("layer pre", calls["layer pre"] + 1))
-    model.register_forward_hook(lambda *a: calls.__setitem__("root", calls["root"] + 1))
-    handle = nn.modules.module.register_module_forward_hook(
-        lambda m, *a: calls.__setitem__("global", calls["global"] + (m is model[0])))
-    try:
-        model(torch.randn(4, 6))  # the first call: the probe pass runs inside it
-    finally:
-        handle.remove()
-    assert calls == {"layer": 1, "layer pre": 1, "root": 1, "global": 1}
-    assert falign.conversion_report(model).output_layer == "2"
+@pytest.mark.parametrize("rule", ["fa", "dfa"])
+def test_probe_pass_runs_the_hooks_that_shape_the_model(rule):
+    """The first-call probe runs with the model's forward hooks (a pre-hook that flattens the input defines the
+    model): it finds the output layer and sizes D from what the layers really receive. Hooks see that first
+    call twice (documented); convert with example_input= to probe before registering hooks."""
+    model = falign.convert(_mlp(), rule)
+    model[0].register_forward_pre_hook(lambda m, args: (args[0].flatten(1),))
+    calls = {"out": 0}  # a hook of the output layer (the probe runs the root's forward, its children's calls)
+    model[2].register_forward_hook(lambda *a: calls.__setitem__("out", calls["out"] + 1))
+    x = torch.randn(4, 2, 3, requires_grad=True)
+    model(x).sum().backward()  # without the pre-hook in the probe: "mat1 and mat2 shapes cannot be multiplied"
+    assert falign.conversion_report(model).output_layer == "2" and x.grad.shape == x.shape
+    assert calls["out"] == 2
+    model(x)
+    assert calls["out"] == 3
+    early = falign.convert(_mlp(), rule, example_input=torch.randn(4, 6))
+    early[2].register_forward_hook(lambda *a: calls.__setitem__("out", calls["out"] + 1))
+    early(torch.randn(4, 6))
+    assert calls["out"] == 4
 
 
 # -- found by benchmarks/adversarial.py beyond the issue's list -----------------------------------------

@@ -170,3 +170,12 @@ def test_cifar_errors_and_code_carrying_pickle(tmp_path):
     (tmp_path / "data_batch_3").write_bytes(b"\x80\x02}q")
     with pytest.raises(DatasetError, match="data_batch_3"):
         load_dataset("cifar10", data_dir=tmp_path)
+
+
+def test_a_missing_fashion_mnist_names_the_folder_variable(tmp_path, monkeypatch):
+    """With $FALIGN_FASHION_MNIST_DIR set, installing the package would not help: the message says so."""
+    from falign.data import DatasetMissing
+
+    monkeypatch.setenv("FALIGN_FASHION_MNIST_DIR", str(tmp_path))
+    with pytest.raises(DatasetMissing, match=rf"\$FALIGN_FASHION_MNIST_DIR names {tmp_path}: put the four IDX"):
+        load_idx_dataset()

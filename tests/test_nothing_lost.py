@@ -598,7 +598,8 @@ def test_jit_trace_records_the_forward_and_warns_that_its_backward_is_backprop()
     x = torch.randn(2, 4)
     with pytest.warns(falign.nn.TracedBackpropWarning, match="backward is backprop"):
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch 2.9+ deprecates jit.trace
+            for category in (DeprecationWarning, FutureWarning):  # torch 2.9+ deprecates jit.trace (2.14: Future)
+                warnings.filterwarnings("ignore", category=category)
             traced = torch.jit.trace(model, x)
     torch.testing.assert_close(traced(x), model(x))
     readme = (Path(__file__).parents[1] / "README.md").read_text()

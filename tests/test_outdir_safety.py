@@ -312,3 +312,15 @@ def test_bench_pipeline_writes_docs_only_when_asked(repo_like_folder, capsys, mo
     code, text = cli(["bench", "pipeline", "--out", "bench-out"], capsys)
     assert code == 0, text
     assert repo_like_folder.read_bytes() == PRECIOUS and not Path("docs/figures").exists()
+
+
+def test_an_older_versions_temporary_file_is_falign_s(tmp_path):
+    """Temporary files of a crash under an older falign (mkstemp's [a-z0-9_] names) do not block --overwrite."""
+    from falign.outdir import OutputDir
+
+    run = tmp_path / "run"
+    quick_run(run)
+    (run / ".checkpoint.pt.k_3zq9xy.tmp").write_bytes(b"partial")
+    assert OutputDir(run, "run").foreign() == []
+    Trainer(TrainConfig(hidden=(8,), epochs=1), run, progress=False, overwrite=True).run()
+    assert not (run / ".checkpoint.pt.k_3zq9xy.tmp").exists()

@@ -209,3 +209,24 @@ def test_torch_func_grad_and_vmap_run_the_rule(rule):
     per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x[:, None], y[:, None])
     for k, g in per_example.items():
         torch.testing.assert_close(g.mean(0), grads[k], msg=k)
+
+
+@pytest.mark.parametrize("rule", ["wm", "brsf"])
+def test_a_cast_or_move_is_not_taken_for_a_skipped_step(rule):
+    """.double() / .to() convert the weights without a training step: no StepWorkSkipped (the guard's copy is of
+    the old dtype; it used to compare the bits across dtypes and raise)."""
+    model, x, y = _per_step_model(rule)
+    model(x).sum().backward()
+    model.double()
+    model(x.double())  # no error
+    _data_step(model, x.double(), y)
+    with pytest.raises(StepWorkSkipped):  # and the guard still works after the cast
+        model(x.double())
+
+
+def test_numpy_integer_seeds_are_seeds():
+    import numpy as np
+
+    a = falign.convert(nn.Sequential(nn.Linear(4, 3)), "fa", seed=np.int64(3))
+    b = falign.convert(nn.Sequential(nn.Linear(4, 3)), "fa", seed=3)
+    assert torch.equal(a[0].feedback_weight, b[0].feedback_weight)

@@ -39,10 +39,8 @@ pass); the eager model probes at its own first call.
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -452,8 +450,9 @@ class _Root:
     @torch.compiler.disable
     def probe(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """One forward pass in eval mode with gradients on: which converted layer produces the output, and
-        the output's size (for dfa). Runs once, with every forward hook off; touches no parameter, buffer or
-        running statistic."""
+        the output's size (for dfa). Runs once, with the model's forward hooks on (a hook may change what a
+        layer receives or returns, so the probe must see it): they see the first call twice; touches no
+        parameter, buffer or running statistic."""
         self.probed = True
         nodes: dict[Any, FeedbackLayer] = {}
         inputs: list[tuple[FeedbackLayer, Tensor]] = []
@@ -470,7 +469,7 @@ class _Root:
         _layers._PROBE = record
         try:
             model.eval()
-            with torch.enable_grad(), _forward_hooks_off(model):
+            with torch.enable_grad():
                 output = model.forward(*args, **kwargs)
         finally:
             _layers._PROBE = previous
@@ -503,28 +502,6 @@ class _Root:
                 for r in self.report.layers:
                     if r.name == self.report.output_layer:
                         r.rule = backprop.name
-
-
-@contextlib.contextmanager
-def _forward_hooks_off(model: nn.Module) -> Iterator[None]:
-    """No forward (pre-)hook runs inside: neither those of ``model``'s modules nor the global ones
-    (``register_module_forward_hook``), so the probe pass is not seen by the user's hooks."""
-    from torch.nn.modules import module as torch_module
-
-    saved = [(m, m._forward_hooks, m._forward_pre_hooks) for m in model.modules()]
-    names = ("_global_forward_hooks", "_global_forward_pre_hooks")
-    saved_global = {name: getattr(torch_module, name) for name in names}
-    try:
-        for m, _, _ in saved:
-            m._forward_hooks, m._forward_pre_hooks = collections.OrderedDict(), collections.OrderedDict()
-        for name in names:
-            setattr(torch_module, name, collections.OrderedDict())
-        yield
-    finally:
-        for m, hooks, pre_hooks in saved:
-            m._forward_hooks, m._forward_pre_hooks = hooks, pre_hooks
-        for name, hooks in saved_global.items():
-            setattr(torch_module, name, hooks)
 
 
 def _nearest_layer(roots: list[Any], nodes: dict[Any, FeedbackLayer]) -> FeedbackLayer | None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,27 +74,24 @@ def _split(feedback: FeedbackSource, weight: Tensor) -> tuple[Tensor | None, Cal
 
 
 class _Function(Function):
-    """``torch.autograd.Function`` in the ``setup_context`` form, with a direct ``apply``.
-
-    ``Function.apply`` binds the arguments to ``forward``'s signature with ``inspect`` on every call when
-    ``setup_context`` is defined — tens of microseconds per layer per step. falign always passes every
-    argument positionally, so in eager mode it calls the C++ entry point directly (which runs ``forward``
-    and then ``setup_context``); inside ``torch.func`` transforms and ``torch.compile`` it takes PyTorch's
-    full path.
-    """
+    """``torch.autograd.Function`` in the ``setup_context`` form; falign calls its subclasses through
+    :func:`apply_function`."""
 
     generate_vmap_rule = True
 
-    @classmethod
-    def apply(cls, *args):
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-            return _FULL_APPLY.__get__(None, cls)(*args)
-        return super(Function, cls).apply(*args)
 
+def apply_function(function: type[Function], *args: Any) -> Any:
+    """``function.apply(*args)``, fast in eager mode.
 
-# PyTorch's full ``Function.apply``, bound to a subclass by the descriptor protocol: a Python ``classmethod`` up
-# to torch 2.13, a C ``classmethod_descriptor`` (no ``__func__``) from torch 2.14 on.
-_FULL_APPLY = Function.__dict__["apply"]
+    ``Function.apply`` binds the arguments to ``forward``'s signature with ``inspect`` on every call when
+    ``setup_context`` is defined — tens of microseconds per layer per step. falign always passes every
+    argument positionally, so in eager mode this calls the C++ entry point directly (which runs ``forward``
+    and then ``setup_context``); inside ``torch.func`` transforms and ``torch.compile`` it calls
+    ``function.apply``, PyTorch's full path (which dynamo and functorch know).
+    """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return super(Function, function).apply(*args)
 
 
 _BACKPROP_MODE = 0
@@ -150,9 +148,10 @@ def _autocast(function, x: Tensor, weight: Tensor, bias: Tensor | None, feedback
     autocast dtype and the layer — forward and the rule's backward — runs in it; otherwise unchanged."""
     dtype = _autocast_dtype(x.device.type)
     if dtype is None:
-        return function.apply(x, weight, bias, feedback, *rest)
+        return apply_function(function, x, weight, bias, feedback, *rest)
     with torch.autocast(x.device.type, enabled=False):
-        return function.apply(_cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(feedback, dtype), *rest)
+        return apply_function(function, _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype),
+                              _cast(feedback, dtype), *rest)
 
 
 class _FeedbackLinear(_Function):
@@ -293,7 +292,7 @@ class ErrorTap:
         session = self._open.pop() if self._open else None
         if session is None or not isinstance(output, Tensor) or not output.requires_grad:
             return output
-        return _Tap.apply(output, session)
+        return apply_function(_Tap, output, session)
 
     def close(self) -> ErrorSession | None:
         """Close the innermost session without tapping an output, and return it: a pipeline stage whose output

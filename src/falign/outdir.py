@@ -51,7 +51,7 @@ OWNED: dict[str, tuple[str, ...]] = {
 
 
 # The temporary file of an interrupted atomic write of NAME: ".NAME.<8 hex digits>.tmp" (see atomic_write).
-_TEMP = re.compile(r"(?P<folder>(?:.*/)?)\.(?P<name>[^/]+)\.[0-9a-f]{8}\.tmp")
+_TEMP = re.compile(r"(?P<folder>(?:.*/)?)\.(?P<name>[^/]+)\.[a-z0-9_]{8}\.tmp")
 
 
 class OutputError(FalignError, ValueError):
@@ -336,14 +336,14 @@ class OutputDir:
         With neither, a folder holding output is refused.
         """
         self.check()
-        self.fresh = True
+        fresh = True
         if self.holds_output():
             if overwrite:
                 self._delete_owned()
             elif not reuse:
                 raise OutputError(f"{self.what} {self.path} already holds falign {self.kind} output")
             else:
-                self.fresh = False
+                fresh = False
         missing = []
         parent = self.path
         while not parent.exists():
@@ -357,6 +357,7 @@ class OutputDir:
         except OSError as err:
             raise OutputError(f"{self.what} {self.path}: cannot write there: {err.strerror or err}") from None
         self.created = missing
+        self.fresh = fresh
         return self.path
 
     def _delete_owned(self) -> None:

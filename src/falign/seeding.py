@@ -7,6 +7,7 @@ so every random choice in falign is a pure function of the seed it names.
 
 from __future__ import annotations
 
+import operator
 import random
 from typing import Any
 
@@ -20,8 +21,12 @@ MAX_SEED = 2**63 - 1
 def check_seed(seed: object, what: str = "seed") -> int:
     """``seed`` if it is an integer in ``[0, MAX_SEED]``; otherwise a ``ValueError`` / ``TypeError`` naming it
     (a float or a wider integer would silently alias another seed)."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{what} must be an integer in [0, 2**63 - 1], got {seed!r} ({type(seed).__name__})")
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        seed = operator.index(seed)  # int, numpy integers, ...
+    except TypeError:
+        raise TypeError(f"{what} must be an integer in [0, 2**63 - 1], got {seed!r} ({type(seed).__name__})") from None
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"{what} must be an integer in [0, 2**63 - 1] (what torch.manual_seed takes), got {seed}")
     return seed

@@ -72,6 +72,8 @@ def check_integers(values: np.ndarray, low: int, high: int, what: str, source: o
 
     if values.size and values.dtype.kind not in "iu":  # an empty list is float64 to numpy, and holds no floats
         raise DatasetError(f"{source}: {what}s of type {values.dtype} ({at(0)}), expected integers {low}..{high}")
+    if values.size and low <= np.iinfo(values.dtype).min and np.iinfo(values.dtype).max <= high:
+        return  # the type's own range fits (uint8 pixels in 0..255): nothing to scan
     bad = np.flatnonzero((values < low) | (values > high))
     if len(bad):
         raise DatasetError(f"{source}: {at(bad[0])} is outside {low}..{high}")

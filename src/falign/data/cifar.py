@@ -64,7 +64,7 @@ def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray
     try:
         with open(path, "rb") as f:
             batch = _ArraysOnly(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, MemoryError, OverflowError) as err:
         raise DatasetError(f"{path}: not a readable CIFAR batch ({type(err).__name__}: {err})") from None
     if not isinstance(batch, dict):
         raise DatasetError(f"{path}: not a CIFAR batch (a {type(batch).__name__}, not a dict)")

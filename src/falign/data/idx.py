@@ -88,7 +88,11 @@ def _find(directory: Path, stem: str, dataset: str) -> Path:
     for candidate in (directory / stem, directory / f"{stem}.gz"):
         if candidate.is_file():
             return candidate
-    raise DatasetMissing(f"{directory / stem}[.gz] not found: {HOW_TO_GET.get(dataset, HOW_TO_GET['mnist'])}")
+    how = HOW_TO_GET.get(dataset, HOW_TO_GET["mnist"])
+    if dataset == "fashion-mnist" and os.environ.get(FASHION_MNIST_ENV):
+        how = (f"${FASHION_MNIST_ENV} names {os.environ[FASHION_MNIST_ENV]}: put the four IDX files there, "
+               f"unset it, " + how)
+    raise DatasetMissing(f"{directory / stem}[.gz] not found: {how}")
 
 
 def md5_of(path: Path) -> str:

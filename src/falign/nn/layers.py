@@ -278,9 +278,12 @@ class FeedbackLayer(nn.Module):
         if self._step_key is None:
             self._step_key = key
         with _outside_transforms():
-            if self._step_values is None:
+            moved = self._step_values is not None and any(
+                a.dtype != b.dtype or a.device != b.device for a, b in zip(self._weights(), self._step_values))
+            if self._step_values is None or moved:  # first check, or cast / moved (.double(), .to()): new copy
                 self._step_values = _snapshot(self._weights(), None)
-                if key == self._step_key:
+                if key == self._step_key or moved:
+                    self._step_key = key
                     return
             changed = key != self._step_key or _changed(self._weights(), self._step_values)
         if changed:
@@ -289,7 +292,9 @@ class FeedbackLayer(nn.Module):
                 f"new weights given to torch.func.functional_call) but the rule's per-step work "
                 f"({self.rule.step_work}) did not run. Call falign.attach(model, optimizer) once after building "
                 f"the optimizer, so every optimizer.step() runs it, or run falign.step_rules(model) yourself after "
-                f"each update of the model's own parameters")
+                f"each update of the model's own parameters (a loop that passes other weights to "
+                f"torch.func.functional_call at every call cannot run this rule's per-step work: use a rule "
+                f"without it, or keep the weights in the model)")
 
     # -- implemented by the concrete layers ------------------------------------------------------------
     def plain_forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -394,7 +399,7 @@ def _changed(now: list[Tensor], saved: list[Tensor]) -> bool:
     another shape and is not compared. On the CPU NumPy compares, four times faster than ``torch.equal``."""
     for a, b in zip(now, saved):
         if a.shape != b.shape:
-            continue
+            continue  # batched by vmap
         ints = None if a.is_complex() else _INTS.get(a.element_size())
         if ints is None:
             same = torch.equal(a, b)
