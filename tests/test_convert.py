@@ -9,6 +9,7 @@ from torch import nn
 import falign
 from falign.models import MLP, LeNet5, resnet20
 from falign.nn import FAConv2d, FALinear
+from falign.rules import get_rule
 from tests.conftest import with_target
 from tests.rule_reference import REFERENCE
 
@@ -217,3 +218,69 @@ def test_report_is_printable_and_requires_convert():
     assert "stem.0" in text and "BatchNorm2d" in text and "kept-backprop" in text
     with pytest.raises(ValueError, match=r"not produced by falign\.convert"):
         falign.conversion_report(nn.Linear(2, 2))
+
+
+class _Branchy(nn.Module):
+    """The output comes from ``head``; ``aux`` runs after it (the last layer run is not the output layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 2)
+        self.aux_out: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(x))
+        out = self.head(h)
+        self.aux_out = self.aux(h)
+        return out
+
+
+@pytest.mark.parametrize("rule", [r for r in falign.available_rules() if not get_rule(r).direct])
+def test_first_call_finds_the_output_layer_and_runs_hooks_once(rule):
+    """Rules that need nothing before their layers run read the output layer off the first call's own graph:
+    the model (and a user's forward hooks) run once; the layer found is the one that produced the output,
+    not the last one run; gradients equal those of a model whose output layer was found by the probe."""
+    torch.manual_seed(0)
+    net, calls = _Branchy(), []
+    net.body.register_forward_hook(lambda m, i, o: calls.append(1))
+    model = falign.convert(net, rule, seed=2)
+    probed = falign.convert(net, rule, seed=2, example_input=torch.randn(1, 4))
+    x = torch.randn(5, 4)
+    model(x).sum().backward()
+    assert len(calls) == 1 + 1  # one for the first call, one for probed's example_input probe
+    assert falign.conversion_report(model).output_layer == "head"
+    assert falign.conversion_report(probed).output_layer == "head"
+    probed(x).sum().backward()
+    for (name, a), b in zip(model.named_parameters(), probed.parameters()):
+        if a.grad is not None or b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_first_call_that_raises_or_runs_without_gradients():
+    """A first call that raises finds nothing (the next one does); a first call without gradients has no
+    graph to read, so the probe (gradients on) runs instead and still finds the true output layer."""
+    model = falign.convert(_Branchy(), "fa")
+    with pytest.raises(RuntimeError):
+        model(torch.randn(5, 7))
+    assert falign.conversion_report(model).output_layer is None
+    assert not any(m._forward_hooks for m in falign.feedback_layers(model))  # the watch's hooks are gone
+    model(torch.randn(5, 4))
+    assert falign.conversion_report(model).output_layer == "head"
+    quiet = falign.convert(_Branchy(), "fa")
+    with torch.no_grad():
+        quiet(torch.randn(5, 4))
+    assert falign.conversion_report(quiet).output_layer == "head"
+
+
+def test_direct_rules_still_probe_before_the_first_call():
+    """The direct rules size D from the output before their layers run: their first call is probed (a user's
+    hook sees it twice, as documented); with example_input= the probe is at convert time instead."""
+    net, calls = MLP([4, 6, 3]), []
+    net.fc1.register_forward_hook(lambda m, i, o: calls.append(1))
+    model = falign.convert(net, "dfa")
+    with_target(model, torch.randn(2, 4))
+    assert len(calls) == 2
+    early = falign.convert(net, "dfa", example_input=torch.randn(1, 4))
+    assert len(calls) == 3
+    with_target(early, torch.randn(2, 4))
+    assert len(calls) == 4

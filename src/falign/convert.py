@@ -27,11 +27,12 @@ converted once and stays shared. Everything else keeps backpropagating, by this 
   a recurrent layer with its own ``forward``) are left whole.
 
 The *output layer* is the converted layer that produces the model's output. It is found on the first
-forward pass (or at once, from ``example_input=``): one extra forward pass in eval mode, gradients
-enabled, no forward hooks run (the user's hooks see only the real call), whose autograd graph is walked back
-from the output to the nearest converted layer. The same probe measures the output's size, from which ``dfa``
-sizes its feedback matrices. Under ``torch.jit.trace`` there is no probe (the trace records the plain forward
-pass); the eager model probes at its own first call.
+forward pass, whose autograd graph is walked back from the output to the nearest converted layer. Where that
+call cannot tell it in time (the direct rules, which size their feedback matrices from the output's size
+before their layers run; ``output_signal="backprop"``; a first call without gradients or under
+``torch.compile``) and with ``example_input=``, a probe does it: one extra forward pass in eval mode with
+gradients on and the model's forward hooks on (they see that call twice). Under ``torch.jit.trace`` nothing
+is looked for (the trace records the plain forward pass); the eager model looks at its own first call.
 
 :func:`conversion_report` tells afterwards what was converted and what was left on backprop.
 """
@@ -412,6 +413,8 @@ class _Root:
     """The hooks :func:`convert` installs on the model's root: the one-time probe of the first forward
     pass (output layer, output size) and, for ``dfa``, the error tap's session around every forward pass."""
 
+    _watching: tuple[list, dict, list] | None = None  # during a first call that finds the output layer itself
+
     def __init__(self, tap: ErrorTap | None, report: ConversionReport | None, output_signal: str = "rule",
                  output_features: int | None = None) -> None:
         self.tap = tap
@@ -431,11 +434,55 @@ class _Root:
         if torch.jit.is_tracing():  # a trace records the plain forward pass: no probe, no error tap in it
             return
         if not self.probed:
-            self.probe(module, args, kwargs)
+            if self._can_watch():
+                self._watch(module)
+            else:
+                self.probe(module, args, kwargs)
         if self.tap is not None:
             self.tap.begin()
 
+    def _can_watch(self) -> bool:
+        """Whether the output layer can be read off this (first) call's own autograd graph instead of a
+        separate probe pass: nothing has to be known before the layers run (no direct rule's ``D`` to size,
+        no output layer to switch to backprop), and the call records a graph (eager, gradients on)."""
+        return (self.tap is None and self.output_signal == "rule" and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling())
+
+    def _watch(self, model: nn.Module) -> None:
+        """Record, during the model's first call, which converted layer produced which autograd node; the
+        root's forward hook then finds the output layer from the call's output (so the model, and its
+        forward hooks, run once)."""
+        self.probed = True
+        nodes: dict[Any, FeedbackLayer] = {}
+        run: list[FeedbackLayer] = []
+
+        def record(layer: nn.Module, args: tuple, out: Any) -> None:
+            run.append(layer)
+            for t in tree_leaves(out):
+                if isinstance(t, Tensor) and t.grad_fn is not None:
+                    nodes[t.grad_fn] = layer
+
+        handles = [m.register_forward_hook(record, prepend=True) for m in feedback_layers(model)]
+        self._watching = (handles, nodes, run)
+
+    def _found(self, model: nn.Module, output: Any) -> None:
+        handles, nodes, run = self._watching
+        self._watching = None
+        for h in handles:
+            h.remove()
+        if output is None:  # the first call raised: look again at the next one
+            self.probed = False
+            return
+        tensors = [t for t in tree_leaves(output) if isinstance(t, Tensor)]
+        layer = _nearest_layer([t.grad_fn for t in tensors if t.grad_fn is not None], nodes)
+        if layer is None and run:
+            layer = run[-1]  # no autograd graph (every parameter frozen): the last converted layer run
+        if layer is not None and (self.report is None or self.report.output_layer is None):
+            self.set_output_layer(model, layer)
+
     def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if self._watching is not None:
+            self._found(module, output)
         if self.tap is None or torch.jit.is_tracing():
             return None
         if output is None:  # the forward raised (always_call hook)
@@ -450,9 +497,11 @@ class _Root:
     @torch.compiler.disable
     def probe(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """One forward pass in eval mode with gradients on: which converted layer produces the output, and
-        the output's size (for dfa). Runs once, with the model's forward hooks on (a hook may change what a
-        layer receives or returns, so the probe must see it): they see the first call twice; touches no
-        parameter, buffer or running statistic."""
+        the output's size (for dfa). Runs once, where the first call cannot tell these itself (a direct
+        rule, whose ``D`` must exist before its layers run; ``output_signal="backprop"``; a first call without
+        gradients or under ``torch.compile``; ``example_input=``), with the model's forward hooks on (a hook
+        may change what a layer receives or returns, so the probe must see it): they see that call twice;
+        touches no parameter, buffer or running statistic."""
         self.probed = True
         nodes: dict[Any, FeedbackLayer] = {}
         inputs: list[tuple[FeedbackLayer, Tensor]] = []
