@@ -23,7 +23,7 @@ from falign.experiments import (
     reproduce,
 )
 from falign.experiments.runs import feedback_at_angle
-from falign.experiments.stats import loglog_slope, mean_ci, slope_ci, spearman, within_strata_slope
+from falign.experiments.stats import judge, loglog_slope, mean_ci, power, slope_ci, spearman, within_strata_slope
 from falign.report.report import format_value
 from falign.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Verdict, combine
 
@@ -97,16 +97,55 @@ def _rendered(csv_cell: str) -> str:
 
 
 # ---- the verdicts' algebra and statistics ----------------------------------------------------------------
-def test_combine_three_values_and_controls():
-    ok, bad, open_ = Verdict(SUPPORTED, "a"), Verdict(NOT_SUPPORTED, "b"), Verdict(INCONCLUSIVE, "c")
+def test_combine_takes_the_primary_and_a_passing_control_voids_it():
+    ok, bad, open_ = (Verdict(SUPPORTED, "a", role="primary"), Verdict(NOT_SUPPORTED, "b", role="primary"),
+                      Verdict(INCONCLUSIVE, "c", role="primary"))
+    second_bad = Verdict(NOT_SUPPORTED, "s")  # secondary by default
     failed_control, passed_control = Verdict(NOT_SUPPORTED, "k", control=True), Verdict(SUPPORTED, "k", control=True)
-    assert combine([ok, ok, failed_control]).status == SUPPORTED
-    assert combine([ok, bad, failed_control]).status == NOT_SUPPORTED
-    assert combine([ok, open_]).status == INCONCLUSIVE
+    assert combine([ok, second_bad, second_bad, failed_control]).status == SUPPORTED  # secondaries never flip it
+    assert combine([bad, failed_control]).status == NOT_SUPPORTED
+    assert combine([open_, Verdict(SUPPORTED, "s")]).status == INCONCLUSIVE
     assert combine([ok, passed_control]).status == INCONCLUSIVE  # a control that passes: the test cannot tell
-    assert combine([failed_control]).status == INCONCLUSIVE  # no claim tested
+    assert combine([bad, passed_control]).status == NOT_SUPPORTED
+    assert combine([failed_control, Verdict(SUPPORTED, "s")]).status == INCONCLUSIVE  # no primary declared
+    assert combine([ok, ok]).status == INCONCLUSIVE  # two primaries: not one declared test
     with pytest.raises(ValueError):
         Verdict("maybe", "x")
+    with pytest.raises(ValueError):
+        Verdict(SUPPORTED, "x", role="tertiary")
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ([3.0, 4.0, 5.0], SUPPORTED),  # interval excludes 0 in the predicted direction
+    ([0.1, 0.2, 0.15], SUPPORTED),  # ... also when smaller than the smallest effect of interest (said so)
+    ([-3.0, -4.0, -5.0], NOT_SUPPORTED),  # the opposite sign
+    ([0.5, 0.6, 0.7, 0.55, 0.65, 0.6, 0.62, 0.58], SUPPORTED),
+    ([-0.2, 0.1, 0.05, -0.1, 0.0, 0.1, -0.05, 0.08], NOT_SUPPORTED),  # excludes the smallest effect (2)
+    ([-1.0, 0.0, 2.0], INCONCLUSIVE),  # contains 0 and 2: never "not supported"
+    ([0.0, 5.0, -5.0], INCONCLUSIVE),
+    ([1.0, 1.0, 1.0], SUPPORTED),  # no spread, beyond 0 in the predicted direction
+    ([0.0, 0.0, 0.0], NOT_SUPPORTED),  # no spread, short of the smallest effect
+    ([2.0], INCONCLUSIVE),  # no interval
+])
+def test_judge_three_values(values, expected):
+    v = judge(mean_ci(values), "claim", "gap", min_effect=2.0)
+    assert v.status == expected, v.text
+    assert v.primary
+    flipped = judge(mean_ci([-x for x in values]), "claim", "gap", min_effect=2.0, direction=-1)
+    assert flipped.status == expected  # a predicted decrease is judged the same way
+    if expected == INCONCLUSIVE and len(values) > 1:
+        assert "power to detect 2" in v.text and "contains both 0 and 2" in v.text
+
+
+def test_no_zero_width_intervals_and_power():
+    same = mean_ci([1.0, 1.0, 1.0])
+    assert same.identical and same.fmt(".0%") == "all 3 seeds: 100%" and "[" not in str(same)
+    assert not same.excludes_zero
+    wide, narrow = mean_ci([0.0, 2.0, 4.0]), mean_ci([1.9, 2.0, 2.1])
+    assert power(narrow, 1.0) > 0.9 > power(wide, 1.0) and power(wide, 1.0) < power(wide, 10.0)
+    big = mean_ci(list(np.linspace(-1, 1, 200)))
+    assert 0.6 < power(big, 0.1) < 0.75  # se ≈ 0.041: 0.1 is 2.4 se away, 1.96 needed: Φ(0.47) ≈ 0.68
+    assert math.isnan(power(same, 1.0))
 
 
 def test_statistics():

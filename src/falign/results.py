@@ -21,27 +21,46 @@ class Table:
     caption: str = ""
 
 
+PRIMARY, SECONDARY, CONTROL = "primary", "secondary", "control"
+ROLES = (PRIMARY, SECONDARY, CONTROL)
+
+
 @dataclass
 class Verdict:
-    """A conclusion computed from numbers: its status, the sub-claim it judges, and the reason quoting them.
+    """A conclusion computed from numbers: its status, the claim it judges, its role, and the reason quoting
+    the numbers (the estimate, its interval, the smallest effect of interest and the design's power).
 
-    ``status`` is ``supported``, ``not supported`` or ``inconclusive`` (a precondition of the test was not met;
-    the reason says which). A *control* applies the same test to a case built to fail it (tanh for the
-    conservation law, anti-aligned feedback for dominance, ...): it is expected to come out ``not supported``.
+    ``status`` is ``supported`` (the interval excludes 0 in the predicted direction), ``not supported`` (the
+    interval excludes the smallest effect of interest, or shows the opposite sign) or ``inconclusive`` (neither,
+    or a precondition failed; the reason says which). ``role``: each experiment declares one ``primary`` test,
+    whose verdict is the experiment's; ``secondary`` tests are reported beside it and never change it; a
+    ``control`` applies the primary test to a case where the mechanism is absent (tanh for the conservation law,
+    anti-aligned feedback for dominance, ...) and is expected to come out ``not supported``.
     """
 
     status: str
     text: str
     claim: str = ""
     control: bool = False
+    role: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"verdict status must be one of {STATUSES}, got {self.status!r}")
+        if not self.role:
+            self.role = CONTROL if self.control else SECONDARY
+        if self.role not in ROLES:
+            raise ValueError(f"verdict role must be one of {ROLES}, got {self.role!r}")
+        self.control = self.role == CONTROL
 
     @classmethod
-    def of(cls, ok: bool, text: str, claim: str = "", control: bool = False) -> Verdict:
-        return cls(SUPPORTED if ok else NOT_SUPPORTED, text, claim, control)
+    def of(cls, ok: bool, text: str, claim: str = "", control: bool = False, role: str = "") -> Verdict:
+        """A pass/fail check (a consistency check, or a precondition): ``supported`` or ``not supported``."""
+        return cls(SUPPORTED if ok else NOT_SUPPORTED, text, claim, control, role)
+
+    @property
+    def primary(self) -> bool:
+        return self.role == PRIMARY
 
     @property
     def label(self) -> str:
@@ -54,27 +73,21 @@ class Verdict:
 
 
 def combine(verdicts: Sequence[Verdict]) -> Verdict:
-    """An experiment's headline verdict from all its sub-verdicts.
+    """An experiment's headline verdict: its one primary test's.
 
-    Supported when every claim is supported and every control fails as built to; not supported when a claim
-    is not supported; inconclusive when a claim is inconclusive, or a control did not fail (then the test
-    could not have failed either, and a pass says nothing).
+    Secondary tests never change it. A control that did not fail the primary test as built to makes a
+    *supported* primary *inconclusive* (the test could not have failed, so its pass says nothing).
     """
-    claims = [v for v in verdicts if not v.control]
-    controls = [v for v in verdicts if v.control]
-    broken = [v for v in controls if v.status == SUPPORTED]
-    if not claims:
-        return Verdict(INCONCLUSIVE, "no claim was tested")
-    if broken:
+    primary = [v for v in verdicts if v.primary]
+    if len(primary) != 1:
+        return Verdict(INCONCLUSIVE, f"{len(primary)} primary tests declared (one is needed)", role=PRIMARY)
+    head = primary[0]
+    broken = [v for v in verdicts if v.control and not v.as_expected]
+    if head.status == SUPPORTED and broken:
         names = "; ".join(v.claim or v.text for v in broken)
-        return Verdict(INCONCLUSIVE, f"a negative control did not fail ({names}): the test cannot tell here")
-    failed = [v for v in claims if v.status == NOT_SUPPORTED]
-    if failed:
-        return Verdict(NOT_SUPPORTED, "; ".join(v.claim or v.text for v in failed) + ": not supported")
-    open_ = [v for v in (*claims, *controls) if v.status == INCONCLUSIVE]
-    if open_:
-        return Verdict(INCONCLUSIVE, "; ".join(v.claim or v.text for v in open_) + ": inconclusive")
-    return Verdict(SUPPORTED, f"all {len(claims)} claims supported, {len(controls)} control(s) failed as built to")
+        return Verdict(INCONCLUSIVE, f"{head.text} — but a control did not fail as built to ({names}): the test "
+                       f"cannot tell here", head.claim, role=PRIMARY)
+    return head
 
 
 @dataclass

@@ -44,8 +44,15 @@ class MLPRun:
     """One training run of an MLP ``[inputs, *hidden, classes]`` under ``rule``.
 
     ``feedback_angle``: set every hidden-to-hidden and output layer's feedback at this angle (degrees) to its
-    initial weights (:func:`feedback_at_angle`). ``measure``: how many times, evenly over the second half of
-    training, the angle between each hidden layer's update and its true gradient is measured.
+    initial weights (:func:`feedback_at_angle`); with ``hold_angle_every = k`` it is set again to the current
+    weights every ``k`` steps, so the angle is held through training. ``measure``: how many times, evenly over
+    the second half of training, the angle between each hidden layer's update and its true gradient is measured.
+
+    Training stops at a stated criterion when ``fit_target`` is given (``steps`` is then the cap): every
+    ``check_every`` steps the training accuracy (on up to 4,096 training examples) is measured, and training
+    stops when it reaches ``fit_target`` (``"fit"``) or when the training loss has not fallen by 1% over
+    ``patience`` checks (``"plateau"``); ``"cap"`` when ``steps`` ran out first. The result says which, and after
+    how many steps. The gradient angle is then averaged over the second half of the checks.
     """
 
     rule: str
@@ -63,6 +70,10 @@ class MLPRun:
     activation: str = "relu"
     rule_options: dict | None = None
     device: str = "cpu"
+    fit_target: float | None = None
+    check_every: int = 100
+    patience: int = 5
+    hold_angle_every: int | None = None
 
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -73,10 +84,10 @@ class MLPRun:
         model = falign.convert(base.to(self.device), self.rule, seed=self.seed, example_input=x[:2],
                                **(self.rule_options or {}))
         layers = [m for m in model.modules() if isinstance(m, FeedbackLayer)]
+        angle_gen = torch.Generator().manual_seed(self.seed + 7)
         if self.feedback_angle is not None:
-            g = torch.Generator().manual_seed(self.seed + 7)
             for layer in layers[1:]:
-                feedback_at_angle(layer, self.feedback_angle, g)
+                feedback_at_angle(layer, self.feedback_angle, angle_gen)
         wb_start = _mean([v["angle"] for v in _weight_alignment_all(model).values()])
         opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         falign.attach(model, opt)
@@ -84,23 +95,51 @@ class MLPRun:
         names = {id(m): n for n, m in model.named_modules()}
         hidden = [names[id(m)] for m in layers[1:-1]] + [names[id(layers[0])]]  # every layer but the output's
         params = {n: p for n, p in model.named_parameters() if not n.endswith("feedback_weight")}
-        when = set(torch.linspace(self.steps // 2, self.steps - 1, max(1, self.measure)).round().long().tolist())
+        criterion = self.fit_target is not None
+        when = set() if criterion else \
+            set(torch.linspace(self.steps // 2, self.steps - 1, max(1, self.measure)).round().long().tolist())
         angles: dict[str, list[float]] = {n: [] for n in hidden}
+        checked: list[dict[str, float]] = []  # per check: angles by layer
         g = torch.Generator().manual_seed(self.seed + 11)
+        check_x, check_y = x[:4096], y[:4096]
+        stopped, losses, steps_run = "cap", [], self.steps
         for step in range(self.steps):
+            if self.hold_angle_every and self.feedback_angle is not None and step and step % self.hold_angle_every == 0:
+                for layer in layers[1:]:
+                    feedback_at_angle(layer, self.feedback_angle, angle_gen)
             idx = torch.randint(0, len(y), (min(self.batch, len(y)),), generator=g)
             opt.zero_grad(set_to_none=True)
             if target:
                 falign.set_target(model, y[idx])
             loss = F.cross_entropy(model(x[idx]), y[idx])
-            if step in when:
+            check = criterion and (step + 1) % self.check_every == 0
+            if step in when or check:
                 loss.backward(retain_graph=True)
                 true = backprop_gradients(loss, params)
-                for name in hidden:
-                    angles[name].append(angle(params[f"{name}.weight"].grad, true[f"{name}.weight"]))
+                row = {name: angle(params[f"{name}.weight"].grad, true[f"{name}.weight"]) for name in hidden}
+                if check:
+                    checked.append(row)
+                else:
+                    for name in hidden:
+                        angles[name].append(row[name])
             else:
                 loss.backward()
             opt.step()
+            if check:
+                fit_loss, fit_acc = _loss_and_accuracy(model, check_x, check_y, target)
+                losses.append(fit_loss)
+                if not math.isfinite(fit_loss):
+                    stopped, steps_run = "diverged", step + 1
+                    break
+                if fit_acc >= self.fit_target:
+                    stopped, steps_run = "fit", step + 1
+                    break
+                if len(losses) > self.patience and losses[-1] > 0.99 * min(losses[: -self.patience]):
+                    stopped, steps_run = "plateau", step + 1
+                    break
+        if criterion:
+            late = checked[len(checked) // 2:]
+            angles = {name: [r[name] for r in late] for name in hidden}
         x_test, y_test = self.data.x_test.flatten(1).to(self.device), self.data.y_test.to(self.device)
         train_acc, test_acc = accuracy(model, x, y), accuracy(model, x_test, y_test)
         return {
@@ -109,6 +148,7 @@ class MLPRun:
             "gradient angle": _mean([_mean(v) for v in angles.values()]),
             "weight-feedback angle start": wb_start,
             "weight-feedback angle": _mean([v["angle"] for v in _weight_alignment_all(model).values()]),
+            "steps": steps_run, "stopped": stopped if criterion else "fixed",
             "seconds": time.perf_counter() - start,
         }
 
@@ -129,6 +169,17 @@ def _weight_alignment_all(model: nn.Module) -> dict[str, dict[str, float]]:
 def _mean(values) -> float:
     v = [x for x in values if x is not None and math.isfinite(x)]
     return sum(v) / len(v) if v else math.nan
+
+
+@torch.no_grad()
+def _loss_and_accuracy(model: nn.Module, x: Tensor, y: Tensor, target: bool) -> tuple[float, float]:
+    was = model.training
+    model.eval()
+    if target:
+        falign.set_target(model, y)
+    out = model(x)
+    model.train(was)
+    return float(F.cross_entropy(out, y)), float((out.argmax(-1) == y).float().mean())
 
 
 @torch.no_grad()

@@ -14,7 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from falign.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, ExperimentResult, Table
+from falign.results import (
+    CONTROL,
+    INCONCLUSIVE,
+    NOT_SUPPORTED,
+    PRIMARY,
+    SECONDARY,
+    SUPPORTED,
+    ExperimentResult,
+    Table,
+)
 
 MAX_ROWS = 40
 
@@ -64,28 +73,65 @@ def markdown_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> st
 def headline_rows(results: Sequence[ExperimentResult]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
-        claims = [v for v in r.verdicts if not v.control]
+        secondary = [v for v in r.verdicts if v.role == SECONDARY]
         controls = [v for v in r.verdicts if v.control]
-        tally = f"{sum(v.status == SUPPORTED for v in claims)}/{len(claims)} supported"
+        others = []
+        if secondary:
+            others.append(f"secondary {sum(v.status == SUPPORTED for v in secondary)}/{len(secondary)} supported")
         if controls:
-            tally += f"; controls failed as built: {sum(v.as_expected for v in controls)}/{len(controls)}"
-        rows.append({"experiment": r.name, "measure": r.headline.get("metric", ""),
-                     "value": r.headline.get("value", ""), "verdict": r.verdict.status, "sub-verdicts": tally,
-                     "data": r.data or "—", "seconds": round(r.seconds, 1)})
+            others.append(f"controls failed as built {sum(v.as_expected for v in controls)}/{len(controls)}")
+        rows.append({"experiment": r.name, "primary test": r.headline.get("metric", ""),
+                     "value": r.headline.get("value", ""), "verdict": r.verdict.status,
+                     "secondary; controls": "; ".join(others) or "—", "data": r.data or "—",
+                     "seconds": round(r.seconds, 1)})
     return rows
 
 
-HEADLINE_COLUMNS = ["experiment", "measure", "value", "verdict", "sub-verdicts", "data", "seconds"]
+HEADLINE_COLUMNS = ["experiment", "primary test", "value", "verdict", "secondary; controls", "data", "seconds"]
+
+LEGEND = ("Each experiment declares one **primary** test before it runs, with the effect it predicts and the smallest "
+          "effect that would matter; the experiment's verdict is that test's. *Supported*: the 95% interval excludes "
+          "0 in the predicted direction. *Not supported*: the interval excludes the smallest effect of interest, or "
+          "shows the opposite sign. *Inconclusive*: neither (the power the design had to detect the smallest effect "
+          "is stated), or a precondition failed (a run did not converge, a task was at ceiling). **Secondary** tests "
+          "are reported beside it and never change it. A **control** runs the primary test on a case where the "
+          "mechanism is absent and must come out not supported; a control that passes turns a supported primary "
+          "into inconclusive. Values that were equal on every seed are written \"all 3 seeds: x\", without an "
+          "interval.")
+
+
+def _ordered(r: ExperimentResult) -> list:
+    order = {PRIMARY: 0, SECONDARY: 1, CONTROL: 2}
+    return sorted(r.verdicts, key=lambda v: order[v.role])
+
+
+def _kind(v) -> str:
+    if not v.control:
+        return v.role
+    return "control" + (" (failed as built to)" if v.as_expected else " (did NOT fail as built to)")
 
 
 def _verdict_lines(r: ExperimentResult) -> list[str]:
     head = r.verdict
     lines = [f"**Verdict: {head.status}** — {head.text}", ""]
-    for v in r.verdicts:
-        kind = "control" if v.control else "claim"
-        expect = " (as built to)" if v.control and v.as_expected else (" (NOT as built to)" if v.control else "")
-        lines.append(f"- {kind} — **{v.status}**{expect}: {v.text}")
+    for v in _ordered(r):
+        claim = f"{v.claim}: " if v.claim and not v.text.startswith(v.claim) else ""
+        lines.append(f"- {_kind(v)} — **{v.status}**: {claim}{v.text}")
     return lines
+
+
+def findings_markdown(results: Sequence[ExperimentResult]) -> str:
+    """The summary the README carries (``findings.md``): the headline table and each experiment's primary
+    verdict with its reason, exactly as this run computed them."""
+    cols = ["experiment", "verdict", "primary test", "value", "secondary; controls", "data"]
+    rows = headline_rows(results)
+    lines = [markdown_table(cols, rows), ""]
+    for r in results:
+        lines.append(f"- **{r.name}** — {r.verdict.status}: {r.verdict.text}")
+        broken = [v for v in r.verdicts if v.control and not v.as_expected]
+        for v in broken:
+            lines.append(f"  - control did not fail as built to: {v.claim or v.text}")
+    return "\n".join(lines) + "\n"
 
 
 def _data_line(r: ExperimentResult) -> str:
@@ -108,7 +154,9 @@ def write_report(results: Sequence[ExperimentResult], out: Path, meta: dict[str,
     md = _markdown(results, headline, out, meta, notes)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(_html(results, headline, out, meta, notes))
-    return {"markdown": out / "report.md", "html": out / "report.html", "tables": out / "tables"}
+    (out / "findings.md").write_text(findings_markdown(results))
+    return {"markdown": out / "report.md", "html": out / "report.html", "tables": out / "tables",
+            "findings": out / "findings.md"}
 
 
 def _rel(path: Path, out: Path) -> str:
@@ -125,9 +173,7 @@ def _markdown(results: Sequence[ExperimentResult], headline: Table, out: Path, m
              "Learning Mechanisms for Neural Networks*", ""]
     parts += [f"- {k}: {v}" for k, v in meta.items()]
     parts += ["", "## Summary", "", markdown_table(headline.columns, headline.rows), ""]
-    parts += ["Each verdict is *supported*, *not supported* or *inconclusive* (a precondition was not met); an "
-              "experiment's verdict combines all its sub-verdicts, and a control is a case built to fail the same "
-              "test (a control that passes makes the experiment inconclusive).", ""]
+    parts += [LEGEND, ""]
     if notes:
         parts += ["## Data", "", *[f"- {n}" for n in notes], ""]
     for r in results:
@@ -168,7 +214,8 @@ def _html(results: Sequence[ExperimentResult], headline: Table, out: Path, meta:
              "</style></head><body>",
              "<h1>falign reproduce: Robertson &amp; Koyejo (ICML 2024)</h1><ul>"]
     parts += [f"<li>{e(str(k))}: {e(str(v))}</li>" for k, v in meta.items()]
-    parts += ["</ul><h2>Summary</h2>", _html_table(headline.columns, headline.rows)]
+    parts += ["</ul><h2>Summary</h2>", _html_table(headline.columns, headline.rows),
+              f"<p>{e(LEGEND).replace('**', '')}</p>"]
     if notes:
         parts += ["<h2>Data</h2><ul>", *[f"<li>{e(n)}</li>" for n in notes], "</ul>"]
     for r in results:
@@ -188,8 +235,8 @@ def _html(results: Sequence[ExperimentResult], headline: Table, out: Path, meta:
         cls = {SUPPORTED: "supported", NOT_SUPPORTED: "not", INCONCLUSIVE: "inconclusive"}
         head = r.verdict
         parts.append(f"<p class='{cls[head.status]}'><b>Verdict: {e(head.status)}</b> — {e(head.text)}</p><ul>")
-        parts += [f"<li class='{cls[v.status]}'>{'control' if v.control else 'claim'} — <b>{e(v.status)}</b>: "
-                  f"{e(v.text)}</li>" for v in r.verdicts]
+        parts += [f"<li class='{cls[v.status]}'>{e(_kind(v))} — <b>{e(v.status)}</b>: {e(v.text)}</li>"
+                  for v in _ordered(r)]
         parts.append("</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)
