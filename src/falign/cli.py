@@ -283,7 +283,6 @@ def _add_reproduce(sub) -> None:
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from falign.experiments import reproduce
-    from falign.report.report import format_value, headline_rows
 
     size = args.size or ("full" if args.full else "quick")
     only = None
@@ -296,16 +295,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else (5 if size == "full" else 3)
     results, paths = reproduce(args.out, only=only, size=size, seeds=seeds, device=args.device,
                                progress=not args.no_progress, data_dir=args.data_dir)
-    columns = ["experiment", "verdict", "sub-verdicts", "data", "seconds"]
-    rows = [{**row, "seconds": format_value(row["seconds"])} for row in headline_rows(results)]
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for row in rows:
-        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
-    print()
-    for r in results:
-        print(f"{r.name}: {r.headline.get('metric', '')}: {r.headline.get('value', '')}")
-    print(f"report: {paths['markdown']}  (and {paths['html'].name}, tables/*.csv, figures/*.png)")
+    print(paths["findings"].read_text())
+    print("seconds: " + ", ".join(f"{r.name} {r.seconds:.0f}" for r in results))
+    print(f"report: {paths['markdown']}  (and {paths['html'].name}, findings.md, tables/*.csv, figures/*.png)")
     return 0
 
 
