@@ -180,33 +180,7 @@ def test_within_strata_slope_ignores_per_stratum_offsets():
     assert not pooled_only.excludes_zero
 
 
-# ---- multiclass -------------------------------------------------------------------------------------------
-def test_multiclass_verdicts_pass_and_fail():
-    ns = [5, 5, 5, 20, 20, 20, 100, 100, 100]
-    growing = [0.01, 0.02, 0.015, 0.06, 0.07, 0.05, 0.15, 0.17, 0.16]
-    flat = [0.05, 0.06, 0.04, 0.05, 0.04, 0.06, 0.05, 0.06, 0.04]
-    assert multiclass.gap_growth_verdict("s", ns, growing, 0.5, 0.01).status == SUPPORTED
-    assert multiclass.gap_growth_verdict("s", ns, flat, 0.5, 0.01).status == NOT_SUPPORTED
-    assert multiclass.gap_growth_verdict("s", ns, growing, 1.0, 0.01).status == INCONCLUSIVE  # BP at ceiling
-    assert multiclass.gap_growth_verdict("s", ns, growing, 0.015, 0.01).status == INCONCLUSIVE  # BP at chance
-
-    angle = [40, 50, 60, 40, 50, 60, 40, 50, 60]
-    linked = [a / 1000 + o for a, o in zip(angle, [0] * 3 + [0.1] * 3 + [0.3] * 3)]
-    assert multiclass.within_n_verdict("s", angle, linked, ns).status == SUPPORTED
-    # pooled confound only: angle and gap both rise with n, within n the order is reversed
-    conf_angle = [40, 41, 42, 60, 61, 62, 80, 81, 82]
-    conf_gap = [0.03, 0.02, 0.01, 0.13, 0.12, 0.11, 0.33, 0.32, 0.31]
-    assert spearman(conf_angle, conf_gap)[0] > 0.7  # the old pooled statistic would have said "supported"
-    assert multiclass.within_n_verdict("s", conf_angle, conf_gap, ns).status == NOT_SUPPORTED
-
-    falls = {5: {0: [0.9, 0.91, 0.9], 90: [0.88, 0.89, 0.88]}, 100: {0: [0.6, 0.62, 0.61], 90: [0.4, 0.41, 0.42]}}
-    assert [v.status for v in multiclass.intervention_verdicts(falls, 5, 100)] == [SUPPORTED, SUPPORTED]
-    none = {5: {0: [0.9, 0.91, 0.9], 90: [0.9, 0.9, 0.91]}, 100: {0: [0.6, 0.62, 0.61], 90: [0.61, 0.6, 0.62]}}
-    assert [v.status for v in multiclass.intervention_verdicts(none, 5, 100)] == [NOT_SUPPORTED, NOT_SUPPORTED]
-    assert multiclass.init_scale_verdict({1.0: [0.5, 0.51, 0.5], 0.1: [0.6, 0.61, 0.6]}, 100).status == SUPPORTED
-    assert multiclass.init_scale_verdict({1.0: [0.6, 0.61, 0.6], 0.1: [0.5, 0.51, 0.5]}, 100).status == NOT_SUPPORTED
-
-
+# ---- multiclass: its verdicts are tested in tests/test_reproduce_mc.py ----------------------------------
 @pytest.mark.parametrize("theta", [0.0, 30.0, 75.0, 90.0, 180.0])
 def test_feedback_at_angle_is_exact(theta):
     torch.manual_seed(0)

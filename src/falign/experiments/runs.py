@@ -21,17 +21,27 @@ from falign.nn import FeedbackLayer
 
 
 @torch.no_grad()
-def feedback_at_angle(layer: FeedbackLayer, degrees: float, generator: torch.Generator) -> Tensor:
+def feedback_at_angle(layer: FeedbackLayer, degrees: float, generator: torch.Generator, *,
+                      reference: Tensor | None = None, keep: bool = False) -> Tensor:
     """Set ``layer``'s feedback to ``B = ‖B₀‖ (cos θ Ŵ + sin θ R̂⊥)``: exactly the angle θ to the layer's current
     weights ``W``, the norm of the feedback it was drawn with (``B₀``), ``R⊥`` a random direction orthogonal to
-    ``W`` (drawn from ``generator``). Needs feedback of W's shape that the rule uses as ``B`` itself."""
+    ``W`` (drawn from ``generator``). Needs feedback of W's shape that the rule uses as ``B`` itself.
+
+    ``keep``: ``R⊥`` is the part of the layer's current feedback orthogonal to ``W`` (a random direction only
+    where that part vanishes), so the feedback is turned to the angle θ and stays the same matrix otherwise.
+    ``reference``: a matrix of W's shape to take the angle to instead of ``W`` (a placebo: held at θ to a fixed
+    random matrix, the feedback's angle to ``W`` is left to the rule)."""
     b0 = layer.feedback_weight
     if b0 is None or b0.shape != layer.weight.shape:
         raise ValueError(f"{type(layer).__name__} under {layer.rule.name} has no feedback of W's shape to set")
-    w = layer.weight.detach().double().flatten()
+    w = (layer.weight if reference is None else reference).detach().double().flatten()
     w_hat = w / w.norm()
-    r = torch.randn(w.shape, generator=generator, dtype=torch.float64).to(w.device)
-    r -= (r @ w_hat) * w_hat
+    r = b0.detach().double().flatten().clone() if keep else None
+    if r is not None:
+        r -= (r @ w_hat) * w_hat
+    if r is None or float(r.norm()) <= 1e-6 * float(b0.double().norm()):
+        r = torch.randn(w.shape, generator=generator, dtype=torch.float64).to(w.device)
+        r -= (r @ w_hat) * w_hat
     r_hat = r / r.norm()
     theta = math.radians(degrees)
     b = float(b0.double().norm()) * (math.cos(theta) * w_hat + math.sin(theta) * r_hat)
@@ -45,7 +55,10 @@ class MLPRun:
 
     ``feedback_angle``: set every hidden-to-hidden and output layer's feedback at this angle (degrees) to its
     initial weights (:func:`feedback_at_angle`); with ``hold_angle_every = k`` it is set again to the current
-    weights every ``k`` steps, so the angle is held through training. ``measure``: how many times, evenly over
+    weights every ``k`` steps, so the angle is held through training. ``angle_keeps_feedback``: each setting turns
+    the layer's current feedback to the angle (``keep`` of :func:`feedback_at_angle`) instead of drawing a new
+    direction orthogonal to ``W``. ``angle_reference = "random"``: the angle is taken to a fixed random matrix per
+    layer (drawn once) instead of ``W`` — the placebo of the intervention. ``measure``: how many times, evenly over
     the second half of training, the angle between each hidden layer's update and its true gradient is measured.
 
     Training stops at a stated criterion when ``fit_target`` is given (``steps`` is then the cap): every
@@ -74,6 +87,8 @@ class MLPRun:
     check_every: int = 100
     patience: int = 5
     hold_angle_every: int | None = None
+    angle_keeps_feedback: bool = False
+    angle_reference: str = "weights"
 
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -85,9 +100,17 @@ class MLPRun:
                                **(self.rule_options or {}))
         layers = [m for m in model.modules() if isinstance(m, FeedbackLayer)]
         angle_gen = torch.Generator().manual_seed(self.seed + 7)
+        if self.angle_reference not in ("weights", "random"):
+            raise ValueError(f"angle_reference must be 'weights' or 'random', got {self.angle_reference!r}")
+        refs = [torch.randn(m.weight.shape, generator=angle_gen).to(m.weight.device)
+                if self.angle_reference == "random" else None for m in layers]
+
+        def set_angles() -> None:
+            for layer, ref in zip(layers[1:], refs[1:]):
+                feedback_at_angle(layer, self.feedback_angle, angle_gen, reference=ref, keep=self.angle_keeps_feedback)
+
         if self.feedback_angle is not None:
-            for layer in layers[1:]:
-                feedback_at_angle(layer, self.feedback_angle, angle_gen)
+            set_angles()
         wb_start = _mean([v["angle"] for v in _weight_alignment_all(model).values()])
         opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         falign.attach(model, opt)
@@ -105,8 +128,7 @@ class MLPRun:
         stopped, losses, steps_run = "cap", [], self.steps
         for step in range(self.steps):
             if self.hold_angle_every and self.feedback_angle is not None and step and step % self.hold_angle_every == 0:
-                for layer in layers[1:]:
-                    feedback_at_angle(layer, self.feedback_angle, angle_gen)
+                set_angles()
             idx = torch.randint(0, len(y), (min(self.batch, len(y)),), generator=g)
             opt.zero_grad(set_to_none=True)
             if target:
