@@ -296,7 +296,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else (5 if size == "full" else 3)
     results, paths = reproduce(args.out, only=only, size=size, seeds=seeds, device=args.device,
                                progress=not args.no_progress, data_dir=args.data_dir)
-    columns = ["experiment", "verdict", "sub-verdicts", "data", "seconds"]
+    columns = ["experiment", "verdict", "secondary; controls", "data", "seconds"]
     rows = [{**row, "seconds": format_value(row["seconds"])} for row in headline_rows(results)]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
