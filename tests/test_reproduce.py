@@ -15,9 +15,7 @@ import falign
 from falign.experiments import (
     EXPERIMENTS,
     benign_overfitting,
-    conservation,
     dominance,
-    implicit_alignment,
     min_norm,
     multiclass,
     reproduce,
@@ -248,27 +246,6 @@ def test_dominance_control_flips(tiny_report):
 
 
 # ---- conservation, implicit alignment, min-norm ----------------------------------------------------------
-def test_conservation_verdicts():
-    assert conservation.law_verdict([1.0, 0.95, 1.1]).status == SUPPORTED
-    assert conservation.law_verdict([1.0, 0.3]).status == NOT_SUPPORTED
-    assert conservation.law_verdict([1.0, math.nan]).status == INCONCLUSIVE
-    assert conservation.control_verdict("tanh", [0.05, -0.1]).status == NOT_SUPPORTED  # as built
-    assert conservation.control_verdict("tanh", [1.0, 0.95]).status == SUPPORTED  # a control that passes
-    assert conservation.practical_verdict([0.04, 0.05, 0.045]).status == SUPPORTED
-    assert conservation.practical_verdict([0.9, 1.1, 1.0]).status == NOT_SUPPORTED
-
-
-def test_implicit_alignment_verdicts():
-    assert implicit_alignment.line_verdict([0.98, 1.01]).status == SUPPORTED
-    assert implicit_alignment.line_verdict([0.98, 0.7]).status == NOT_SUPPORTED
-    scales = [1.0, 0.3, 0.1, 0.03] * 3
-    falling = [70, 62, 58, 55, 71, 61, 59, 54, 69, 63, 57, 56]
-    trained = [0.9] * 12
-    assert implicit_alignment.trend_verdict(scales, falling, trained, 0.1).status == SUPPORTED
-    assert implicit_alignment.trend_verdict(scales, falling[::-1], trained, 0.1).status == NOT_SUPPORTED
-    assert implicit_alignment.trend_verdict(scales, falling, [0.9] * 11 + [0.12], 0.1).status == INCONCLUSIVE
-
-
 def test_min_norm_verdicts():
     assert min_norm.slope_verdict("fa", [1.0, 0.98], [1e-12, 1e-14]).status == SUPPORTED
     assert min_norm.slope_verdict("fa", [0.1, 0.98], [1e-12, 1e-14]).status == NOT_SUPPORTED
