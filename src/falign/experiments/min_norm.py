@@ -48,6 +48,7 @@ MIN_EFFECT = 0.5  # smallest slope of interest
 SLOPE_RANGE = (0.8, 1.2)  # secondary: the theory's slope 1
 TOL = 1e-10  # converged: the end-to-end map moved by less than this (relative) over CHECK steps
 CHECK = 100
+SLOPE_DECIMALS = 4  # the distances are converged to ~TOL, so a slope's digits beyond these are rounding
 CONTROL = f"fa + weight decay {WEIGHT_DECAY:g}"
 ARMS = {"fa": ("fa", 0.0), "bp": ("bp", 0.0), CONTROL: ("fa", WEIGHT_DECAY)}  # arm → (rule, weight decay)
 
@@ -141,7 +142,8 @@ def run(ctx: Context) -> ExperimentResult:
                 ctx.tick(len(epsilons))
                 rows += [{"arm": arm, "seed": seed, "d/n": ratio, **r} for r in sweep]
                 cells.append({"arm": arm, "seed": seed, "d/n": ratio,
-                              "slope": loglog_slope(epsilons, [r["relative distance"] for r in sweep]).value,
+                              "slope": round(loglog_slope(epsilons, [r["relative distance"] for r in sweep]).value,
+                                             SLOPE_DECIMALS),
                               "capped": sum(r["stopped"] == "cap" for r in sweep)})
 
     def arm_cells(arm: str) -> list[dict[str, Any]]:
