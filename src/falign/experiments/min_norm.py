@@ -206,5 +206,5 @@ def _figure(ctx: Context, rows: list[dict[str, Any]], p: dict[str, Any]):
             ax.loglog(p["epsilons"], means, styles[arm], marker="o", color=f"C{j}", label=f"{arm}, d/n={ratio}")
     ax.set(xlabel="initialisation scale ε", ylabel="‖W₂W₁ − W*‖ / ‖W*‖ (mean over seeds)",
            title=f"n={p['n']}, k={p['k']}, hidden = d")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=6.5, ncol=2, loc="center left")
     return save_figure(fig, ctx.figures / "min_norm.png")
