@@ -32,7 +32,8 @@ not judged here):
 - exponential rather than power-law decay: ``log L`` against step over the last three quarters of training (down
   to 1e-20, float64's rounding), averaged into 10 blocks so that the fits see 10 points, not thousands of
   autocorrelated ones; the exponential ``a − r t`` against the power law ``a − k log t`` (both two parameters) by
-  ``log(RSS_power / RSS_exp)``, judged over runs with smallest effect 1 (the power law's residuals e× larger);
+  ``log(RSS_power / RSS_exp)``, judged over runs with smallest effect 1 (the power law's residual sum of squares
+  e× the exponential's);
 - a *consistency check*, not a test of the claim: with ``L = ‖E‖²/(2N)``,
   ``‖∇_{W_L}L‖² = ‖EᵀH̃‖²/N² ≥ (2/N) λ_min(H̃H̃ᵀ) L`` is an identity, so the measured decay of ``log L`` must be at
   least the integrated bound ``∫(1 + ρ)(2/N)λ_min dt`` up to discretisation (≥ 0.9× in every run); it checks the
