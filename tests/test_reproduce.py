@@ -14,7 +14,6 @@ import torch
 import falign
 from falign.experiments import (
     EXPERIMENTS,
-    benign_overfitting,
     dominance,
     min_norm,
     multiclass,
@@ -192,29 +191,6 @@ def test_feedback_at_angle_is_exact(theta):
     assert math.degrees(math.acos(max(-1.0, min(1.0, cos)))) == pytest.approx(theta, abs=1e-3)
     assert float(b.norm()) == pytest.approx(norm, rel=1e-5)
     assert b is layer.feedback_weight
-
-
-# ---- benign overfitting ---------------------------------------------------------------------------------
-def test_benign_classifier_on_constructed_cells():
-    bayes = benign_overfitting.bayes_error(2.0)
-    assert bayes == pytest.approx(0.02275, abs=1e-4)
-    assert benign_overfitting.classify(bayes + 0.005, bayes) == "benign"
-    assert benign_overfitting.classify(bayes + 0.05, bayes) == "tempered"
-    assert benign_overfitting.classify(0.4, bayes) == "catastrophic"
-    both = {(10, 6.0): {"bp": "benign", "fa": "benign"}, (1000, 1.0): {"bp": "catastrophic", "fa": "catastrophic"}}
-    assert benign_overfitting.grid_verdict(both).status == SUPPORTED
-    miss = {**both, (1000, 6.0): {"bp": "benign", "fa": "tempered"}}
-    assert benign_overfitting.grid_verdict(miss).status == NOT_SUPPORTED
-    only_benign = {(10, 6.0): {"bp": "benign", "fa": "benign"}}
-    assert benign_overfitting.grid_verdict(only_benign).status == INCONCLUSIVE  # could not have failed
-
-
-def test_benign_delta_verdict():
-    v = benign_overfitting.delta_verdict
-    assert v([0.05, 0.06, 0.055], [0.05, 0.055, 0.06], True, True, "d").status == SUPPORTED
-    assert v([0.15, 0.16, 0.155], [0.05, 0.055, 0.06], True, True, "d").status == NOT_SUPPORTED
-    assert v([0.05, 0.06, 0.055], [0.05, 0.055, 0.06], False, True, "d").status == INCONCLUSIVE  # no interpolation
-    assert v([0.0, 0.1, 0.05], [0.05, 0.055, 0.06], True, True, "d").status == INCONCLUSIVE  # straddles
 
 
 # ---- dominance, min_norm (their tests: tests/test_reproduce_dm.py) ------------------------------------------
