@@ -83,8 +83,8 @@ def paired_estimate(values: np.ndarray, seed: int = 0, resamples: int = 2000) ->
     test examples (``wrong_fa_noisy − wrong_fa_clean − wrong_bp_noisy + wrong_bp_clean`` for Δ_FA − Δ_BP).
     Seeds and test examples are crossed random effects, ``v[s, i] = m + a_s + b_i + e_si``, and the variance of
     the mean is ``σa²/S + σb²/N + σe²/(S·N)``: the training's term and the test set's, each carrying the
-    example-by-seed noise once. It is estimated as ``V_seed + V_test − σe²/(S·N)`` (and never below the larger
-    term): ``V_seed`` the variance of the per-seed means ÷ S; ``V_test`` the variance of the mean under a paired
+    example-by-seed noise once. It is estimated as ``V_seed + V_test − σe²/(S·N)`` (never below ``V_test``, which
+    has N − 1 degrees of freedom): ``V_seed`` the variance of the per-seed means ÷ S; ``V_test`` the variance of the mean under a paired
     bootstrap over test examples (``scipy.stats.bootstrap``: a resampled example keeps its values in every seed
     and run); ``σe²`` the residual mean square of the two-way table. The interval is Student t with
     Welch–Satterthwaite degrees of freedom. Fewer than two seeds: no interval.
@@ -107,7 +107,7 @@ def paired_estimate(values: np.ndarray, seed: int = 0, resamples: int = 2000) ->
     resid = v - rows[:, None] - cols[None, :] + value
     dof_e = (seeds - 1) * (examples - 1)
     var_e = float((resid**2).sum()) / max(dof_e, 1) / (seeds * examples)
-    var = max(var_seed + var_test - var_e, var_seed, var_test)
+    var = max(var_seed + var_test - var_e, var_test)
     parts = var_seed**2 / (seeds - 1) + var_test**2 / max(examples - 1, 1) + var_e**2 / max(dof_e, 1)
     dof = var**2 / parts if parts > 0 else math.inf
     crit = float(stats.t.ppf(0.5 + LEVEL / 2, dof) if math.isfinite(dof) else stats.norm.ppf(0.5 + LEVEL / 2))
