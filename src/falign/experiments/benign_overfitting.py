@@ -83,11 +83,11 @@ def paired_estimate(values: np.ndarray, seed: int = 0, resamples: int = 2000) ->
     test examples (``wrong_fa_noisy − wrong_fa_clean − wrong_bp_noisy + wrong_bp_clean`` for Δ_FA − Δ_BP).
     Seeds and test examples are crossed random effects, ``v[s, i] = m + a_s + b_i + e_si``, and the variance of
     the mean is ``σa²/S + σb²/N + σe²/(S·N)``: the training's term and the test set's, each carrying the
-    example-by-seed noise once. It is estimated as ``V_seed + V_test − σe²/(S·N)`` (never below ``V_test``, which
-    has N − 1 degrees of freedom): ``V_seed`` the variance of the per-seed means ÷ S; ``V_test`` the variance of the mean under a paired
-    bootstrap over test examples (``scipy.stats.bootstrap``: a resampled example keeps its values in every seed
-    and run); ``σe²`` the residual mean square of the two-way table. The interval is Student t with
-    Welch–Satterthwaite degrees of freedom. Fewer than two seeds: no interval.
+    example-by-seed noise once. It is estimated as ``V_seed + V_test − σe²/(S·N)``, never below ``V_test`` (which
+    has N − 1 degrees of freedom): ``V_seed`` the variance of the per-seed means ÷ S; ``V_test`` the variance of
+    the mean under a paired bootstrap over test examples (``scipy.stats.bootstrap``: a resampled example keeps
+    its values in every seed and run); ``σe²`` the residual mean square of the two-way table. The interval is
+    Student t with Welch–Satterthwaite degrees of freedom. Fewer than two seeds: no interval.
     """
     from scipy import stats
 
