@@ -211,13 +211,14 @@ def test_probe_pass_runs_the_hooks_that_shape_the_model(rule):
     x = torch.randn(4, 2, 3, requires_grad=True)
     model(x).sum().backward()  # without the pre-hook in the probe: "mat1 and mat2 shapes cannot be multiplied"
     assert falign.conversion_report(model).output_layer == "2" and x.grad.shape == x.shape
-    assert calls["out"] == 2
+    first = 2 if rule == "dfa" else 1
+    assert calls["out"] == first
     model(x)
-    assert calls["out"] == 3
+    assert calls["out"] == first + 1
     early = falign.convert(_mlp(), rule, example_input=torch.randn(4, 6))
     early[2].register_forward_hook(lambda *a: calls.__setitem__("out", calls["out"] + 1))
     early(torch.randn(4, 6))
-    assert calls["out"] == 4
+    assert calls["out"] == first + 2
 
 
 # -- found by benchmarks/adversarial.py beyond the list -----------------------------------------
