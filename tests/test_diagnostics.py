@@ -246,7 +246,7 @@ def test_training_with_diagnostics_writes_rows_and_plots(tmp_path):
     assumptions = summary["conservation_assumptions"]
     assert assumptions["holds"] is True and assumptions["pairs"]["fc1->fc2"]["between"] == ["Relu"]
     paths = plot_run(out)
-    assert [p.name for p in paths] == ["alignment.png", "conservation.png", "decomposition.png"]
+    assert [p.name for p in paths] == ["scale.png", "alignment.png", "conservation.png", "decomposition.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
 
 
@@ -267,7 +267,11 @@ def test_cli_plot_without_diagnostics_is_clear(tmp_path, capsys):
     from falign.cli import main
 
     assert main(["train", "--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress"]) == 0
-    assert main(["plot", str(tmp_path / "r")]) == 1
+    assert main(["plot", str(tmp_path / "r")]) == 0  # the scale records are always there: scale.png alone
+    assert "train with --diagnostics-every K for alignment" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "r" / "plots").glob("*.png")) == ["scale.png"]
+    assert main(["train", "--out", str(tmp_path / "s"), "--epochs", "1", "--no-progress", "--scale-every", "0"]) == 0
+    assert main(["plot", str(tmp_path / "s")]) == 1
     assert "no diagnostics rows: train with --diagnostics-every" in capsys.readouterr().err
 
 

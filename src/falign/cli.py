@@ -103,6 +103,21 @@ def _add_train(sub) -> None:
                                              "decay=0.1); `falign rules` lists each rule's options")
     p.add_argument("--diagnostics-every", type=int, default=0, metavar="K",
                    help="record alignment/conservation/loss-decomposition diagnostics every K steps (0: off)")
+    p.add_argument("--scale-every", type=int, default=d.scale_every, metavar="K",
+                   help="record loss, logit scale and per-layer weight/activation norms every K steps to scale.jsonl; "
+                        "summary.json flags a scale runaway (default: %(default)s; 0: off)")
+    p.add_argument("--no-reference-check", dest="reference_check", action="store_false",
+                   help="diagnostics: skip the float64 recomputation of backprop's reference gradient (a float64 copy "
+                        "of the model per record) that marks an angle undefined where the reference is rounding noise")
+    p.add_argument("--val-size", type=int, default=0, metavar="N",
+                   help="hold N training examples out as a validation split (val_loss/val_acc per epoch; "
+                        "summary.json's val_selected is the test accuracy at the best validation epoch)")
+    p.add_argument("--resize", type=int, default=None, metavar="SIDE",
+                   help="resize images to SIDE×SIDE by bilinear interpolation (BioTorch's Fashion-MNIST: 32)")
+    p.add_argument("--drop-last", action="store_true", help="drop each epoch's last partial batch")
+    p.add_argument("--freeze-hidden", action="store_true",
+                   help="depth-utility baseline: train only the output layer, every other layer frozen at its random "
+                        "init (compare a rule's accuracy with this run's to see what its hidden layers learned)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                    help="checkpoint every K steps (0: at the end)")
     p.add_argument("--on-divergence", choices=("stop", "skip-batch"), default=d.on_divergence,

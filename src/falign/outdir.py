@@ -41,12 +41,14 @@ MARKER = ".falign"
 OWNED: dict[str, tuple[str, ...]] = {
     "run": (
         MARKER, ".lock", "config.json", "versions.json", "metrics.jsonl", "timing.jsonl",
-        "checkpoint.pt", "summary.json", "resumes.jsonl", "tensorboard/events.out.tfevents.*",
+        "checkpoint.pt", "summary.json", "resumes.jsonl", "scale.jsonl", "tensorboard/events.out.tfevents.*",
         "plots/" + MARKER, "plots/alignment.png", "plots/conservation.png", "plots/decomposition.png",
+        "plots/scale.png",
     ),
-    "plots": (MARKER, "alignment.png", "conservation.png", "decomposition.png"),
+    "plots": (MARKER, "alignment.png", "conservation.png", "decomposition.png", "scale.png"),
     "report": (MARKER, "report.md", "report.html", "tables/*.csv", "figures/*.png", "*/runs/*/**"),
-    "bench": (MARKER, "results.csv", "summary.csv", "runs/*/**", "results.json", "summary.json", "pipeline.png"),
+    "bench": (MARKER, "results.csv", "summary.csv", "runs/*/**", "tune/*/**", "tuning.csv", "lr.json",
+               "results.json", "summary.json", "pipeline.png"),
 }
 
 

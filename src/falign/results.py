@@ -103,6 +103,7 @@ class ExperimentResult:
     seconds: float = 0.0
     data: str = ""
     paper_data: str = ""
+    scale_check: str = ""
 
     @property
     def verdict(self) -> Verdict:

@@ -14,6 +14,8 @@ from falign.data.base import (
     add_label_noise,
     batches,
     epoch_order,
+    hold_out,
+    resize_images,
     subsample_train,
     subset_classes,
 )
@@ -27,8 +29,9 @@ DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "syntheti
 
 def load_dataset(name: str, *, data_dir: str | Path | None = None, n_classes: int | None = None,
                  label_noise: float = 0.0, train_subset: int | None = None, seed: int = 0,
-                 synthetic_classes: int = 10) -> Dataset:
-    """Load a dataset by name and apply the options in a fixed order: train subset, classes, noise.
+                 synthetic_classes: int = 10, val_size: int = 0, resize: int | None = None) -> Dataset:
+    """Load a dataset by name and apply the options in a fixed order: train subset, classes, noise, validation
+    split, resize.
 
     Args:
         name: ``digits``, ``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100`` (the last three need
@@ -40,6 +43,9 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, n_classes: in
         train_subset: seeded random subset of this many training examples.
         seed: seed of the split (digits), the task (synthetic), the subset and the noise.
         synthetic_classes: number of classes of the synthetic task.
+        val_size: hold this many training examples out as a validation split (:func:`hold_out`; its own fixed
+            seed, the same split for every ``seed``; clean labels).
+        resize: bilinear resize of the images to ``resize × resize`` (:func:`resize_images`).
     """
     if name == "digits":
         ds = load_digits(seed=seed)
@@ -62,7 +68,10 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, n_classes: in
         ds = subsample_train(ds, train_subset, seed)
     if n_classes is not None:
         ds = subset_classes(ds, n_classes)
-    return add_label_noise(ds, label_noise, seed)
+    ds = add_label_noise(ds, label_noise, seed)
+    if val_size:
+        ds = hold_out(ds, val_size)
+    return resize_images(ds, resize) if resize is not None else ds
 
 
 __all__ = [
@@ -75,12 +84,14 @@ __all__ = [
     "batches",
     "epoch_order",
     "fashion_mnist_dir",
+    "hold_out",
     "load_cifar",
     "load_dataset",
     "load_digits",
     "load_idx_dataset",
     "many_class_subset",
     "read_idx",
+    "resize_images",
     "subsample_train",
     "subset_classes",
     "synthetic_classification",

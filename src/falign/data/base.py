@@ -30,6 +30,7 @@ class Dataset:
         x_train, x_test: float inputs ``(N, *input_shape)``; y_train, y_test: int64 labels ``(N,)``.
         num_classes: number of classes; labels are ``0 … num_classes−1``.
         clean_y_train: training labels before label noise (equal to ``y_train`` without noise).
+        x_val, y_val: a validation split held out of the training images (:func:`hold_out`), or ``None``.
         info: provenance (source files, options applied).
     """
 
@@ -41,6 +42,8 @@ class Dataset:
     num_classes: int
     clean_y_train: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.clean_y_train is None:
@@ -53,10 +56,13 @@ class Dataset:
     def to(self, device: torch.device | str) -> Dataset:
         return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
                        x_test=self.x_test.to(device), y_test=self.y_test.to(device),
-                       clean_y_train=self.clean_y_train.to(device))
+                       clean_y_train=self.clean_y_train.to(device),
+                       x_val=None if self.x_val is None else self.x_val.to(device),
+                       y_val=None if self.y_val is None else self.y_val.to(device))
 
     def __repr__(self) -> str:
-        return (f"Dataset({self.name!r}, train={len(self.y_train)}, test={len(self.y_test)}, "
+        val = "" if self.y_val is None else f", val={len(self.y_val)}"
+        return (f"Dataset({self.name!r}, train={len(self.y_train)}{val}, test={len(self.y_test)}, "
                 f"input_shape={self.input_shape}, classes={self.num_classes})")
 
 
@@ -118,6 +124,39 @@ def subsample_train(ds: Dataset, n: int, seed: int = 0) -> Dataset:
                    info={**ds.info, "train_subset": n})
 
 
+def hold_out(ds: Dataset, n: int, seed: int = 0) -> Dataset:
+    """Move a seeded random ``n`` of the training examples into a validation split (``x_val``, ``y_val``).
+
+    The validation labels are the clean ones (``clean_y_train``); the test set is unchanged. The split depends on
+    ``seed`` only, so runs that differ in their own seed are compared on the same validation images.
+    """
+    total = len(ds.y_train)
+    if not 1 <= n < total:
+        raise DatasetError(f"val_size must be between 1 and {total - 1} for {ds.name} ({total} training examples), "
+                           f"got {n}")
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(mix_seed(seed, 303)))
+    val, train = perm[:n].sort().values, perm[n:].sort().values
+    return replace(ds, x_train=ds.x_train[train], y_train=ds.y_train[train], clean_y_train=ds.clean_y_train[train],
+                   x_val=ds.x_train[val], y_val=ds.clean_y_train[val], info={**ds.info, "val_size": n})
+
+
+def resize_images(ds: Dataset, side: int) -> Dataset:
+    """Every image ``(C, H, W)`` resized to ``(C, side, side)`` by bilinear interpolation (BioTorch resizes
+    Fashion-MNIST's 28×28 to 32×32 this way; here the resize acts on the normalised floats, not on 8-bit images)."""
+    if ds.x_train.dim() != 4:
+        raise DatasetError(f"resize applies to images (N, C, H, W); {ds.name} has inputs of shape {ds.input_shape}")
+    if side < 4:
+        raise DatasetError(f"resize must be at least 4 pixels, got {side}")
+
+    def scale(x: Tensor | None) -> Tensor | None:
+        if x is None:
+            return None
+        return torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+
+    return replace(ds, x_train=scale(ds.x_train), x_test=scale(ds.x_test), x_val=scale(ds.x_val),
+                   info={**ds.info, "resize": side})
+
+
 def add_label_noise(ds: Dataset, rate: float, seed: int = 0) -> Dataset:
     """Symmetric label noise: exactly ``round(rate·N)`` training labels, chosen at random, are replaced
     by a different class drawn uniformly. Test labels stay clean; ``clean_y_train`` keeps the originals."""
@@ -148,9 +187,10 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device | str = "cpu
 
 
 def batches(x: Tensor, y: Tensor, batch_size: int, order: Tensor | None = None,
-            start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """Mini-batches of ``(x, y)`` in ``order`` (default: as stored), from batch index ``start``."""
-    n = len(y)
+            start: int = 0, drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Mini-batches of ``(x, y)`` in ``order`` (default: as stored), from batch index ``start``; with
+    ``drop_last`` a last batch smaller than ``batch_size`` is left out (as PyTorch's ``DataLoader(drop_last=True)``)."""
+    n = len(y) - (len(y) % batch_size if drop_last else 0)
     for i in range(start * batch_size, n, batch_size):
         if order is None:
             yield x[i : i + batch_size], y[i : i + batch_size]

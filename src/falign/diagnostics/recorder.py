@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +21,8 @@ from falign.diagnostics.alignment import (
 )
 from falign.diagnostics.decomposition import loss_decomposition
 from falign.diagnostics.law import LayerPair, conservation, drift, find_pairs
+from falign.diagnostics.reference import choose_reference, effective_rank
+from falign.functional import backprop_mode
 from falign.nn.containers import FeedbackView
 
 
@@ -55,7 +58,9 @@ class DiagnosticsRecorder:
 
     :meth:`step` runs one forward pass and two backward passes through the same graph: the rule's
     (leaving its gradients in ``.grad`` for the optimiser) and the true one in backprop mode (one extra
-    vector-Jacobian product). The first record is the reference point of the conservation drift.
+    vector-Jacobian product). Given ``float64_loss``, it also recomputes the true gradient with a float64 copy of
+    the model to check it against the floating-point floor (``record["reference"]``; the trainer does this unless
+    ``--no-reference-check``). The first record is the reference point of the conservation drift.
     ``reduce`` averages the true gradients across data-parallel ranks (the rule's are averaged by DDP).
     """
 
@@ -111,9 +116,15 @@ class DiagnosticsRecorder:
             for h in handles:
                 h.remove()
 
-    def step(self, compute_loss: Callable[[], tuple[Tensor, Tensor]], example: Tensor) -> tuple[Tensor, Tensor, dict]:
+    def step(self, compute_loss: Callable[[], tuple[Tensor, Tensor]], example: Tensor,
+             float64_loss: Callable[[nn.Module], Tensor] | None = None) -> tuple[Tensor, Tensor, dict]:
         """Forward + rule backward (gradients stay in ``.grad``) + true backward; returns
-        ``(loss, output, record)``. ``compute_loss`` returns ``(loss, output)``."""
+        ``(loss, output, record)``. ``compute_loss`` returns ``(loss, output)``.
+
+        ``float64_loss(model64)``, given, returns the same batch's loss computed by a float64 copy of the model;
+        its backprop gradient checks the float32 reference against the floating-point floor
+        (:func:`~falign.diagnostics.reference.choose_reference`; the copy leaves the model and its feedback state
+        untouched). Without it the record's ``reference`` says "not checked"."""
         if self.pairs is None:
             self.pairs = find_pairs(self.model, example[:2])
         with self._capture() as cap:
@@ -124,9 +135,22 @@ class DiagnosticsRecorder:
         if self.reduce is not None:
             true = self.reduce(true)
         rule = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in self.params.items()}
-        record = self.measure(rule, true, cap.passes[0], cap.passes[1])
+        true64 = None
+        if float64_loss is not None and self.reduce is None:
+            true64 = self.float64_gradients(float64_loss)
+        record = self.measure(rule, true, cap.passes[0], cap.passes[1], true64)
         record["loss"] = float(loss.detach())
         return loss.detach(), output.detach(), record
+
+    def float64_gradients(self, float64_loss: Callable[[nn.Module], Tensor]) -> dict[str, Tensor]:
+        """Backprop's gradients of a float64 copy of the model (same weights, feedback, batch)."""
+        model64 = copy.deepcopy(self.model).double()
+        params64 = dict(model64.named_parameters())
+        names = [n for n in self.params if n in params64]
+        with backprop_mode(), torch.autocast(example_device(params64), enabled=False):
+            loss = float64_loss(model64)
+            grads = torch.autograd.grad(loss, [params64[n] for n in names], allow_unused=True)
+        return {n: (torch.zeros_like(params64[n]) if g is None else g) for n, g in zip(names, grads)}
 
     @property
     def output_layer(self) -> str | None:
@@ -141,7 +165,11 @@ class DiagnosticsRecorder:
         self.reference = state["reference"]
 
     def measure(self, rule: dict[str, Tensor], true: dict[str, Tensor], signals_rule: dict[str, Tensor],
-                signals_true: dict[str, Tensor]) -> dict[str, Any]:
+                signals_true: dict[str, Tensor], true64: dict[str, Tensor] | None = None) -> dict[str, Any]:
+        """One record: alignment per layer (weights, gradients, error signals), conservation drift, the loss-rate
+        decomposition, the effective rank of each layer's error signal under the rule and under backprop, and
+        the validity of the backprop reference per layer (``reference``; with ``true64`` a gradient angle whose
+        reference is rounding noise is ``nan``, undefined)."""
         def block(grads: dict[str, Tensor], key: str, rows: tuple[int, int] | None) -> Tensor:
             return grads[key] if rows is None else grads[key][rows[0]:rows[1]]
 
@@ -151,13 +179,27 @@ class DiagnosticsRecorder:
         quantities = conservation(self.pairs or [])
         if self.reference is None:
             self.reference = quantities
+        reference: dict[str, Any] = {}
+        if true64 is not None:
+            for lname, (k, rows) in wkey.items():
+                if k in true and k in true64:
+                    chosen, reference[lname] = choose_reference(block(true, k, rows), block(true64, k, rows))
+                    grads_true[lname] = chosen
         return {
             "weight_alignment": weight_alignment(self.model),
             "gradient_alignment": gradient_alignment(grads_rule, grads_true),
+            "reference": reference if true64 is not None else "not checked",
+            "signal_rank": {k: effective_rank(v) for k, v in signals_rule.items()},
+            "signal_rank_bp": {k: effective_rank(v) for k, v in signals_true.items()},
             "signal_alignment": error_signal_alignment(signals_rule, signals_true),
             "conservation": {k: drift(q, self.reference[k]) for k, q in quantities.items()},
             "decomposition": loss_decomposition(rule, true, self.groups, self.output_layer, self.margin),
         }
+
+
+def example_device(params: dict[str, Tensor]) -> str:
+    """The device type of the first parameter (``cpu`` for a model without any)."""
+    return next(iter(params.values())).device.type if params else "cpu"
 
 
 def jsonable(obj: Any) -> Any:

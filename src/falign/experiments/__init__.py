@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from falign.errors import FalignError
-from falign.experiments.base import Context
+from falign.experiments.base import Context, scale_check
 from falign.results import ExperimentResult
 
 ORDER = ("conservation", "implicit_alignment", "dominance", "multiclass", "benign_overfitting", "min_norm")
@@ -61,7 +61,9 @@ def reproduce(out: str | Path, *, only: Sequence[str] | None = None, size: str =
             ctx = Context(out, size, seeds, device, tick=bar.update, catalog=data)
             if hasattr(bar, "set_description"):
                 bar.set_description(f"reproduce: {name}")
-            results.append(EXPERIMENTS[name].run(ctx))
+            result = EXPERIMENTS[name].run(ctx)
+            result.scale_check = scale_check(ctx.scales)
+            results.append(result)
     finally:
         bar.close()
     default_seeds = 5 if size == "full" else 3

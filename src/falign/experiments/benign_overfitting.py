@@ -50,7 +50,7 @@ from torch import nn
 
 import falign
 from falign.data import Dataset, add_label_noise, load_digits, subsample_train
-from falign.experiments.base import Context
+from falign.experiments.base import Context, final_logit_scale, note_scale
 from falign.experiments.runs import accuracy
 from falign.experiments.sources import PAPER_DATA
 from falign.experiments.stats import LEVEL, Estimate, judge, mean_ci
@@ -254,7 +254,8 @@ def _fit_gaussian(rule: str, d: int, separation: float, seed: int, cfg: dict, de
             if fit >= INTERPOLATED:
                 break
     fit = accuracy(model, x, y)
-    return {"train fit": fit, "interpolated": fit >= INTERPOLATED, "steps": step,
+    return {"logit scale": final_logit_scale(model, x, y), "train fit": fit, "interpolated": fit >= INTERPOLATED,
+            "steps": step,
             "test error": 1 - accuracy(model, x_te, y_te), "validation error": 1 - accuracy(model, x_va, y_va)}
 
 
@@ -266,6 +267,7 @@ def _arm_a(ctx: Context, cfg: dict) -> tuple[list[dict], Verdict]:
             fits = {rule: [_fit_gaussian(rule, d, sep, seed, cfg["gauss"], ctx.device) for seed in ctx.seed_list]
                     for rule in cfg["grid_rules"]}
             ctx.tick(sum(len(f) for f in fits.values()))
+            ctx.scales += [f["logit scale"] for runs in fits.values() for f in runs]
             bp_benign = np.mean([f["validation error"] for f in fits["bp"]]) <= bayes + BENIGN_MARGIN
             if bp_benign:
                 benign.append((d, sep))
@@ -328,6 +330,7 @@ def _fit_images(ctx: Context, rule: str, data: Dataset, noise: float, seed: int,
             if fit >= INTERPOLATED:
                 break
     ctx.tick(1)
+    note_scale(ctx, model, x, y)
     with torch.no_grad():
         model.eval()
         x_te = ds.x_test.flatten(1).to(dev)

@@ -35,7 +35,7 @@ from torch import nn
 
 import falign
 from falign.diagnostics.law import conservation, drift, find_pairs
-from falign.experiments.base import Context, float64_digits
+from falign.experiments.base import Context, float64_digits, note_scale
 from falign.experiments.flow import sgd_flow
 from falign.experiments.sources import PAPER_DATA
 from falign.experiments.stats import judge, loglog_slope, mean_ci
@@ -146,6 +146,7 @@ def _practical(ctx: Context, seed: int, optimizer: str, backprop: bool = False) 
                 loss.backward()
             opt.step()
     ctx.tick(1)
+    note_scale(ctx, model, x)
     return max(drift(q, ref[k])["relative"] for k, q in conservation(pairs).items())
 
 

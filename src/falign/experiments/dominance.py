@@ -58,7 +58,7 @@ from falign.data import load_digits
 from falign.diagnostics import DiagnosticsRecorder
 from falign.diagnostics.alignment import backprop_gradients
 from falign.diagnostics.decomposition import loss_decomposition
-from falign.experiments.base import Context, float64_digits
+from falign.experiments.base import Context, float64_digits, note_scale
 from falign.experiments.flow import loss_of
 from falign.experiments.runs import feedback_at_angle
 from falign.experiments.sources import PAPER_DATA
@@ -236,6 +236,7 @@ def minibatch_run(ctx: Context, rule: str, seed: int, control: bool = False) -> 
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
     ctx.tick(1)
+    note_scale(ctx, model, x, y)
     rhos = [r["rho"] for r in records]
     worst = worst_margin(rhos)
     at = next((r["step"] for r in records if math.isfinite(r["rho"]) and 1 + r["rho"] == worst), -1)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import falign
 from falign.data import batches, epoch_order, load_digits
 from falign.diagnostics import find_pairs, pair_quantities
-from falign.experiments.base import Context
+from falign.experiments.base import Context, note_scale
 from falign.experiments.sources import PAPER_DATA
 from falign.experiments.stats import Estimate, judge, mean_ci
 from falign.functional import backprop_mode
@@ -159,6 +159,7 @@ def _train(ctx: Context, activation: str, backprop: bool, scale: float, seed: in
             step += 1
         ctx.tick(1)
     final = layer_angles(pairs, q0)
+    note_scale(ctx, model, x)
     with torch.no_grad():
         train_acc = float((model(x).argmax(1) == y).float().mean())
         test_acc = float((model(data.x_test.flatten(1)).argmax(1) == data.y_test).float().mean())

@@ -262,6 +262,7 @@ def _one(ctx: Context, data: Dataset, rule: str, seed: int, opts: dict, weight_d
     row = MLPRun(rule, data, hidden=opts["hidden"], steps=opts["steps"], seed=seed, weight_decay=decay,
                  device=ctx.device, **train, **extra).run()
     row["weight decay"] = decay
+    ctx.scales.append(row["logit scale"])
     ctx.tick(1)
     return row
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 import falign
 from falign.data import Dataset
 from falign.diagnostics import angle, backprop_gradients, weight_alignment
+from falign.experiments.base import final_logit_scale
 from falign.models import MLP
 from falign.nn import FeedbackLayer
 
@@ -164,13 +165,14 @@ class MLPRun:
             angles = {name: [r[name] for r in late] for name in hidden}
         x_test, y_test = self.data.x_test.flatten(1).to(self.device), self.data.y_test.to(self.device)
         train_acc, test_acc = accuracy(model, x, y), accuracy(model, x_test, y_test)
+        scale = final_logit_scale(model, x, y)
         return {
             "rule": self.rule, "seed": self.seed, "classes": self.data.num_classes,
             "train acc": train_acc, "test acc": test_acc,
             "gradient angle": _mean([_mean(v) for v in angles.values()]),
             "weight-feedback angle start": wb_start,
             "weight-feedback angle": _mean([v["angle"] for v in _weight_alignment_all(model).values()]),
-            "steps": steps_run, "stopped": stopped if criterion else "fixed",
+            "steps": steps_run, "stopped": stopped if criterion else "fixed", "logit scale": scale,
             "seconds": time.perf_counter() - start,
         }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,18 +30,57 @@ def _series(rows: Sequence[dict[str, Any]], path: Sequence[str]) -> dict[str, tu
 
 
 def plot_alignment(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Weight, gradient and error-signal alignment angles over steps, one line per layer."""
+    """Weight, gradient and error-signal alignment angles over steps, one line per layer (never only an average),
+    and the effective rank of each layer's error signal (rule solid, backprop dashed). A gradient angle whose
+    backprop reference was rounding noise is undefined and left out (a gap), never drawn."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for ax, (kind, title) in zip(axes, (("weight_alignment", "weight vs feedback  ∠(W_l, B_l)"),
                                         ("gradient_alignment", "rule update vs true gradient  ∠(G_l, ∇L)"),
                                         ("signal_alignment", "error signal vs backprop  ∠(δ_rule, δ_bp)"))):
         for layer, (steps, values) in sorted(_series(rows, [kind]).items()):
             ax.plot(steps, values, label=layer)
         ax.axhline(90, color="grey", lw=0.8, ls="--")
-        ax.set(title=title, xlabel="step", ylim=(0, 180))
+        ax.set(title=title, xlabel="step", ylim=(0, 180), ylabel="angle (degrees)")
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("angle (degrees)")
+    undefined = sorted({layer for r in rows if isinstance(r.get("reference"), dict)
+                        for layer, v in r["reference"].items() if v.get("used") == "undefined"})
+    if undefined:
+        axes[1].set_title(axes[1].get_title() + f"\nreference undefined (rounding noise): {', '.join(undefined)}",
+                          fontsize=8)
+    ax = axes[3]
+    bp = _series(rows, ["signal_rank_bp"])
+    for layer, (steps, values) in sorted(_series(rows, ["signal_rank"]).items()):
+        line, = ax.plot(steps, values, label=layer)
+        if layer in bp:
+            ax.plot(*bp[layer], ls="--", color=line.get_color(), lw=0.8)
+    ax.set(title="effective rank of δ_l (rule solid, backprop dashed)", xlabel="step", ylabel="exp(entropy of σ)")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def plot_scale(records: Sequence[dict[str, Any]], runaway: dict[str, Any] | None, path: Path) -> Path:
+    """Loss and logit scale, per-layer weight norms and per-layer activation RMS over steps (log scale), with a
+    scale runaway's start and flag marked (:func:`falign.diagnostics.scale.find_runaway`)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    steps = [r["step"] for r in records]
+    ax = axes[0]
+    ax.plot(steps, [r.get("logit_scale") for r in records], label="logit scale (median |z|)")
+    ax.plot(steps, [r.get("loss") for r in records], label="train loss (batch)")
+    ax.set(title="loss and logit scale", xlabel="step", yscale="log")
+    for ax_, key, title in ((axes[1], "weights", "weight norm ‖W_l‖"), (axes[2], "activations", "activation RMS")):
+        for layer in dict.fromkeys(k for r in records for k in (r.get(key) or {})):
+            ax_.plot(steps, [(r.get(key) or {}).get(layer) for r in records], label=layer)
+        ax_.set(title=title, xlabel="step", yscale="log")
+    for ax_ in axes:
+        if runaway:
+            ax_.axvline(runaway["began_step"], color="r", ls="--", lw=0.8)
+            ax_.axvline(runaway["flagged_step"], color="r", lw=0.8)
+        ax_.legend(fontsize=7)
+    if runaway:
+        fig.suptitle(f"SCALE RUNAWAY from step {runaway['began_step']} (flagged at {runaway['flagged_step']}: "
+                     f"{runaway['reason']})", color="r")
     return save_figure(fig, path)
 
 
@@ -86,8 +126,9 @@ def plot_decomposition(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None,
              warn: Callable[[str], None] | None = None) -> list[Path]:
-    """Write ``alignment.png``, ``conservation.png`` and ``decomposition.png`` for a run directory
-    (into ``RUN_DIR/plots`` by default). The run needs diagnostics (``--diagnostics-every``).
+    """Write ``scale.png`` (from ``scale.jsonl``, a scale runaway marked and reported through ``warn``) and, for a
+    run with diagnostics (``--diagnostics-every``), ``alignment.png``, ``conservation.png`` and
+    ``decomposition.png``, into ``RUN_DIR/plots`` by default. A run with neither is an error.
 
     Lines of ``metrics.jsonl`` that are not JSON (a torn last line after a kill) are skipped and reported
     through ``warn``. ``out`` must be a new folder, an empty one or one that holds falign plots.
@@ -105,8 +146,27 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None,
     rows = [r for r in read_metrics(metrics, skipped=skipped) if r.get("event") == "diagnostics"]
     for line in skipped:
         (warn or (lambda text: None))(f"skipped {line}")
-    if not rows:
+    say = warn or (lambda text: None)
+    scale_file = run_dir / "scale.jsonl"
+    scale = [r for r in (read_metrics(scale_file, skipped=skipped) if scale_file.is_file() else [])
+             if isinstance(r.get("step"), int)]
+    if not rows and not scale:
         raise FalignError(f"{metrics} has no diagnostics rows: train with --diagnostics-every K")
+    runaway = None
+    if scale:
+        from falign.diagnostics.scale import find_runaway
+
+        try:
+            classes = int(json.loads((run_dir / "summary.json").read_text()).get("num_classes") or 10)
+        except (OSError, ValueError):
+            classes = 10
+        runaway = find_runaway(scale, classes)
+        if runaway:
+            say(f"SCALE RUNAWAY: began at step {runaway['began_step']}, flagged at {runaway['flagged_step']} "
+                f"({runaway['reason']}); angles and accuracy of this run do not mean what they usually do")
+    if not rows:
+        say("no diagnostics rows: only scale.png (train with --diagnostics-every K for alignment, conservation "
+            "and the decomposition)")
     for row in rows:  # rows falign did not write (edited, another tool's) fail here, not inside matplotlib
         fields = ("weight_alignment", "gradient_alignment", "signal_alignment", "conservation", "decomposition")
         if (not isinstance(row.get("step"), int) or not all(isinstance(row.get(f, {}), dict) for f in fields)
@@ -115,5 +175,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None,
                               f"writes (an integer step; {', '.join(fields)} as objects; decomposition.margin)")
     target = OutputDir(Path(out) if out is not None else run_dir / "plots", "plots", "--out")
     out = target.claim()
-    return [plot_alignment(rows, out / "alignment.png"), plot_conservation(rows, out / "conservation.png"),
-            plot_decomposition(rows, out / "decomposition.png")]
+    paths = [plot_scale(scale, runaway, out / "scale.png")] if scale else []
+    if rows:
+        paths += [plot_alignment(rows, out / "alignment.png"), plot_conservation(rows, out / "conservation.png"),
+                  plot_decomposition(rows, out / "decomposition.png")]
+    return paths

@@ -131,6 +131,8 @@ def findings_markdown(results: Sequence[ExperimentResult]) -> str:
         broken = [v for v in r.verdicts if v.control and not v.as_expected]
         for v in broken:
             lines.append(f"  - control did not fail as built to: {v.claim or v.text}")
+        if r.scale_check.startswith("SCALE RUNAWAY"):  # shown here only when it fires (report.md always has it)
+            lines.append(f"  - {r.scale_check}")
     return "\n".join(lines) + "\n"
 
 
@@ -192,6 +194,8 @@ def _markdown(results: Sequence[ExperimentResult], headline: Table, out: Path, m
             if note:
                 parts += [f"*{note}*", ""]
         parts += _verdict_lines(r)
+        if r.scale_check:
+            parts += ["", f"*{r.scale_check}*"]
         parts.append("")
     return "\n".join(parts)
 
@@ -238,5 +242,7 @@ def _html(results: Sequence[ExperimentResult], headline: Table, out: Path, meta:
         parts += [f"<li class='{cls[v.status]}'>{e(_kind(v))} — <b>{e(v.status)}</b>: {e(v.text)}</li>"
                   for v in _ordered(r)]
         parts.append("</ul>")
+        if r.scale_check:
+            parts.append(f"<p><i>{e(r.scale_check)}</i></p>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -22,6 +22,14 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    try:  # torch's reader does not verify every record's CRC-32: a flipped byte in tensor data would load silently
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            raise CheckpointError(f"{path}: cannot read the checkpoint (truncated or corrupt): record {bad} fails "
+                                  f"its CRC-32 check")
+    except (zipfile.BadZipFile, OSError, EOFError):
+        pass  # not a zip archive at all (or unreadable): torch.load below says why
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

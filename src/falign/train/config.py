@@ -37,9 +37,12 @@ class TrainConfig:
     n_classes: int | None = None
     label_noise: float = 0.0
     train_subset: int | None = None
+    val_size: int = 0
+    resize: int | None = None
     synthetic_classes: int = 10
     epochs: int = 30
     batch_size: int = 32
+    drop_last: bool = False
     optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
@@ -52,8 +55,11 @@ class TrainConfig:
     feedback_init: str = "kaiming_uniform"
     feedback_scale: float = 1.0
     output_signal: str = "rule"
+    freeze_hidden: bool = False
     rule_options: dict[str, Any] = field(default_factory=dict)
     diagnostics_every: int = 0
+    scale_every: int = 50
+    reference_check: bool = True
     checkpoint_every: int = 0
     on_divergence: str = "stop"
     eval_batch_size: int = 1000
@@ -133,6 +139,8 @@ class TrainConfig:
         check(self.n_classes is None or self.n_classes >= 2, f"n_classes must be >= 2, got {self.n_classes}")
         check(self.train_subset is None or self.train_subset >= 1,
               f"train_subset must be >= 1, got {self.train_subset}")
+        check(self.val_size >= 0, f"val_size must be >= 0, got {self.val_size}")
+        check(self.resize is None or self.resize >= 4, f"resize must be >= 4 pixels, got {self.resize}")
         check(self.synthetic_classes >= 2, f"synthetic_classes must be >= 2, got {self.synthetic_classes}")
         check(math.isfinite(self.init_scale) and self.init_scale > 0,
               f"init_scale must be a finite number > 0, got {self.init_scale}")
@@ -146,6 +154,12 @@ class TrainConfig:
         check(all(0 < m < 1 for m in self.lr_milestones),
               f"lr_milestones are fractions in (0, 1), got {self.lr_milestones}")
         check(self.diagnostics_every >= 0, f"diagnostics_every must be >= 0, got {self.diagnostics_every}")
+        check(not (self.freeze_hidden and self.pipeline_stages),
+              "freeze_hidden (the depth-utility baseline) is not available in pipeline mode")
+        check(not (self.freeze_hidden and self.diagnostics_every),
+              "freeze_hidden trains the output layer alone: there is no rule to diagnose; leave --diagnostics-every "
+              "at 0")
+        check(self.scale_every >= 0, f"scale_every must be >= 0, got {self.scale_every}")
         check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         choice("pipeline_schedule", ("auto", "gpipe", "1f1b", "zbv", "unlocked"))
         check(self.pipeline_stages == 0 or self.pipeline_stages >= 2,

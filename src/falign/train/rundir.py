@@ -178,6 +178,7 @@ class RunDir:
         if self.main:
             self.metrics.unlink(missing_ok=True)
             (self.path / "timing.jsonl").unlink(missing_ok=True)
+            (self.path / "scale.jsonl").unlink(missing_ok=True)
         self.rows = 0
 
     def keep_rows(self, rows: int) -> None:

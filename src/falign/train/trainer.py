@@ -10,6 +10,7 @@ TensorBoard and the printed table by :mod:`falign.train.logging`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 import falign
 from falign.data import Dataset, batches, epoch_order, load_dataset
 from falign.diagnostics import DiagnosticsRecorder, conservation_assumptions, find_pairs, jsonable
+from falign.diagnostics.scale import ScaleMonitor, find_runaway
 from falign.errors import FalignError
 from falign.models import build_model
 from falign.seeding import rng_state, seed_everything, set_rng_state
@@ -41,7 +43,7 @@ RunError = RunDirError
 """A run directory cannot be used as asked (exists, locked, unreadable checkpoint, conflicting resume...)."""
 
 # Config fields that may change when a run is resumed (every other field must match the saved run).
-RESUMABLE = frozenset({"epochs", "checkpoint_every", "device", "eval_batch_size"})
+RESUMABLE = frozenset({"epochs", "checkpoint_every", "device", "eval_batch_size", "scale_every", "reference_check"})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,7 +58,7 @@ def build_run(config: TrainConfig, device: torch.device) -> tuple[Dataset, nn.Mo
     """The dataset (on ``device``) and the converted model (on ``device``) of a config."""
     ds = load_dataset(config.data, data_dir=config.data_dir, n_classes=config.n_classes,
                       label_noise=config.label_noise, train_subset=config.train_subset, seed=config.seed,
-                      synthetic_classes=config.synthetic_classes)
+                      synthetic_classes=config.synthetic_classes, val_size=config.val_size, resize=config.resize)
     seed_everything(config.seed)
     base = build_model(config.model, ds.input_shape, ds.num_classes, hidden=config.hidden,
                        activation=config.activation, bias=config.bias, init_scale=config.init_scale)
@@ -64,6 +66,20 @@ def build_run(config: TrainConfig, device: torch.device) -> tuple[Dataset, nn.Mo
                            feedback_scale=config.feedback_scale, seed=config.seed,
                            output_signal=config.output_signal, inplace=True)
     return ds.to(device), model.to(device)
+
+
+def freeze_hidden(model: nn.Module) -> list[str]:
+    """The depth-utility baseline: every parameter outside the output layer stays at its random initial value
+    (``requires_grad`` off, so the optimiser and weight decay leave it alone); only the output layer trains.
+    Returns the frozen parameters' names. The model must have run once (the output layer is found by running)."""
+    out = falign.conversion_report(model).output_layer
+    if out is None:
+        raise RunError("freeze_hidden: the output layer of this model is not known (no converted layer ran)")
+    frozen = [n for n, p in model.named_parameters() if not n.startswith(out + ".")]
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    return frozen
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -173,6 +189,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.recorder: DiagnosticsRecorder | None = None
+        self.scale: ScaleMonitor | None = None
         self.assumptions: dict[str, Any] = {}
         self.uses_target = False
         self.pipeline: Any = None  # pipeline mode: this rank's falign.pipeline.Pipeline
@@ -351,11 +368,15 @@ class Trainer:
         # one forward pass first: it makes every feedback matrix a direct rule sizes from the output, so the
         # optimiser and the DDP wrapper see the final parameters
         pairs = find_pairs(self.model, self.dataset.x_train[:2], not_applicable=unpaired)
+        if cfg.freeze_hidden:
+            freeze_hidden(self.model)
         self.forward = self.dist.wrap(self.model)
         self.optimizer = make_optimizer(cfg, self.model)
         self.scheduler = make_scheduler(cfg, self.optimizer)
         falign.attach(self.model, self.optimizer)  # the rules' per-step work after every step
-        self.recorder = DiagnosticsRecorder(self.model, reduce=self.dist.average) if cfg.diagnostics_every else None
+        reduce = self.dist.average if self.dist.world > 1 else None  # one process: the float64 reference check too
+        self.recorder = DiagnosticsRecorder(self.model, reduce=reduce) if cfg.diagnostics_every else None
+        self.scale = ScaleMonitor(self.model, cfg.scale_every) if cfg.scale_every else None
         self.assumptions = conservation_assumptions(
             pairs, cfg.rule_object(), optimizer=cfg.optimizer,
             momentum=cfg.momentum if cfg.optimizer == "sgd" else 0.0, weight_decay=cfg.weight_decay,
@@ -413,20 +434,33 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = len(y) * self.dist.world if total is None else total
         every = self.config.diagnostics_every
-        if self.recorder is not None and self.state.step % every == 0:
-            loss, output, record = self.recorder.step(partial(self._forward_loss, x, y, total), x)
-            self.run_dir.log({"event": "diagnostics", "step": self.state.step, "epoch": self.state.epoch + 1,
-                              **jsonable(record)})
-            self.tensorboard.diagnostics(record, self.state.step)
-        else:
-            loss, output = self._forward_loss(x, y, total)
-            loss.backward()
+        watch = self.scale.watch(self.state.step) if self.scale is not None else contextlib.nullcontext()
+        with watch:
+            if self.recorder is not None and self.state.step % every == 0:
+                check = partial(self._float64_loss, x, y, total) if self.config.reference_check else None
+                loss, output, record = self.recorder.step(partial(self._forward_loss, x, y, total), x, check)
+                self.run_dir.log({"event": "diagnostics", "step": self.state.step, "epoch": self.state.epoch + 1,
+                                  **jsonable(record)})
+                self.tensorboard.diagnostics(record, self.state.step)
+            else:
+                loss, output = self._forward_loss(x, y, total)
+                loss.backward()
         # the mean over ranks of the shards' terms is the global batch's mean loss (the step's one host sync)
         value = float(self.dist.mean(loss.detach()))
+        if self.scale is not None and self.scale.due(self.state.step):
+            row = self.scale.record(self.state.step, value, output)
+            self.run_dir.log({"epoch": self.state.epoch + 1, **jsonable(row)}, "scale.jsonl")
         if not math.isfinite(value):
             return value, torch.zeros((), dtype=torch.int64)
         self.optimizer.step()
         return value, (output.detach().argmax(-1) == y).sum()
+
+    def _float64_loss(self, x: Tensor, y: Tensor, total: int, model64: nn.Module) -> Tensor:
+        """The batch's loss through a float64 copy of the model (the recorder's reference check)."""
+        if self.uses_target:
+            falign.set_target(model64, y)
+        out = model64(x.double() if x.is_floating_point() else x)
+        return shard_loss(self.config, out, y, total, self.dist.world)
 
     def _forward_loss(self, x: Tensor, y: Tensor, total: int) -> tuple[Tensor, Tensor]:
         if self.uses_target:
@@ -521,7 +555,8 @@ class Trainer:
         try:
             while s.epoch < cfg.epochs:
                 order = epoch_order(n, cfg.seed, s.epoch, self.device)
-                for x, y in batches(self.dataset.x_train, self.dataset.y_train, cfg.batch_size, order, s.batch):
+                for x, y in batches(self.dataset.x_train, self.dataset.y_train, cfg.batch_size, order, s.batch,
+                                    drop_last=cfg.drop_last):
                     total = len(y)  # the global batch (a last one may be smaller, and not divide by the ranks)
                     if self.pipeline is None:
                         x, y = self.dist.shard(x, y)
@@ -574,13 +609,20 @@ class Trainer:
                                                          cfg.eval_batch_size)
         else:
             test_loss, test_acc = evaluate(self.model, cfg, self.dataset.x_test, self.dataset.y_test)
+        val = {}
+        if self.dataset.y_val is not None:
+            if self.pipeline is not None:
+                val_loss, val_acc = self.pipeline.evaluate(self.dataset.x_val, self.dataset.y_val, cfg.eval_batch_size)
+            else:
+                val_loss, val_acc = evaluate(self.model, cfg, self.dataset.x_val, self.dataset.y_val)
+            val = {"val_loss": val_loss, "val_acc": val_acc}
         loss_sum, correct, seen, skipped = self.dist.all_sum(
             [s.sums["loss"], s.sums["correct"], s.sums["seen"], s.sums["skipped"]])
         seen = max(seen, 1.0)
         row = {
             "event": "epoch", "epoch": s.epoch + 1, "step": s.step,
             "train_loss": loss_sum / seen, "train_acc": correct / seen,
-            "test_loss": test_loss, "test_acc": test_acc, "lr": self.optimizer.param_groups[0]["lr"],
+            **val, "test_loss": test_loss, "test_acc": test_acc, "lr": self.optimizer.param_groups[0]["lr"],
         }
         if skipped:
             row["skipped_batches"] = int(skipped / self.dist.world)
@@ -593,6 +635,17 @@ class Trainer:
         s.batch = 0
         s.sums = defaultdict(float)
 
+    def _scale_summary(self) -> dict[str, Any] | None:
+        """The scale-stability check of the run (:func:`falign.diagnostics.scale.find_runaway`) on its
+        ``scale.jsonl``: the runaway (or ``None``) and the last record's logit scale."""
+        if not self.is_main or self.scale is None:
+            return None
+        records = self.run_dir.rows_of("scale.jsonl")
+        runaway = find_runaway(records, self.dataset.num_classes) if records else None
+        return jsonable({"runaway": runaway, "records": len(records),
+                         "last_logit_scale": records[-1]["logit_scale"] if records else None,
+                         "every": self.config.scale_every})
+
     def _summary(self, status: str, message: str) -> dict[str, Any]:
         rows = [r for r in self.run_dir.rows_of("metrics.jsonl") if r.get("event") == "epoch"] if self.is_main else []
         final = rows[-1] if rows else {}
@@ -600,9 +653,13 @@ class Trainer:
             "status": status,
             "message": message,
             "rule": self.config.rule, "model": self.config.model, "data": self.config.data,
+            "num_classes": self.dataset.num_classes if self.dataset is not None else None,
             "epochs_completed": len(rows), "steps": self.state.step,
             "final": {k: final.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
             "best_test_acc": max((r["test_acc"] for r in rows), default=None),
+            **_val_selected(rows),
+            "scale": self._scale_summary(),
+            "diagnostics": _diagnostics_digest(self.run_dir.rows_of("metrics.jsonl")) if self.is_main else None,
             "wall_time_s": round(self.elapsed(), 3),
             "device": str(self.device),
             "world_size": self.dist.world,
@@ -611,6 +668,37 @@ class Trainer:
             "conservation_assumptions": self.assumptions,
             "resumes": self.run_dir.rows_of("resumes.jsonl") if self.is_main else [],
         }
+
+
+def _diagnostics_digest(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the diagnostics rows flag, for ``summary.json``: per layer, how many records found backprop's reference
+    gradient to be rounding noise (the angle then undefined) or needed float64, and the last record's effective
+    rank of each layer's error signal (the rule's and backprop's)."""
+    diag = [r for r in rows if r.get("event") == "diagnostics"]
+    if not diag:
+        return None
+    counts: dict[str, dict[str, int]] = {}
+    for r in diag:
+        if isinstance(r.get("reference"), dict):
+            for layer, info in r["reference"].items():
+                used = (info or {}).get("used")
+                if used in ("undefined", "float64"):
+                    counts.setdefault(used, {}).setdefault(layer, 0)
+                    counts[used][layer] += 1
+    last = diag[-1]
+    return {"records": len(diag), "reference_undefined": counts.get("undefined", {}),
+            "reference_float64": counts.get("float64", {}), "signal_rank_last": last.get("signal_rank"),
+            "signal_rank_bp_last": last.get("signal_rank_bp")}
+
+
+def _val_selected(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """With a validation split: the epoch of the best validation accuracy (the first, on ties) and its test
+    accuracy — the test error a run selected without looking at the test set reports."""
+    scored = [r for r in rows if "val_acc" in r]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda r: r["val_acc"])
+    return {"val_selected": {"epoch": best["epoch"], "val_acc": best["val_acc"], "test_acc": best["test_acc"]}}
 
 
 _CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "batch", "step", "epoch_sums", "elapsed", "rng",
