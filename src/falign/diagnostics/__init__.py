@@ -1,6 +1,8 @@
 """Diagnostics of Robertson & Koyejo (ICML 2024): alignment, the conservation law, alignment dominance.
 
-Pure functions on tensors and models, plus :class:`DiagnosticsRecorder` used by the trainer.
+Pure functions on tensors and models, plus :class:`DiagnosticsRecorder` used by the trainer, and the checks that
+say when a run is not what it seems: scale runaway (:mod:`~falign.diagnostics.scale`), reference validity and the
+effective rank of error signals (:mod:`~falign.diagnostics.reference`).
 Definitions follow ``DESIGN.md`` §2 exactly: angles in degrees, zero norm → undefined (``nan``).
 """
 
@@ -21,20 +23,28 @@ from falign.diagnostics.law import (
     pair_quantities,
 )
 from falign.diagnostics.recorder import DiagnosticsRecorder, jsonable
+from falign.diagnostics.reference import choose_reference, effective_rank
+from falign.diagnostics.scale import ScaleMonitor, find_runaway, logit_scale, weight_norms
 
 __all__ = [
     "DiagnosticsRecorder",
     "LayerPair",
+    "ScaleMonitor",
     "angle",
     "backprop_gradients",
+    "choose_reference",
     "conservation",
     "conservation_assumptions",
     "drift",
+    "effective_rank",
     "error_signal_alignment",
     "find_pairs",
+    "find_runaway",
     "gradient_alignment",
     "jsonable",
+    "logit_scale",
     "loss_decomposition",
     "pair_quantities",
     "weight_alignment",
+    "weight_norms",
 ]

@@ -53,8 +53,11 @@ def choose_reference(g32: Tensor, g64: Tensor, tol: float = TOL) -> tuple[Tensor
 
 def effective_rank(signal: Tensor) -> float:
     """``exp(H(σ/Σσ))`` of ``signal`` flattened to ``(N, d)``; ``nan`` for an all-zero or non-finite signal."""
-    m = (signal.detach()[:, None] if signal.dim() == 1 else signal.detach().flatten(1)).double()
-    if m.numel() == 0 or not bool(torch.isfinite(m).all()):
+    s0 = signal.detach()
+    if s0.numel() == 0:  # an empty batch (e.g. a rank's share of a short last batch) has no signal
+        return math.nan
+    m = (s0[:, None] if s0.dim() == 1 else s0.reshape(s0.shape[0], -1)).double()
+    if not bool(torch.isfinite(m).all()):
         return math.nan
     s = torch.linalg.svdvals(m)
     total = float(s.sum())
