@@ -23,6 +23,12 @@ The views ``feedback.weight_ih_l{k}[_reverse]``, ``feedback.weight_hh_l{k}[_reve
 PyTorch's own recurrence (the same fused kernels as the plain layer); its backward recomputes the gates of
 all steps from the saved states (two matrix products), then runs the backward through time step by step
 with the rule's matrices, in work buffers the layer keeps between steps (``_scratch``, not state).
+A converted ``nn.LSTM`` on CPU in float32 (no ``proj_size``, padded input, a layer-by-layer rule) runs
+PyTorch's own fused oneDNN layer ops in both directions of the pass instead: the forward
+``aten::mkldnn_rnn_layer`` and its backward ``aten::mkldnn_rnn_layer_backward``, called with ``B_ih``, ``B_hh``
+where backprop passes ``W_ih``, ``W_hh`` (the op uses them only to transport the gate gradients; the gates come
+from the forward's workspace). Everything else, and any torch whose ops or schemas differ (checked once, with
+one warning), keeps the Python backward through time, which is the reference (``USE_FUSED = False`` forces it).
 Every option works: layers, ``bidirectional``, ``batch_first``, unbatched input, ``dropout``, ``bias``,
 ``nonlinearity``, ``proj_size`` and ``PackedSequence`` input (not with the direct rules, which need a padded
 batch). Without gradients (evaluation) or under ``bp`` the PyTorch forward runs. A second derivative
@@ -145,8 +151,8 @@ class _LayerSpec:
     """The non-tensor configuration of one layer (every direction): sizes of the time steps, and for each
     direction and transported weight how the backward replaces it (``routes[d][name]``: ``(fn, direct)``)."""
 
-    __slots__ = ("batch_sizes", "bias", "dirs", "layer", "mode", "perm", "proj", "routes", "sizes", "unperm", "work",
-                 "x_bf_shape")
+    __slots__ = ("batch_sizes", "bias", "dirs", "fused", "layer", "mode", "perm", "proj", "routes", "sizes", "unperm",
+                 "work", "x_bf_shape")
 
     def __init__(self, mode: str, sizes: list[int], batch_sizes: Tensor | None, dirs: int, bias: bool, proj: bool,
                  perm: Tensor | None, unperm: Tensor | None):
@@ -156,6 +162,7 @@ class _LayerSpec:
         self.x_bf_shape: torch.Size | None = None
         self.layer = 0
         self.work: dict = {}
+        self.fused = False  # the LSTM runs oneDNN's layer ops forward and backward (see _fused_lstm_ok)
 
 
 def _run_pytorch(mode: str, x: Tensor, h0: Tensor, c0: Tensor, params: list[Tensor], spec: _LayerSpec):
@@ -181,6 +188,140 @@ def _run_pytorch(mode: str, x: Tensor, h0: Tensor, c0: Tensor, params: list[Tens
     return out, h_n, h_n.new_empty(0)
 
 
+# ---- PyTorch's fused LSTM layer (oneDNN, CPU) with the rule's matrices in its backward ------------------------
+# ``aten::mkldnn_rnn_layer`` is the forward PyTorch's CPU LSTM runs per layer and direction; its backward,
+# ``aten::mkldnn_rnn_layer_backward``, takes the weights as arguments and uses them only to transport the gate
+# gradients (``δ_t W_ih`` to the input, ``δ_t W_hh`` across time): the gates themselves come from the forward's
+# workspace. Called with the rule's ``B_ih``, ``B_hh`` in their place it is the rule's backward through time, at
+# PyTorch's own speed. The ops are private: their schemas are checked (and one tiny call made) on first use; if
+# either fails the Python backward through time runs instead, after one warning.
+USE_FUSED = True
+"""Set to ``False`` to run every converted LSTM through the Python backward through time (the reference)."""
+FUSED_CALLS = {"fused": 0, "python": 0}
+"""How many converted LSTM layer calls ran the fused kernels and how many the Python backward (for tests)."""
+_LSTM_MODE = 2  # the LSTM cell kind of PyTorch's oneDNN layer op
+_FUSED_SCHEMAS = {
+    "mkldnn_rnn_layer": ("input", "weight0", "weight1", "weight2", "weight3", "hx_", "cx_", "reverse", "batch_sizes",
+                         "mode", "hidden_size", "num_layers", "has_biases", "bidirectional", "batch_first", "train"),
+    "mkldnn_rnn_layer_backward": ("input", "weight1", "weight2", "weight3", "weight4", "hx_", "cx_tmp", "output",
+                                  "hy_", "cy_", "grad_output", "grad_hy", "grad_cy", "reverse", "mode",
+                                  "hidden_size", "num_layers", "has_biases", "train", "bidirectional", "batch_sizes",
+                                  "batch_first", "workspace"),
+}
+_fused_state: dict[str, Any] = {}
+
+
+def fused_lstm_available() -> bool:
+    """Whether this torch has the oneDNN LSTM layer ops with the schemas falign calls (checked once, with one
+    tiny call against ``torch._VF.lstm``); warns once and returns ``False`` otherwise."""
+    if "ok" in _fused_state:
+        return _fused_state["ok"]
+    why = None
+    try:
+        for name, args in _FUSED_SCHEMAS.items():
+            schema = getattr(torch.ops.aten, name).default._schema
+            got = tuple(a.name for a in schema.arguments)
+            if got != args:
+                why = f"aten::{name} has arguments {got}, falign expects {args}"
+                break
+        if why is None:
+            why = _fused_probe()
+    except Exception as error:  # a missing op or a failing kernel both mean: not available
+        why = f"{type(error).__name__}: {error}"
+    _fused_state["ok"] = why is None
+    if why is not None:
+        warnings.warn(f"falign: PyTorch's fused LSTM layer ops are not usable with this torch ({why}); converted "
+                      f"LSTMs run the Python backward through time (same gradients, slower)", stacklevel=3)
+    return _fused_state["ok"]
+
+
+def _fused_probe() -> str | None:
+    """One tiny forward and backward through the ops against ``torch._VF.lstm`` and autograd (B = W)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 2, generator=gen, requires_grad=True)
+    w = [torch.randn(8, 2, generator=gen), torch.randn(8, 2, generator=gen), torch.randn(8, generator=gen),
+         torch.randn(8, generator=gen)]
+    h0 = torch.zeros(1, 2, 2)
+    with torch.enable_grad():
+        out, hy, cy, ws = torch.ops.aten.mkldnn_rnn_layer(x.detach(), *w, h0[0], h0[0], False, [], _LSTM_MODE, 2, 1,
+                                                          True, False, False, True)
+        ref = torch._VF.lstm(x, (h0, h0), w, True, 1, 0.0, True, False, False)[0]
+        (dx_ref,) = torch.autograd.grad(ref.sum(), x)
+    if ws is None or not torch.allclose(out, ref.detach(), atol=1e-5):
+        return "its forward does not match torch's LSTM"
+    grads = torch.ops.aten.mkldnn_rnn_layer_backward(x.detach(), *w, h0[0], h0[0], out, hy, cy, torch.ones_like(out),
+                                                     None, None, False, _LSTM_MODE, 2, 1, True, True, False, [], False,
+                                                     ws)
+    if len(grads) != 7 or not torch.allclose(grads[0], dx_ref, atol=1e-5):
+        return "its backward does not match autograd"
+    return None
+
+
+def _fused_biases(p, spec: _LayerSpec, like: Tensor) -> tuple[Tensor, Tensor]:
+    if spec.bias:
+        return p[B_IH].detach(), p[B_HH].detach()
+    zeros = like.new_zeros(p[W_HH].shape[0])
+    return zeros, zeros
+
+
+def _fused_forward(x: Tensor, h0: Tensor, c0: Tensor, flat, spec: _LayerSpec):
+    """oneDNN's LSTM layer forward for every direction: ``(out, h_n, c_n, *workspaces)``."""
+    x = x.detach().contiguous()
+    hidden = h0.shape[-1]
+    outs, hs, cs, workspaces = [], [], [], []
+    with torch.enable_grad():  # the op returns its workspace (what the backward reads) only with grad mode on
+        for d in range(spec.dirs):
+            p = flat[d * PER_DIRECTION:(d + 1) * PER_DIRECTION]
+            b_ih, b_hh = _fused_biases(p, spec, x)
+            out, hy, cy, ws = torch.ops.aten.mkldnn_rnn_layer(
+                x, p[W_IH].detach(), p[W_HH].detach(), b_ih, b_hh, h0[d].detach().contiguous(),
+                c0[d].detach().contiguous(), d == 1, [], _LSTM_MODE, hidden, 1, spec.bias, False, False, True)
+            outs.append(out)
+            hs.append(hy)
+            cs.append(cy)
+            workspaces.append(ws)
+    out = outs[0] if spec.dirs == 1 else torch.cat(outs, -1)
+    return (out, torch.stack(hs), torch.stack(cs), *workspaces)
+
+
+def _fused_backward(ctx, x, h0, c0, out, h_n, c_n, workspaces, flat, d_out, d_hn, d_cn):
+    """oneDNN's LSTM layer backward for every direction with the rule's ``B_ih``, ``B_hh`` where backprop
+    transports ``W_ih``, ``W_hh``."""
+    spec, need = ctx.spec, ctx.needs_input_grad
+    hidden = h0.shape[-1]
+    x = x.contiguous()
+    grads: list[Tensor | None] = [None] * (PER_DIRECTION * spec.dirs)
+    dx = None
+    dh0s, dc0s = [], []
+    for d in range(spec.dirs):
+        p = flat[d * PER_DIRECTION:(d + 1) * PER_DIRECTION]
+        wants = need[3 + d * PER_DIRECTION:3 + (d + 1) * PER_DIRECTION]
+        routes = spec.routes[d]
+        t_ih, _ = _transported(p[W_IH], p[FB_IH], routes["ih"])
+        t_hh, _ = _transported(p[W_HH], p[FB_HH], routes["hh"])
+        b_ih, b_hh = _fused_biases(p, spec, x)
+        cols = slice(d * hidden, (d + 1) * hidden)
+        out_d = out[..., cols].contiguous() if spec.dirs > 1 else out
+        g_out = d_out[..., cols].contiguous() if d_out is not None else torch.zeros_like(out_d)
+        dx_d, dw_ih, dw_hh, db_ih, db_hh, dh0_d, dc0_d = torch.ops.aten.mkldnn_rnn_layer_backward(
+            x, t_ih.contiguous(), t_hh.contiguous(), b_ih, b_hh, h0[d], c0[d], out_d, h_n[d], c_n[d], g_out,
+            d_hn[d] if d_hn is not None else None, d_cn[d] if d_cn is not None else None, d == 1, _LSTM_MODE,
+            hidden, 1, spec.bias, True, False, [], False, workspaces[d])
+        mine = grads[d * PER_DIRECTION:(d + 1) * PER_DIRECTION]
+        for k, g in ((W_IH, dw_ih), (W_HH, dw_hh), (B_IH, db_ih), (B_HH, db_hh)):
+            mine[k] = g if wants[k] else None
+        # a learned feedback matrix (kp) receives W's gradient, as in the Python path
+        for fb, w, route in ((FB_IH, dw_ih, routes["ih"]), (FB_HH, dw_hh, routes["hh"])):
+            if wants[fb] and route[1] is None:
+                mine[fb] = w
+        grads[d * PER_DIRECTION:(d + 1) * PER_DIRECTION] = mine
+        dx = dx_d if dx is None else dx.add_(dx_d)
+        dh0s.append(dh0_d)
+        dc0s.append(dc0_d)
+    return (dx if need[0] else None, torch.stack(dh0s) if need[1] else None,
+            torch.stack(dc0s) if need[2] else None, *grads, None)
+
+
 class _Layer(torch.autograd.Function):
     """One recurrent layer, every direction. The forward pass is PyTorch's own (fused) recurrence; the backward
     recomputes the gates from the saved states (two matrix products over all steps) and runs the backward through
@@ -198,20 +339,27 @@ class _Layer(torch.autograd.Function):
         for d in range(spec.dirs):
             p = flat[d * PER_DIRECTION:(d + 1) * PER_DIRECTION]
             params += [p[W_IH], p[W_HH]] + ([p[B_IH], p[B_HH]] if spec.bias else []) + ([p[W_HR]] if spec.proj else [])
+        if spec.fused:
+            return _fused_forward(x, h0, c0, flat, spec)
         return _run_pytorch(spec.mode, x, h0, c0, params, spec)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, h0, c0, *rest = inputs
         *flat, spec = rest
-        ctx.save_for_backward(x, h0, c0, output[0], *flat)
+        workspaces = output[3:]
+        ctx.mark_non_differentiable(*workspaces)
+        ctx.save_for_backward(x, h0, c0, *output, *flat)
         ctx.spec = spec
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_out, d_hn, d_cn):
-        x, h0, c0, out, *flat = ctx.saved_tensors
+    def backward(ctx, d_out, d_hn, d_cn, *_d_workspaces):
         spec = ctx.spec
+        x, h0, c0, out, h_n, c_n, *rest = ctx.saved_tensors
+        workspaces, flat = rest[:len(rest) - PER_DIRECTION * spec.dirs], rest[len(rest) - PER_DIRECTION * spec.dirs:]
+        if spec.fused:
+            return _fused_backward(ctx, x, h0, c0, out, h_n, c_n, workspaces, flat, d_out, d_hn, d_cn)
         need = ctx.needs_input_grad
         total = sum(spec.sizes)
         x2 = x.reshape(total, x.shape[-1])
@@ -514,6 +662,12 @@ class _FARNNBase(FeedbackContainer):
         views = self.feedback
         probing = layers._PROBE is not None  # convert's probe: record the input layers, plain recurrence
         finals_h, finals_c = [], []
+        fused = (lstm and USE_FUSED and not packed and self.proj_size == 0 and not direct and not probing
+                 and layer_input.device.type == "cpu" and layer_input.dtype == torch.float32
+                 and self.weight_hh_l0.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+                 and torch._C._get_mkldnn_enabled() and fused_lstm_available())
+        if lstm:
+            FUSED_CALLS["fused" if fused else "python"] += 1
         for layer in range(self.num_layers):
             spec = _LayerSpec(self.mode, sizes, batch_sizes if packed else None, dirs, self.bias, self.proj_size > 0,
                               perm, unperm)
@@ -543,7 +697,8 @@ class _FARNNBase(FeedbackContainer):
                         state = h_start.new_empty(n, self.hidden_size)
                         feedback[2], spec.routes[d]["hr"] = _route_of(views[f"weight_hr{s}"], state, signal)
                 flat += weights + feedback
-            out, hn, cn = _Layer.apply(layer_input, h_start, c_start, *flat, spec)
+            spec.fused = fused
+            out, hn, cn, *_ = _Layer.apply(layer_input, h_start, c_start, *flat, spec)
             finals_h.append(hn)
             finals_c.append(cn)
             if self.dropout and self.training and layer < self.num_layers - 1:

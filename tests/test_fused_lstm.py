@@ -1,0 +1,135 @@
+"""Converted LSTMs run PyTorch's fused oneDNN layer ops with the rule's matrices in the backward.
+
+- On the pinned CPU torch the fused path is taken (a test fails if it silently is not).
+- Fused equals the Python backward through time (itself checked against a naive unrolled reference in
+  tests/test_recurrent.py, whose LSTM cases now run fused too) with B ≠ W, for every layer-by-layer rule and the
+  layer options: layers, directions, batch_first, bias, initial states, gradients into h_n / c_n only.
+- What the fused ops cannot express (proj_size, packed input, direct rules, float64) takes the Python path.
+- A changed schema falls back to the Python path with one warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import falign
+from falign.nn import recurrent
+
+LAYER_RULES = [r for r in falign.available_rules()
+               if falign.get_rule(r).has_feedback and not falign.get_rule(r).direct]
+
+
+def _grads(model, x, hx, use_fused, monkeypatch, loss_on="all"):
+    monkeypatch.setattr(recurrent, "USE_FUSED", use_fused)
+    before = dict(recurrent.FUSED_CALLS)
+    x = x.clone().requires_grad_()
+    hx = tuple(t.clone().requires_grad_() for t in hx) if hx is not None else None
+    out, (h_n, c_n) = model(x, hx)
+    terms = {"all": [out, h_n, c_n], "states": [h_n, c_n]}[loss_on]
+    loss = sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() + (t ** 2).sum() for t in terms)
+    inputs = [x, *(hx or ()), *[p for _, p in model.named_parameters()]]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    ran = {k: recurrent.FUSED_CALLS[k] - before[k] for k in before}
+    return [out, h_n, c_n], grads, ran
+
+
+def test_the_fused_path_is_taken_on_the_pinned_torch():
+    assert torch.backends.mkldnn.is_available(), "the CPU torch build has no oneDNN: the fused LSTM cannot run"
+    assert recurrent.fused_lstm_available(), "the oneDNN LSTM layer ops changed: update falign.nn.recurrent"
+    model = falign.convert(nn.Sequential(nn.LSTM(4, 6, num_layers=2)), "fa", seed=0)[0]
+    before = dict(recurrent.FUSED_CALLS)
+    model(torch.randn(5, 3, 4))[0].sum().backward()
+    assert recurrent.FUSED_CALLS["fused"] == before["fused"] + 1
+    assert recurrent.FUSED_CALLS["python"] == before["python"]
+
+
+@pytest.mark.parametrize("rule", LAYER_RULES)
+@pytest.mark.parametrize("layers,bidirectional,batch_first,bias,states",
+                         [(1, False, False, True, False), (2, True, True, True, True), (2, False, True, False, True),
+                          (1, True, False, False, False)])
+def test_fused_equals_the_python_backward_through_time(rule, layers, bidirectional, batch_first, bias, states,
+                                                       monkeypatch):
+    torch.manual_seed(0)
+    plain = nn.LSTM(5, 7, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias)
+    model = falign.convert(nn.Sequential(plain), rule, seed=2)[0]
+    x = torch.randn(4, 6, 5)
+    count = layers * (2 if bidirectional else 1)
+    n = x.shape[0 if batch_first else 1]
+    hx = (torch.randn(count, n, 7), torch.randn(count, n, 7)) if states else None
+    out_f, g_f, ran_f = _grads(model, x, hx, True, monkeypatch)
+    out_p, g_p, ran_p = _grads(model, x, hx, False, monkeypatch)
+    assert ran_f == {"fused": 1, "python": 0} and ran_p == {"fused": 0, "python": 1}
+    for a, b in zip(out_f, out_p):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_f, g_p):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # the rule is in force: backprop's gradient of the input differs
+    with falign.functional.backprop_mode():
+        _, g_bp, _ = _grads(model, x, hx, True, monkeypatch)
+    assert not torch.allclose(g_bp[0], g_f[0], atol=1e-3)
+
+
+def test_gradients_into_the_final_states_only(monkeypatch):
+    torch.manual_seed(0)
+    model = falign.convert(nn.Sequential(nn.LSTM(3, 4, bidirectional=True)), "fa", seed=1)[0]
+    x = torch.randn(5, 2, 3)
+    _, g_f, _ = _grads(model, x, None, True, monkeypatch, loss_on="states")
+    _, g_p, _ = _grads(model, x, None, False, monkeypatch, loss_on="states")
+    for a, b in zip(g_f, g_p):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+class _Last(nn.Module):
+    def __init__(self, proj_size: int = 0):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, proj_size=proj_size, batch_first=True)
+        self.head = nn.Linear(proj_size or 4, 2)
+
+    def forward(self, x):
+        out = self.rnn(x)[0]
+        if isinstance(out, nn.utils.rnn.PackedSequence):
+            out = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0]
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("case", ["proj_size", "packed", "direct", "float64", "fused"])
+def test_what_the_fused_ops_cannot_express_takes_the_python_path(case):
+    torch.manual_seed(0)
+    plain = _Last(proj_size=2 if case == "proj_size" else 0)
+    if case == "float64":
+        plain = plain.double()
+    model = falign.convert(plain, "dfa" if case == "direct" else "fa", seed=0)
+    x = torch.randn(2, 5, 3, dtype=torch.float64 if case == "float64" else torch.float32)
+    if case == "packed":
+        x = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3]), batch_first=True)
+    before = dict(recurrent.FUSED_CALLS)
+    model(x).sum().backward()
+    ran = {k: recurrent.FUSED_CALLS[k] - before[k] for k in before}
+    if case == "fused":  # the control: the same model, nothing the fused ops cannot express
+        assert ran == {"fused": 1, "python": 0}
+    else:  # (a direct rule's first call also runs a planning forward)
+        assert ran["fused"] == 0 and ran["python"] >= 1
+
+
+def test_a_changed_schema_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(recurrent, "_fused_state", {})
+    schemas = dict(recurrent._FUSED_SCHEMAS)
+    schemas["mkldnn_rnn_layer"] = (*schemas["mkldnn_rnn_layer"], "a_new_argument")
+    monkeypatch.setattr(recurrent, "_FUSED_SCHEMAS", schemas)
+    model = falign.convert(nn.Sequential(nn.LSTM(3, 4)), "fa", seed=0)[0]
+    before = dict(recurrent.FUSED_CALLS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model(torch.randn(5, 2, 3))[0].sum().backward()
+    notes = [w for w in caught if "fused LSTM" in str(w.message)]
+    assert len(notes) == 1 and "a_new_argument" in str(notes[0].message)
+    assert recurrent.FUSED_CALLS["python"] == before["python"] + 2
+    assert recurrent.FUSED_CALLS["fused"] == before["fused"]
