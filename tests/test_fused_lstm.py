@@ -5,7 +5,8 @@
   tests/test_recurrent.py, whose LSTM cases now run fused too) with B ≠ W, for every layer-by-layer rule and the
   layer options: layers, directions, batch_first, bias, initial states, gradients into h_n / c_n only.
 - What the fused ops cannot express (proj_size, packed input, direct rules, float64) takes the Python path.
-- A changed schema falls back to the Python path with one warning.
+- A changed schema falls back to the Python path with one warning; the cuDNN ops (the CUDA path, checked on a
+  GPU by benchmarks/gpu_check.py) have the schemas falign calls; a retained graph can be differentiated twice.
 """
 
 from __future__ import annotations
@@ -133,3 +134,28 @@ def test_a_changed_schema_falls_back_with_one_warning(monkeypatch):
     assert len(notes) == 1 and "a_new_argument" in str(notes[0].message)
     assert recurrent.FUSED_CALLS["python"] == before["python"] + 2
     assert recurrent.FUSED_CALLS["fused"] == before["fused"]
+
+
+def test_a_retained_graph_differentiated_twice_gives_the_same_gradients(monkeypatch):
+    """The fused backward must not consume its workspace (cuDNN's overwrites its reserve: copied there)."""
+    torch.manual_seed(0)
+    model = falign.convert(nn.Sequential(nn.LSTM(3, 4, num_layers=2, bidirectional=True)), "fa", seed=1)[0]
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    before = dict(recurrent.FUSED_CALLS)
+    loss = (model(x)[0] ** 2).sum()
+    first = torch.autograd.grad(loss, [x, *model.parameters()], retain_graph=True, allow_unused=True)
+    second = torch.autograd.grad(loss, [x, *model.parameters()], allow_unused=True)
+    assert recurrent.FUSED_CALLS["fused"] == before["fused"] + 1
+    for a, b in zip(first, second):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def test_the_cudnn_ops_have_the_schemas_the_cuda_path_calls():
+    """The CUDA path (run by benchmarks/gpu_check.py where a GPU is lent) calls cuDNN's private RNN ops; their
+    schemas are in every torch build, so a change on the pinned torch fails here, without a GPU."""
+    for name, expected in recurrent._CUDNN_SCHEMAS.items():
+        got = tuple(a.name for a in getattr(torch.ops.aten, name).default._schema.arguments)
+        assert got == expected, f"aten::{name} changed: update falign.nn.recurrent's cuDNN path"
+    assert set(recurrent._CUDNN_MODES) == {"RNN_RELU", "RNN_TANH", "LSTM", "GRU"}

@@ -27,8 +27,12 @@ A converted ``nn.LSTM`` on CPU in float32 (no ``proj_size``, padded input, a lay
 PyTorch's own fused oneDNN layer ops in both directions of the pass instead: the forward
 ``aten::mkldnn_rnn_layer`` and its backward ``aten::mkldnn_rnn_layer_backward``, called with ``B_ih``, ``B_hh``
 where backprop passes ``W_ih``, ``W_hh`` (the op uses them only to transport the gate gradients; the gates come
-from the forward's workspace). Everything else, and any torch whose ops or schemas differ (checked once, with
-one warning), keeps the Python backward through time, which is the reference (``USE_FUSED = False`` forces it).
+from the forward's workspace). On CUDA every cell (RNN, GRU, LSTM; float32 or float64, no ``proj_size``, padded
+input, a layer-by-layer rule) runs cuDNN's kernels the same way: ``aten::_cudnn_rnn`` with ``W``'s flat weight
+buffer, ``aten::_cudnn_rnn_backward`` with a flat buffer of the rule's ``B`` (and a copy of the forward's
+reserve, which the op overwrites, so that a retained graph can be differentiated twice). Everything else, and
+any torch whose ops or schemas differ (checked once per kind and device, with one warning), keeps the Python
+backward through time, which is the reference (``USE_FUSED = False`` forces it).
 Every option works: layers, ``bidirectional``, ``batch_first``, unbatched input, ``dropout``, ``bias``,
 ``nonlinearity``, ``proj_size`` and ``PackedSequence`` input (not with the direct rules, which need a padded
 batch). Without gradients (evaluation) or under ``bp`` the PyTorch forward runs. A second derivative
@@ -162,7 +166,7 @@ class _LayerSpec:
         self.x_bf_shape: torch.Size | None = None
         self.layer = 0
         self.work: dict = {}
-        self.fused = False  # the LSTM runs oneDNN's layer ops forward and backward (see _fused_lstm_ok)
+        self.fused = ""  # "mkldnn" or "cudnn": the layer runs PyTorch's fused kernels forward and backward
 
 
 def _run_pytorch(mode: str, x: Tensor, h0: Tensor, c0: Tensor, params: list[Tensor], spec: _LayerSpec):
@@ -198,7 +202,7 @@ def _run_pytorch(mode: str, x: Tensor, h0: Tensor, c0: Tensor, params: list[Tens
 USE_FUSED = True
 """Set to ``False`` to run every converted LSTM through the Python backward through time (the reference)."""
 FUSED_CALLS = {"fused": 0, "python": 0}
-"""How many converted LSTM layer calls ran the fused kernels and how many the Python backward (for tests)."""
+"""How many calls of converted recurrent modules ran the fused kernels and how many the Python backward (tests)."""
 _LSTM_MODE = 2  # the LSTM cell kind of PyTorch's oneDNN layer op
 _FUSED_SCHEMAS = {
     "mkldnn_rnn_layer": ("input", "weight0", "weight1", "weight2", "weight3", "hx_", "cx_", "reverse", "batch_sizes",
@@ -208,31 +212,77 @@ _FUSED_SCHEMAS = {
                                   "hidden_size", "num_layers", "has_biases", "train", "bidirectional", "batch_sizes",
                                   "batch_first", "workspace"),
 }
-_fused_state: dict[str, Any] = {}
+_CUDNN_MODES = {"RNN_RELU": 0, "RNN_TANH": 1, "LSTM": 2, "GRU": 3}  # cuDNN's cell kinds, as PyTorch numbers them
+_CUDNN_SCHEMAS = {
+    "_cudnn_rnn": ("input", "weight", "weight_stride0", "weight_buf", "hx", "cx", "mode", "hidden_size", "proj_size",
+                   "num_layers", "batch_first", "dropout", "train", "bidirectional", "batch_sizes", "dropout_state"),
+    "_cudnn_rnn_backward": ("input", "weight", "weight_stride0", "weight_buf", "hx", "cx", "output", "grad_output",
+                            "grad_hy", "grad_cy", "mode", "hidden_size", "proj_size", "num_layers", "batch_first",
+                            "dropout", "train", "bidirectional", "batch_sizes", "dropout_state", "reserve",
+                            "output_mask"),
+    "_cudnn_rnn_flatten_weight": ("weight_arr", "weight_stride0", "input_size", "mode", "hidden_size", "proj_size",
+                                  "num_layers", "batch_first", "bidirectional"),
+}
+_fused_state: dict[str, bool] = {}
 
 
 def fused_lstm_available() -> bool:
     """Whether this torch has the oneDNN LSTM layer ops with the schemas falign calls (checked once, with one
     tiny call against ``torch._VF.lstm``); warns once and returns ``False`` otherwise."""
-    if "ok" in _fused_state:
-        return _fused_state["ok"]
+    return _ops_usable("mkldnn", torch.device("cpu"))
+
+
+def fused_cudnn_available(device: torch.device | str = "cuda") -> bool:
+    """Whether this torch has cuDNN's RNN ops with the schemas falign calls and they run on ``device`` (checked
+    once per device, with one tiny LSTM call against ``torch._VF.lstm``); warns once and returns ``False``
+    otherwise."""
+    return _ops_usable("cudnn", torch.device(device))
+
+
+def _ops_usable(kind: str, device: torch.device) -> bool:
+    key = f"{kind}:{device}"
+    if key in _fused_state:
+        return _fused_state[key]
+    schemas = _FUSED_SCHEMAS if kind == "mkldnn" else _CUDNN_SCHEMAS
     why = None
     try:
-        for name, args in _FUSED_SCHEMAS.items():
+        for name, args in schemas.items():
             schema = getattr(torch.ops.aten, name).default._schema
             got = tuple(a.name for a in schema.arguments)
             if got != args:
                 why = f"aten::{name} has arguments {got}, falign expects {args}"
                 break
         if why is None:
-            why = _fused_probe()
+            why = _fused_probe() if kind == "mkldnn" else _cudnn_probe(device)
     except Exception as error:  # a missing op or a failing kernel both mean: not available
         why = f"{type(error).__name__}: {error}"
-    _fused_state["ok"] = why is None
+    _fused_state[key] = why is None
     if why is not None:
-        warnings.warn(f"falign: PyTorch's fused LSTM layer ops are not usable with this torch ({why}); converted "
-                      f"LSTMs run the Python backward through time (same gradients, slower)", stacklevel=3)
-    return _fused_state["ok"]
+        what = "fused LSTM layer ops (oneDNN)" if kind == "mkldnn" else f"fused cuDNN RNN ops on {device}"
+        warnings.warn(f"falign: PyTorch's {what} are not usable with this torch ({why}); converted recurrent layers "
+                      f"there run the Python backward through time (same gradients, slower)", stacklevel=3)
+    return _fused_state[key]
+
+
+def _cudnn_probe(device: torch.device) -> str | None:
+    """One tiny LSTM forward and backward through cuDNN's ops against ``torch._VF.lstm`` and autograd (B = W)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 2, generator=gen).to(device).requires_grad_()
+    w = [torch.randn(*shape, generator=gen).to(device) for shape in ((8, 2), (8, 2), (8,), (8,))]
+    h0 = torch.zeros(1, 2, 2, device=device)
+    with torch.enable_grad():
+        out, _, _, reserve, buf = torch.ops.aten._cudnn_rnn(x.detach(), w, 4, None, h0, h0, _CUDNN_MODES["LSTM"], 2,
+                                                            0, 1, False, 0.0, True, False, [], None)
+        ref = torch._VF.lstm(x, (h0, h0), w, True, 1, 0.0, True, False, False)[0]
+        (dx_ref,) = torch.autograd.grad(ref.sum(), x)
+    if not torch.allclose(out, ref.detach(), atol=1e-3):
+        return "its forward does not match torch's LSTM"
+    dx, _, _, dw = torch.ops.aten._cudnn_rnn_backward(x.detach(), w, 4, buf, h0, h0, out, torch.ones_like(out), None,
+                                                      None, _CUDNN_MODES["LSTM"], 2, 0, 1, False, 0.0, True, False,
+                                                      [], None, reserve, [True, True, True, True])
+    if len(dw) != 4 or not torch.allclose(dx, dx_ref, atol=1e-3):
+        return "its backward does not match autograd"
+    return None
 
 
 def _fused_probe() -> str | None:
@@ -322,6 +372,73 @@ def _fused_backward(ctx, x, h0, c0, out, h_n, c_n, workspaces, flat, d_out, d_hn
             torch.stack(dc0s) if need[2] else None, *grads, None)
 
 
+def _cudnn_weights(flat, spec: _LayerSpec, transported: bool) -> list[Tensor]:
+    """cuDNN's weight list, ``[W_ih, W_hh(, b_ih, b_hh)]`` per direction (``B_ih``, ``B_hh`` if ``transported``)."""
+    weights = []
+    for d in range(spec.dirs):
+        p = flat[d * PER_DIRECTION:(d + 1) * PER_DIRECTION]
+        if transported:
+            w_ih = _transported(p[W_IH], p[FB_IH], spec.routes[d]["ih"])[0]
+            w_hh = _transported(p[W_HH], p[FB_HH], spec.routes[d]["hh"])[0]
+        else:
+            w_ih, w_hh = p[W_IH], p[W_HH]
+        weights += [w_ih.detach(), w_hh.detach()]
+        if spec.bias:
+            weights += [p[B_IH].detach(), p[B_HH].detach()]
+    return weights
+
+
+def _cudnn_flat(weights: list[Tensor], spec: _LayerSpec, input_size: int, hidden: int) -> Tensor:
+    return torch.ops.aten._cudnn_rnn_flatten_weight(weights, 4 if spec.bias else 2, input_size,
+                                                    _CUDNN_MODES[spec.mode], hidden, 0, 1, False, spec.dirs == 2)
+
+
+def _cudnn_forward(x: Tensor, h0: Tensor, c0: Tensor, flat, spec: _LayerSpec):
+    """cuDNN's forward of one layer (every direction): ``(out, h_n, c_n, reserve)``."""
+    lstm = spec.mode == "LSTM"
+    x = x.detach().contiguous()
+    hidden = h0.shape[-1]
+    weights = _cudnn_weights(flat, spec, transported=False)
+    buf = _cudnn_flat(weights, spec, x.shape[-1], hidden)
+    # autocast would cast to half precision and reflatten; the recurrence runs in the parameters' dtype instead
+    with torch.enable_grad(), torch.autocast("cuda", enabled=False):
+        cx = c0.detach().contiguous() if lstm else None
+        out, hy, cy, reserve, _ = torch.ops.aten._cudnn_rnn(
+            x, weights, 4 if spec.bias else 2, buf, h0.detach().contiguous(), cx,
+            _CUDNN_MODES[spec.mode], hidden, 0, 1, False, 0.0, True, spec.dirs == 2, [], None)
+    return out, hy, (cy if lstm else hy.new_empty(0)), reserve
+
+
+def _cudnn_backward(ctx, x, h0, c0, out, reserve, flat, d_out, d_hn, d_cn):
+    """cuDNN's backward of one layer with a flat buffer of the rule's ``B_ih``, ``B_hh`` where backprop's holds
+    ``W_ih``, ``W_hh``: the input and across-time signals go through ``B``, the weight gradients are backprop's
+    local ones."""
+    spec, need = ctx.spec, ctx.needs_input_grad
+    lstm = spec.mode == "LSTM"
+    hidden = h0.shape[-1]
+    weights = _cudnn_weights(flat, spec, transported=True)
+    buf = _cudnn_flat(weights, spec, x.shape[-1], hidden)
+    d_out = d_out.contiguous() if d_out is not None else torch.zeros_like(out)
+    dx, dh0, dc0, dw = torch.ops.aten._cudnn_rnn_backward(
+        x.contiguous(), weights, 4 if spec.bias else 2, buf, h0.contiguous(), c0.contiguous() if lstm else None, out,
+        d_out, d_hn.contiguous() if d_hn is not None else None,
+        d_cn.contiguous() if (lstm and d_cn is not None) else None, _CUDNN_MODES[spec.mode], hidden, 0, 1, False, 0.0,
+        True, spec.dirs == 2, [], None, reserve.clone(), [bool(need[0]), bool(need[1]), lstm and bool(need[2]), True])
+    per = 4 if spec.bias else 2
+    grads: list[Tensor | None] = [None] * (PER_DIRECTION * spec.dirs)
+    for d in range(spec.dirs):
+        wants = need[3 + d * PER_DIRECTION:3 + (d + 1) * PER_DIRECTION]
+        mine = dw[d * per:(d + 1) * per]
+        slots = (W_IH, W_HH, B_IH, B_HH)[:per]
+        base = d * PER_DIRECTION
+        for k, g in zip(slots, mine):
+            grads[base + k] = g if wants[k] else None
+        for fb, w, route in ((FB_IH, mine[0], spec.routes[d]["ih"]), (FB_HH, mine[1], spec.routes[d]["hh"])):
+            if wants[fb] and route[1] is None:  # a learned feedback matrix (kp) receives W's gradient
+                grads[base + fb] = w
+    return (dx if need[0] else None, dh0 if need[1] else None, dc0 if (lstm and need[2]) else None, *grads, None)
+
+
 class _Layer(torch.autograd.Function):
     """One recurrent layer, every direction. The forward pass is PyTorch's own (fused) recurrence; the backward
     recomputes the gates from the saved states (two matrix products over all steps) and runs the backward through
@@ -339,6 +456,8 @@ class _Layer(torch.autograd.Function):
         for d in range(spec.dirs):
             p = flat[d * PER_DIRECTION:(d + 1) * PER_DIRECTION]
             params += [p[W_IH], p[W_HH]] + ([p[B_IH], p[B_HH]] if spec.bias else []) + ([p[W_HR]] if spec.proj else [])
+        if spec.fused == "cudnn":
+            return _cudnn_forward(x, h0, c0, flat, spec)
         if spec.fused:
             return _fused_forward(x, h0, c0, flat, spec)
         return _run_pytorch(spec.mode, x, h0, c0, params, spec)
@@ -358,6 +477,8 @@ class _Layer(torch.autograd.Function):
         spec = ctx.spec
         x, h0, c0, out, h_n, c_n, *rest = ctx.saved_tensors
         workspaces, flat = rest[:len(rest) - PER_DIRECTION * spec.dirs], rest[len(rest) - PER_DIRECTION * spec.dirs:]
+        if spec.fused == "cudnn":
+            return _cudnn_backward(ctx, x, h0, c0, out, workspaces[0], flat, d_out, d_hn, d_cn)
         if spec.fused:
             return _fused_backward(ctx, x, h0, c0, out, h_n, c_n, workspaces, flat, d_out, d_hn, d_cn)
         need = ctx.needs_input_grad
@@ -588,6 +709,22 @@ def _direct_input_grad(direct, d: Tensor, spec: _LayerSpec, x2: Tensor) -> Tenso
     return FF._project_grad(q, x_bf, d, mode)
 
 
+def _fused_kind(module: nn.Module, x: Tensor, lstm: bool, packed: bool, direct: bool, probing: bool) -> str:
+    """Which of PyTorch's fused kernels run this call (``"mkldnn"``, ``"cudnn"``), or ``""`` for the Python
+    backward through time."""
+    if not USE_FUSED or packed or module.proj_size > 0 or direct or probing or x.dtype != module.weight_hh_l0.dtype:
+        return ""
+    if x.device.type == "cpu":
+        ok = (lstm and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+              and torch._C._get_mkldnn_enabled() and fused_lstm_available())
+        return "mkldnn" if ok else ""
+    if x.device.type == "cuda":
+        ok = (x.dtype in (torch.float32, torch.float64) and torch.backends.cudnn.is_available()
+              and torch.backends.cudnn.enabled and fused_cudnn_available(x.device))
+        return "cudnn" if ok else ""
+    return ""
+
+
 class _FARNNBase(FeedbackContainer):
     """Shared code of the converted recurrent layers."""
 
@@ -662,12 +799,8 @@ class _FARNNBase(FeedbackContainer):
         views = self.feedback
         probing = layers._PROBE is not None  # convert's probe: record the input layers, plain recurrence
         finals_h, finals_c = [], []
-        fused = (lstm and USE_FUSED and not packed and self.proj_size == 0 and not direct and not probing
-                 and layer_input.device.type == "cpu" and layer_input.dtype == torch.float32
-                 and self.weight_hh_l0.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-                 and torch._C._get_mkldnn_enabled() and fused_lstm_available())
-        if lstm:
-            FUSED_CALLS["fused" if fused else "python"] += 1
+        fused = _fused_kind(self, layer_input, lstm, packed, direct, probing)
+        FUSED_CALLS["fused" if fused else "python"] += 1
         for layer in range(self.num_layers):
             spec = _LayerSpec(self.mode, sizes, batch_sizes if packed else None, dirs, self.bias, self.proj_size > 0,
                               perm, unperm)
