@@ -66,7 +66,9 @@ class Task:
     def accuracy(self, model: nn.Module) -> float:
         model.eval()
         x, y = self.test
-        correct = sum(int((model(x[i:i + 500]).argmax(-1) == y[i:i + 500]).sum()) for i in range(0, len(x), 500))
+        device = next(model.parameters()).device
+        correct = sum(int((model(x[i:i + 500].to(device)).argmax(-1).cpu() == y[i:i + 500]).sum())
+                      for i in range(0, len(x), 500))
         model.train()
         return correct / y.numel()
 

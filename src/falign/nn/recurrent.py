@@ -172,6 +172,11 @@ class _LayerSpec:
 def _run_pytorch(mode: str, x: Tensor, h0: Tensor, c0: Tensor, params: list[Tensor], spec: _LayerSpec):
     """PyTorch's own recurrence (its fused kernels) for one layer, every direction: ``(out, h_n, c_n)``."""
     bi = spec.dirs == 2
+    if x.is_cuda:
+        # One layer's weights can be views into the model's cuDNN flat buffer (nn.RNN.flatten_parameters); cuDNN's
+        # look-up of that buffer then reads another layer's weights for a layer without biases (seen on torch 2.11:
+        # a 2-layer LSTM without bias, forward off by 0.06). Copies have storages of their own.
+        params = [p.clone() for p in params]
     if mode == "LSTM" and spec.proj:
         with warnings.catch_warnings():  # PyTorch's note that oneDNN has no projections: its own kernel runs
             warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
@@ -270,10 +275,12 @@ def _cudnn_probe(device: torch.device) -> str | None:
     x = torch.randn(3, 2, 2, generator=gen).to(device).requires_grad_()
     w = [torch.randn(*shape, generator=gen).to(device) for shape in ((8, 2), (8, 2), (8,), (8,))]
     h0 = torch.zeros(1, 2, 2, device=device)
+    buf = torch.ops.aten._cudnn_rnn_flatten_weight([t.clone() for t in w], 4, 2, _CUDNN_MODES["LSTM"], 2, 0, 1, False,
+                                                   False)
     with torch.enable_grad():
-        out, _, _, reserve, buf = torch.ops.aten._cudnn_rnn(x.detach(), w, 4, None, h0, h0, _CUDNN_MODES["LSTM"], 2,
-                                                            0, 1, False, 0.0, True, False, [], None)
-        ref = torch._VF.lstm(x, (h0, h0), w, True, 1, 0.0, True, False, False)[0]
+        out, _, _, reserve, _ = torch.ops.aten._cudnn_rnn(x.detach(), w, 4, buf, h0, h0, _CUDNN_MODES["LSTM"], 2, 0, 1,
+                                                          False, 0.0, True, False, [], None)
+        ref = torch._VF.lstm(x, (h0, h0), [t.clone() for t in w], True, 1, 0.0, True, False, False)[0]
         (dx_ref,) = torch.autograd.grad(ref.sum(), x)
     if not torch.allclose(out, ref.detach(), atol=1e-3):
         return "its forward does not match torch's LSTM"
@@ -295,7 +302,7 @@ def _fused_probe() -> str | None:
     with torch.enable_grad():
         out, hy, cy, ws = torch.ops.aten.mkldnn_rnn_layer(x.detach(), *w, h0[0], h0[0], False, [], _LSTM_MODE, 2, 1,
                                                           True, False, False, True)
-        ref = torch._VF.lstm(x, (h0, h0), w, True, 1, 0.0, True, False, False)[0]
+        ref = torch._VF.lstm(x, (h0, h0), [t.clone() for t in w], True, 1, 0.0, True, False, False)[0]
         (dx_ref,) = torch.autograd.grad(ref.sum(), x)
     if ws is None or not torch.allclose(out, ref.detach(), atol=1e-5):
         return "its forward does not match torch's LSTM"
