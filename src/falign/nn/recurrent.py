@@ -475,6 +475,8 @@ class _Layer(torch.autograd.Function):
         *flat, spec = rest
         workspaces = output[3:]
         ctx.mark_non_differentiable(*workspaces)
+        # no zero-filled gradients for outputs the loss does not reach (the workspace is megabytes): None instead
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, h0, c0, *output, *flat)
         ctx.spec = spec
 
