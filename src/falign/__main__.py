@@ -2,6 +2,6 @@
 
 import sys
 
-from falign.cli import main
+from falign_cli import main
 
 sys.exit(main())

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from falign_cli import COMMANDS, DESCRIPTION, EPILOG, version
+
 TRAIN_EXAMPLE = """examples:
   falign train                                   # MLP with fa on sklearn digits (about a second)
   falign train --rule dfa --model lenet --data fashion-mnist --epochs 5 --out runs/dfa-lenet
@@ -63,7 +65,7 @@ def _add_train(sub) -> None:
     from falign.train.config import TrainConfig
 
     d = TrainConfig()
-    p = sub.add_parser("train", help="train one model with one learning rule", epilog=TRAIN_EXAMPLE,
+    p = sub.add_parser("train", help=COMMANDS["train"], epilog=TRAIN_EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train one model with one learning rule and write a run directory "
                                    "(config.json, versions.json, metrics.jsonl, checkpoint.pt, summary.json).")
@@ -216,7 +218,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_rules(sub) -> None:
-    p = sub.add_parser("rules", help="list the learning rules and their options",
+    p = sub.add_parser("rules", help=COMMANDS["rules"],
                        description="List the registered learning rules: what each one is, how its feedback "
                                    "changes, what a hidden layer receives, whether the conservation law holds, "
                                    "and its options (give them to falign train as --rule-option KEY=VALUE).")
@@ -243,7 +245,7 @@ PLOT_EXAMPLE = """examples:
 
 
 def _add_plot(sub) -> None:
-    p = sub.add_parser("plot", help="figures of a run's diagnostics", epilog=PLOT_EXAMPLE,
+    p = sub.add_parser("plot", help=COMMANDS["plot"], epilog=PLOT_EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Write alignment.png, conservation.png and decomposition.png for a run "
                                    "trained with --diagnostics-every.")
@@ -274,7 +276,7 @@ REPRODUCE_EXAMPLE = """examples:
 def _add_reproduce(sub) -> None:
     from falign.experiments import EXPERIMENTS
 
-    p = sub.add_parser("reproduce", help="the paper's experiments as one report", epilog=REPRODUCE_EXAMPLE,
+    p = sub.add_parser("reproduce", help=COMMANDS["reproduce"], epilog=REPRODUCE_EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run the experiments of Robertson & Koyejo (ICML 2024) and write report.md, "
                                    "report.html, tables/*.csv and figures/*.png. Experiments: "
@@ -330,7 +332,7 @@ BENCH_EXAMPLE = """examples:
 def _add_bench(sub) -> None:
     from falign.bench import accuracy, speed
 
-    p = sub.add_parser("bench", help="speed and accuracy benchmarks", epilog=BENCH_EXAMPLE,
+    p = sub.add_parser("bench", help=COMMANDS["bench"], epilog=BENCH_EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Benchmarks: step time and memory against plain PyTorch (speed), and accuracy "
                                    "against BioTorch's published LeNet / Fashion-MNIST table (accuracy).")
@@ -355,11 +357,8 @@ def _add_bench(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="falign",
-        description="Train networks with feedback-alignment-family learning rules and measure why they learn.",
-        epilog="run `falign COMMAND --help` for a command's options and examples",
-    )
+    parser = argparse.ArgumentParser(prog="falign", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"falign {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
     _add_reproduce(sub)

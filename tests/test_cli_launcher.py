@@ -1,0 +1,47 @@
+"""`falign --help` and `falign --version` answer without importing torch (the package imports it: seconds);
+every command still reaches falign.cli."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import falign_cli
+
+PROBE = ("import sys, falign_cli\n"
+         "try:\n    falign_cli.main({args!r})\nexcept SystemExit:\n    pass\n"
+         "print('TORCH-IMPORTED' if 'torch' in sys.modules else 'TORCH-NOT-IMPORTED')\n")
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROBE.format(args=args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_help_and_version_do_not_import_torch():
+    for args in (["--help"], ["--version"], []):
+        result = _run(args)
+        assert result.stdout.strip().endswith("TORCH-NOT-IMPORTED"), (args, result.stdout, result.stderr)
+    assert "falign " in _run(["--version"]).stdout
+    listed = _run(["--help"]).stdout
+    for command, text in falign_cli.COMMANDS.items():
+        assert command in listed and text in listed
+
+
+def test_a_command_goes_on_to_the_full_cli():
+    """The control: a command does import torch (it runs falign.cli)."""
+    result = _run(["rules"])
+    assert "fa " in result.stdout and result.stdout.strip().endswith("TORCH-IMPORTED")
+
+
+def test_the_full_parser_lists_the_same_commands_and_version():
+    from falign.cli import build_parser
+
+    parser = build_parser()
+    text = parser.format_help()
+    for command, help_text in falign_cli.COMMANDS.items():
+        assert command in text and help_text in text
+    result = subprocess.run([sys.executable, "-m", "falign", "--version"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0 and result.stdout.strip() == f"falign {falign_cli.version()}"
