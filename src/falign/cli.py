@@ -239,28 +239,35 @@ def _cmd_rules(args: argparse.Namespace) -> int:
 
 
 PLOT_EXAMPLE = """examples:
-  falign train --rule fa --diagnostics-every 20 --out runs/fa-diag
-  falign plot runs/fa-diag                       # writes runs/fa-diag/plots/*.png
+  falign train --rule fa --diagnostics-every 20 --out runs/fa
+  falign plot runs/fa                            # writes runs/fa/plots/*.png
+  falign train --rule bp --diagnostics-every 20 --out runs/bp
+  falign plot runs/fa runs/bp                    # runs/compare/compare.png: both runs in one figure
 """
 
 
 def _add_plot(sub) -> None:
     p = sub.add_parser("plot", help=COMMANDS["plot"], epilog=PLOT_EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Write alignment.png, conservation.png and decomposition.png for a run "
-                                   "trained with --diagnostics-every.")
-    p.add_argument("run_dir", help="a run directory written by falign train")
-    p.add_argument("--out", default=None, help="folder for the PNGs (default: RUN_DIR/plots)")
+                       description="One run: scale.png, and alignment.png, conservation.png and decomposition.png "
+                                   "for a run trained with --diagnostics-every, in RUN/plots. Several runs: "
+                                   "compare.png (loss and accuracy per epoch, and each layer's gradient alignment "
+                                   "where every run has diagnostics), each figure naming its runs' rule, model "
+                                   "and data; each run's own figures go into a sub-folder.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN", help="run directories written by falign train")
+    p.add_argument("--out", default=None,
+                   help="folder for the PNGs (default: RUN/plots for one run, compare/ beside the first run for "
+                        "several)")
     p.set_defaults(func=_cmd_plot)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from falign.report.plots import plot_run
+    from falign.report.plots import plot_runs
 
     def warn(text: str) -> None:
         print(f"falign plot: {text}", file=sys.stderr)
 
-    for path in plot_run(args.run_dir, args.out, warn=warn):
+    for path in plot_runs(args.run_dirs, args.out, warn=warn):
         print(path)
     return 0
 

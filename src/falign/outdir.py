@@ -46,6 +46,8 @@ OWNED: dict[str, tuple[str, ...]] = {
         "plots/scale.png",
     ),
     "plots": (MARKER, "alignment.png", "conservation.png", "decomposition.png", "scale.png"),
+    "compare": (MARKER, "compare.png", "*/" + MARKER, "*/alignment.png", "*/conservation.png", "*/decomposition.png",
+                "*/scale.png"),
     "report": (MARKER, "report.md", "report.html", "tables/*.csv", "figures/*.png", "*/runs/*/**"),
     "bench": (MARKER, "results.csv", "summary.csv", "runs/*/**", "tune/*/**", "tuning.csv", "lr.json",
                "results.json", "summary.json", "pipeline.png"),
@@ -256,7 +258,7 @@ class OutputDir:
 
     Args:
         path: the folder.
-        kind: ``run``, ``plots``, ``report`` or ``bench`` (which files it consists of: :data:`OWNED`).
+        kind: ``run``, ``plots``, ``compare``, ``report`` or ``bench`` (which files it consists of: :data:`OWNED`).
         what: how error messages name it (e.g. ``"--out"``).
     """
 
