@@ -17,6 +17,7 @@ TRAIN_EXAMPLE = """examples:
   falign train --rule kp --weight-decay 1e-3 --diagnostics-every 50
   falign train --rule wm --rule-option decay=0.1 --rule-option steps=2   # a rule's own options (falign rules)
   falign train --resume runs/dfa-lenet           # continue from the latest checkpoint
+  falign train --config runs/dfa-lenet/config.json --seed 1 --out runs/dfa-lenet-s1   # the same run, seed 1
   torchrun --nproc_per_node=2 -m falign train --data synthetic --batch-size 64   # data-parallel (global batch)
   torchrun --nproc_per_node=2 -m falign train --rule dfa --pipeline-stages 2 --hidden 512,512,512   # 2 stages
 """
@@ -135,6 +136,9 @@ def _add_train(sub) -> None:
     p.add_argument("--microbatches", type=int, default=0, metavar="M",
                    help="microbatches per batch in pipeline mode (0: 2 x --pipeline-stages); the batch must split "
                         "evenly")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="start from a saved config.json (a run's, or one written by hand: any subset of its keys); "
+                        "options given on the command line override it")
     p.add_argument("--out", default=None, help="run directory (default: runs/<rule>-<model>-<data>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the run in RUN_DIR from its checkpoint; only --epochs (with --lr-schedule none), "
@@ -148,20 +152,23 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_cmd_train, parser=p)
 
 
-_NOT_CONFIG = ("func", "command", "out", "resume", "overwrite", "no_progress", "parser", "argv")
+_NOT_CONFIG = ("func", "command", "out", "resume", "overwrite", "no_progress", "parser", "argv", "config")
 
 
 def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
     """The destinations of the options that ``argv`` gives explicitly (not left at their defaults)."""
     unset = object()
     saved = [(action, action.default) for action in parser._actions]
+    saved_defaults = dict(parser._defaults)  # set_defaults (--config) values count as defaults too
     try:
         for action, _ in saved:
             action.default = unset
+        parser._defaults = {k: unset for k in saved_defaults}
         namespace, _ = parser.parse_known_args(list(argv))
     finally:
         for action, default in saved:
             action.default = default
+        parser._defaults = saved_defaults
     return {k for k, v in vars(namespace).items() if v is not unset}
 
 
@@ -186,10 +193,41 @@ def _elastic(args: argparse.Namespace) -> None:
         args.overwrite = True
 
 
+def _with_config_file(args: argparse.Namespace) -> argparse.Namespace:
+    """``--config FILE``: the file's values become the defaults, then the command line is parsed again (so an
+    option given there wins)."""
+    from falign.errors import FalignError
+    from falign.train import TrainConfig
+
+    path = Path(args.config)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise FalignError(f"--config {path}: cannot read it ({error.strerror or error})") from None
+    except ValueError as error:
+        raise FalignError(f"--config {path}: not JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise FalignError(f"--config {path}: expected a JSON object of TrainConfig keys (a run's config.json)")
+    if args.resume:
+        raise FalignError("--config starts a new run; --resume continues a saved one with its own config")
+    try:
+        config = TrainConfig.from_dict({**TrainConfig().to_dict(), **data})
+    except (TypeError, ValueError) as error:
+        raise FalignError(f"--config {path}: {error}") from None
+    values = config.to_dict()
+    values["hidden"], values["lr_milestones"] = tuple(values["hidden"]), tuple(values["lr_milestones"])
+    args.parser.set_defaults(**values)
+    again = args.parser.parse_args(args.argv)
+    again.parser, again.argv, again.func, again.command = args.parser, args.argv, args.func, args.command
+    return again
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from falign.errors import FalignError
     from falign.train import TrainConfig, Trainer
 
+    if args.config is not None:
+        args = _with_config_file(args)
     if args.out is not None and not args.out.strip():
         raise FalignError("--out is empty; give a folder (or leave --out out for runs/<rule>-<model>-<data>-<time>)")
     if "lr_milestones" in explicit_options(args.parser, args.argv) and args.lr_schedule != "step" and not args.resume:

@@ -1,0 +1,64 @@
+"""`falign train --config FILE`: a saved config.json as the starting point, the command line on top."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from falign.cli import main
+
+
+def _config(run):
+    return json.loads((run / "config.json").read_text())
+
+
+def test_a_saved_config_reruns_with_the_command_line_on_top(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(["train", "--epochs", "1", "--hidden", "16", "--lr", "0.05", "--rule", "usf", "--no-progress",
+                 "--out", str(first)]) == 0
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(first / "config.json"), "--seed", "4", "--no-progress",
+                 "--out", str(again)]) == 0
+    a, b = _config(first), _config(again)
+    assert {k for k in a if a[k] != b[k]} == {"seed"} and b["seed"] == 4 and b["hidden"] == [16]
+
+
+def test_a_partial_config_keeps_the_other_defaults(tmp_path, capsys):
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps({"rule": "dfa", "epochs": 1, "hidden": [8]}))
+    assert main(["train", "--config", str(part), "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    cfg = _config(tmp_path / "run")
+    assert (cfg["rule"], cfg["epochs"], cfg["hidden"], cfg["batch_size"]) == ("dfa", 1, [8], 32)
+
+
+def test_milestones_in_a_config_are_not_flags_given(tmp_path, capsys):
+    """A run's config.json always holds lr_milestones; with a schedule other than step they were not asked for
+    (the control: giving --lr-milestones on the command line with no step schedule is still refused)."""
+    part = tmp_path / "none.json"
+    part.write_text(json.dumps({"epochs": 1, "hidden": [8], "lr_schedule": "none", "lr_milestones": [0.5, 0.75]}))
+    assert main(["train", "--config", str(part), "--no-progress", "--out", str(tmp_path / "ok")]) == 0
+    assert main(["train", "--config", str(part), "--lr-milestones", "0.3", "--no-progress",
+                 "--out", str(tmp_path / "refused")]) == 1
+    assert "--lr-milestones applies only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"rule": "fa", "bogus": 1}', "unknown config key(s): bogus"),
+    ("not json", "not JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"epochs": "many"}', "epochs"),
+])
+def test_a_bad_config_is_refused_before_training(tmp_path, capsys, content, message):
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    assert main(["train", "--config", str(path), "--no-progress", "--out", str(tmp_path / "run")]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_and_resume_together_are_refused(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text("{}")
+    assert main(["train", "--config", str(path), "--resume", str(tmp_path)]) == 1
+    assert "--resume continues" in capsys.readouterr().err
