@@ -45,3 +45,29 @@ def test_the_full_parser_lists_the_same_commands_and_version():
     result = subprocess.run([sys.executable, "-m", "falign", "--version"], capture_output=True, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0 and result.stdout.strip() == f"falign {falign_cli.version()}"
+
+
+def test_progress_off_a_terminal_is_ten_plain_lines(capsys):
+    """pytest's captured stderr is not a terminal: no tqdm frames, one line per 10% (resumed bars count on)."""
+    from falign.train.progress import progress_bar
+
+    bar = progress_bar(1000, "demo")
+    for _ in range(1000):
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("demo: 1000/1000")
+    resumed = progress_bar(100, "again", initial=55)
+    for _ in range(45):
+        resumed.update(1)
+    assert len(capsys.readouterr().err.strip().splitlines()) == 5  # 60%, 70%, 80%, 90%, 100%
+
+
+def test_reproduce_progress_is_weighted_by_measured_cost():
+    """At the quick size the bar's total is the measured seconds; a costly experiment's unit weighs more."""
+    from falign.experiments import QUICK_SECONDS, unit_costs
+
+    units = {"conservation": 30, "multiclass": 200}
+    cost = unit_costs(units)
+    assert sum(cost[n] * units[n] for n in units) == QUICK_SECONDS["conservation"] + QUICK_SECONDS["multiclass"]
+    assert set(QUICK_SECONDS) == set(__import__("falign.experiments", fromlist=["ORDER"]).ORDER)

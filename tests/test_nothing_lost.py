@@ -373,9 +373,9 @@ def test_input_gradients_leave_brsf_state_unchanged():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_readme_documents_input_gradients_and_backprop_mode():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert "input gradients" in readme and "backprop_mode()" in readme
+def test_the_python_guide_documents_input_gradients_and_backprop_mode():
+    guide = (Path(__file__).parents[1] / "docs" / "guides" / "python.md").read_text()
+    assert "input gradients" in guide and "backprop_mode()" in guide
 
 
 # ---- 12. the output layer is the one that produces the output ------------------------------------------
@@ -602,8 +602,8 @@ def test_jit_trace_records_the_forward_and_warns_that_its_backward_is_backprop()
                 warnings.filterwarnings("ignore", category=category)
             traced = torch.jit.trace(model, x)
     torch.testing.assert_close(traced(x), model(x))
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert "torch.jit.trace" in readme
+    guide = (Path(__file__).parents[1] / "docs" / "guides" / "python.md").read_text()
+    assert "torch.jit.trace" in guide
 
 
 # ---- 17. every CLI path ends in a clear message --------------------------------------------------------

@@ -237,3 +237,60 @@ def test_training_runs_use_the_contexts_device(monkeypatch):
     ctx = multiclass.Context("/tmp/unused", "tiny", 1, device="cpu:0")  # not the default "cpu"
     multiclass._one(ctx, data, "fa", 0, {"hidden": (8,), "steps": 3})
     assert seen == ["cpu:0"]
+
+
+def _html_checks(html: str, names: list[str]) -> None:
+    from html.parser import HTMLParser
+
+    ids, hrefs = [], []
+
+    class Collect(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if "id" in a:
+                ids.append(a["id"])
+            if tag == "a" and a.get("href", "").startswith("#"):
+                hrefs.append(a["href"][1:])
+
+    Collect().feed(html)
+    assert len(ids) == len(set(ids)) and set(hrefs) <= set(ids)  # every anchor link lands
+    for name in names:
+        assert name in ids
+        section = html[html.index(f'id="{name}"'):]
+        section = section[:section.index("</section>")]
+        assert section.index("Verdict:") < section.index("The evidence")  # the verdict first
+        assert "<table" not in section[:section.index("The evidence")]
+    assert "_{" not in html and "^{" not in html  # no raw TeX
+
+
+def test_the_html_report_opens_with_the_verdicts(tiny_report):
+    _, results, paths = tiny_report
+    html = paths["html"].read_text()
+    _html_checks(html, [r.name for r in results])
+    assert html.index('id="summary"') < html.index(f'id="{results[0].name}"')
+    assert "the paper's claim" in html
+    for r in results:  # a control that failed as built to is shown as such, not as a red "not supported"
+        for v in r.verdicts:
+            if v.control and v.as_expected:
+                assert "control-ok" in html
+
+
+def test_html_report_folds_long_tables_and_flags_a_broken_control(tmp_path):
+    """Constructed results: a 30-row table is folded, a 5-row one is not; a control that did NOT fail as built to is
+    shown in red (the negative case of the check above); indices render as sub/superscripts."""
+    from falign.report.report import write_report
+    from falign.results import ExperimentResult, Table, Verdict
+
+    long = Table("long", ["seed", "‖W_{l+1}‖"], [{"seed": i, "‖W_{l+1}‖": i / 3} for i in range(30)], "per seed")
+    short = Table("short", ["x"], [{"x": 1}], "one row")
+    verdicts = [Verdict(SUPPORTED, "slope 1.0 [0.9, 1.1]", "law", role="primary"),
+                Verdict(SUPPORTED, "tanh drifts too", "control: tanh", control=True)]
+    result = ExperimentResult("demo", "A demo", "Q_k is conserved under W_{l+1}", {"η": "0.1"}, [long, short], [],
+                              verdicts, headline={"metric": "slope", "value": 1.0})
+    paths = write_report([result], tmp_path, {"rerun": "falign reproduce"})
+    html = paths["html"].read_text()
+    _html_checks(html, ["demo"])
+    assert html.count("<details>") == 1 and "30 rows" in html
+    assert "control-broken" in html and "did NOT fail as built to" in html
+    assert "W<sub>l+1</sub>" in html
+    assert result.verdict.status == INCONCLUSIVE  # the broken control voids the supported primary

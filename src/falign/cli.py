@@ -330,9 +330,10 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--seeds", type=int, default=None, help="seeds of the repeated runs (default: 3; --full: 5)")
     p.add_argument("--full", action="store_true", help="larger models, more steps and seeds, full-size data")
     p.add_argument("--size", choices=("tiny", "quick", "full"), default=None, help=argparse.SUPPRESS)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="device of the training-run experiments (multiclass, benign_overfitting); the small "
-                        "float64 flow experiments run on the CPU (default: cpu)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                   help="device of the training-run experiments (multiclass, benign_overfitting): auto is cuda "
+                        "where available, else cpu; the small float64 flow experiments run on the CPU (default: "
+                        "cpu)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default: runs/reproduce)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="where the paper's datasets are, when you have them: MNIST (IDX files), CIFAR-100 "
@@ -355,7 +356,12 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
             raise FalignError("--only names no experiment; give a comma-separated list, or leave it out to run all")
     seeds = args.seeds if args.seeds is not None else (5 if size == "full" else 3)
-    results, paths = reproduce(args.out, only=only, size=size, seeds=seeds, device=args.device,
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    results, paths = reproduce(args.out, only=only, size=size, seeds=seeds, device=device,
                                progress=not args.no_progress, data_dir=args.data_dir)
     print(paths["findings"].read_text())
     print("seconds: " + ", ".join(f"{r.name} {r.seconds:.0f}" for r in results))

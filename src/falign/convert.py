@@ -323,8 +323,8 @@ def convert(
     Args:
         model: any ``nn.Module`` (nested, ``Sequential``, residual, shared modules, ...).
         rule: a name from :func:`falign.available_rules` or a rule instance.
-        feedback_init, feedback_scale: distribution and scale of feedback matrices
-            (:class:`~falign.rules.FeedbackInit`).
+        feedback_init: distribution of the feedback matrices (:class:`~falign.rules.FeedbackInit`).
+        feedback_scale: multiplies that distribution's scale.
         seed: every feedback matrix is reproducible from it (the ``i``-th distinct layer, in the order
             the modules are first met, uses ``mix_seed(seed, i)``).
         output_signal: ``"rule"`` (default) or ``"backprop"``: whether the output layer's *input

@@ -288,7 +288,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="independent timing runs per model (the table gives their median and range; default 3)")
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="multiply every model's number of training steps (default 1)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="auto, cpu or cuda[:i] (default: cpu)")
     parser.add_argument("--docs", default=None, metavar="FILE",
                         help="also regenerate this benchmark's section of this Markdown file, e.g. --docs "
                              "docs/benchmarks.md in the repository (default: no file is changed)")

@@ -225,7 +225,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--rules", default=",".join(r for r in falign.available_rules() if r != "bp"))
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="auto, cpu or cuda[:i] (default: cpu)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the rows to this file")
@@ -237,11 +237,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def bench_device(name: str) -> torch.device:
-    """``cpu`` or ``cuda[:i]``, checked to exist (a clear error otherwise)."""
+    """``auto`` (cuda where available, else cpu), ``cpu`` or ``cuda[:i]``, checked to exist (a clear error
+    otherwise)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise FalignError(f"unknown --device {name!r}; use cpu or cuda") from None
+        raise FalignError(f"unknown --device {name!r}; use auto, cpu or cuda") from None
     if device.type not in ("cpu", "cuda"):
         raise FalignError(f"--device {name}: falign benchmarks run on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():

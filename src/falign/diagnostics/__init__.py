@@ -22,7 +22,7 @@ from falign.diagnostics.law import (
     find_pairs,
     pair_quantities,
 )
-from falign.diagnostics.recorder import DiagnosticsRecorder, jsonable
+from falign.diagnostics.recorder import DiagnosticsRecorder, jsonable, record_scalars
 from falign.diagnostics.reference import choose_reference, effective_rank
 from falign.diagnostics.scale import ScaleMonitor, find_runaway, logit_scale, weight_norms
 
@@ -45,6 +45,7 @@ __all__ = [
     "logit_scale",
     "loss_decomposition",
     "pair_quantities",
+    "record_scalars",
     "weight_alignment",
     "weight_norms",
 ]

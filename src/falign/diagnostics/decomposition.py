@@ -31,7 +31,8 @@ def loss_decomposition(rule_grads: Mapping[str, Tensor], true_grads: Mapping[str
     """Per-group terms ``⟨∇L, G⟩`` summed over the group's parameters, and the dominance test.
 
     Args:
-        rule_grads, true_grads: parameter name → the rule's gradient ``G`` and the true gradient.
+        rule_grads: parameter name → the rule's gradient ``G``.
+        true_grads: parameter name → the true gradient ``∇L``.
         groups: group name (a layer) → its parameter names (weight, bias). Parameters of layers
             without feedback (normalisation) go in a group of their own; they count as alignment terms.
         output: the output layer's group.

@@ -211,3 +211,30 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [jsonable(v) for v in obj]
     return obj
+
+
+def record_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A diagnostics record as flat ``{name: number}`` scalars for a logger (TensorBoard, Lightning's logger):
+    ``gradient_alignment/<layer>``, ``signal_alignment/<layer>``, ``weight_alignment/<layer>`` (degrees),
+    ``conservation_max_drift/<pair>``, ``decomposition/<layer>``, ``decomposition/rho`` and ``loss``.
+    Undefined values (``None``, NaN: an angle whose backprop reference was rounding noise) are left out."""
+    out: dict[str, float] = {}
+
+    def put(name: str, value: Any) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            out[name] = float(value)
+
+    for kind in ("gradient_alignment", "signal_alignment"):
+        for layer, value in (record.get(kind) or {}).items():
+            put(f"{kind}/{layer}", value)
+    for layer, value in (record.get("weight_alignment") or {}).items():
+        put(f"weight_alignment/{layer}", value.get("angle") if isinstance(value, dict) else value)
+    for pair, value in (record.get("conservation") or {}).items():
+        if isinstance(value, dict):
+            put(f"conservation_max_drift/{pair}", value.get("max_drift"))
+    decomposition = record.get("decomposition") or {}
+    for layer, value in (decomposition.get("terms") or {}).items():
+        put(f"decomposition/{layer}", value)
+    put("decomposition/rho", decomposition.get("rho"))
+    put("loss", record.get("loss"))
+    return out

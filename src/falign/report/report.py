@@ -10,14 +10,14 @@ import csv
 import html
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from falign.results import (
     CONTROL,
-    INCONCLUSIVE,
-    NOT_SUPPORTED,
     PRIMARY,
     SECONDARY,
     SUPPORTED,
@@ -200,49 +200,38 @@ def _markdown(results: Sequence[ExperimentResult], headline: Table, out: Path, m
     return "\n".join(parts)
 
 
-def _html_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(format_value(r.get(c)))}</td>" for c in columns) + "</tr>"
-                   for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+COLLAPSE_AFTER = 12  # tables longer than this are folded (<details>) in the HTML report
+
+
+def tex_to_html(text: str) -> str:
+    """Escape ``text`` for HTML and render the TeX-style indices it uses (``W_{l+1}``, ``x^{2}``, ``θ_0``) as
+    sub- and superscripts, so that no raw TeX reaches the page."""
+    out = html.escape(str(text))
+    out = re.sub(r"_\{([^{}]*)\}", r"<sub>\1</sub>", out)
+    out = re.sub(r"\^\{([^{}]*)\}", r"<sup>\1</sup>", out)
+    out = re.sub(r"(?<=[A-Za-zα-ωΑ-Ω∇)])_([A-Za-z0-9α-ω])(?![A-Za-z0-9_])", r"<sub>\1</sub>", out)
+    return out.replace("\\", "")
 
 
 def _html(results: Sequence[ExperimentResult], headline: Table, out: Path, meta: dict[str, Any],
           notes: Sequence[str] = ()) -> str:
-    e = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>falign reproduce</title><style>",
-             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:0.85em}td,th{border:1px solid #ccc;"
-             "padding:2px 6px;text-align:right}th{background:#f3f3f3}img{max-width:100%}"
-             ".supported{color:#186a1b}.not{color:#a31515}.inconclusive{color:#8a6d00}code{background:#f5f5f5}",
-             "</style></head><body>",
-             "<h1>falign reproduce: Robertson &amp; Koyejo (ICML 2024)</h1><ul>"]
-    parts += [f"<li>{e(str(k))}: {e(str(v))}</li>" for k, v in meta.items()]
-    parts += ["</ul><h2>Summary</h2>", _html_table(headline.columns, headline.rows),
-              f"<p>{e(LEGEND).replace('**', '')}</p>"]
-    if notes:
-        parts += ["<h2>Data</h2><ul>", *[f"<li>{e(n)}</li>" for n in notes], "</ul>"]
-    for r in results:
-        parts += [f"<h2>{e(r.title)} (<code>{e(r.name)}</code>)</h2>", f"<p><b>Hypothesis.</b> {e(r.hypothesis)}</p>"]
-        if r.data:
-            parts.append(f"<p>{e(_data_line(r).replace('**', ''))}</p>")
-        parts.append("<p><b>Setup.</b></p><ul>")
-        parts += [f"<li>{e(str(k))}: {e(str(v))}</li>" for k, v in r.setup.items()]
-        parts += [f"</ul><p>Rerun: <code>{e(meta.get('rerun', 'falign reproduce'))} --only {e(r.name)}</code></p>"]
-        parts += [f"<p><img src='{e(_rel(fig, out))}' alt='{e(fig.stem)}'></p>" for fig in r.figures]
-        for t in r.tables:
-            rows, note = _shown(t)
-            parts += [f"<p><b>Table <code>{e(t.name)}</code>.</b> {e(t.caption)} (CSV: <code>tables/{e(t.name)}.csv"
-                      f"</code>)</p>", _html_table(t.columns, rows)]
-            if note:
-                parts.append(f"<p><i>{e(note)}</i></p>")
-        cls = {SUPPORTED: "supported", NOT_SUPPORTED: "not", INCONCLUSIVE: "inconclusive"}
-        head = r.verdict
-        parts.append(f"<p class='{cls[head.status]}'><b>Verdict: {e(head.status)}</b> — {e(head.text)}</p><ul>")
-        parts += [f"<li class='{cls[v.status]}'>{e(_kind(v))} — <b>{e(v.status)}</b>: {e(v.text)}</li>"
-                  for v in _ordered(r)]
-        parts.append("</ul>")
-        if r.scale_check:
-            parts.append(f"<p><i>{e(r.scale_check)}</i></p>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    """``report.html`` from its Jinja2 template: the verdicts first (a summary with the paper's claim beside
+    each verdict, then per experiment its verdict before its evidence), a table of contents with anchors,
+    long tables folded, controls that behaved as designed shown as such."""
+    import jinja2
+    from markupsafe import Markup
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["tex"] = lambda text: Markup(tex_to_html(text))
+    env.filters["fmt"] = format_value
+    env.filters["slug"] = lambda status: status.replace(" ", "-")
+    views = [SimpleNamespace(name=r.name, title=r.title, hypothesis=r.hypothesis, verdict=r.verdict,
+                             ordered=_ordered(r), scale_check=r.scale_check, data=r.data,
+                             data_line=_data_line(r).replace("**", ""), setup=r.setup, tables=r.tables,
+                             figure_paths=[{"src": _rel(f, out), "alt": f.stem} for f in r.figures])
+             for r in results]
+    summary = list(zip(views, headline.rows))
+    return env.get_template("report.html.j2").render(
+        results=views, summary=summary, legend=LEGEND.replace("**", "").replace("*", ""), notes=list(notes),
+        meta=meta, rerun=meta.get("rerun", "falign reproduce"), max_rows=MAX_ROWS, collapse_after=COLLAPSE_AFTER)

@@ -27,19 +27,28 @@ class TensorBoard:
         self.writer.flush()
 
     def diagnostics(self, record: dict[str, Any], step: int) -> None:
-        w = self.writer
-        if w is None:
+        if self.writer is None:
             return
-        for kind in ("gradient_alignment", "signal_alignment"):
-            for layer, value in record[kind].items():
-                w.add_scalar(f"{kind}/{layer}", value, step)
-        for layer, value in record["weight_alignment"].items():
-            w.add_scalar(f"weight_alignment/{layer}", value["angle"], step)
-        for pair, value in record["conservation"].items():
-            if "max_drift" in value:
-                w.add_scalar(f"conservation_max_drift/{pair}", value["max_drift"], step)
-        for layer, value in record["decomposition"]["terms"].items():
-            w.add_scalar(f"decomposition/{layer}", value, step)
+        from falign.diagnostics import record_scalars
+
+        for name, value in record_scalars(record).items():
+            if name != "loss":
+                self.writer.add_scalar(name, value, step)
+
+    def step(self, loss: float, lr: float, step: int) -> None:
+        """The training loss of one batch and the learning rate (every step)."""
+        if self.writer is not None:
+            self.writer.add_scalar("step/train_loss", loss, step)
+            self.writer.add_scalar("step/lr", lr, step)
+
+    def hparams(self, config: dict[str, Any], final: dict[str, float]) -> None:
+        """The run's configuration beside its final metrics (TensorBoard's HPARAMS tab)."""
+        if self.writer is None:
+            return
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()
+                if v is not None}
+        self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in final.items()}, run_name=".")
+        self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

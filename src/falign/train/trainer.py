@@ -574,6 +574,7 @@ class Trainer:
                         s.sums["loss"] += loss_value * len(y)  # summed over ranks: the global mean × total
                         s.sums["correct"] += int(correct)
                         s.sums["seen"] += len(y)
+                        self.tensorboard.step(loss_value, self.optimizer.param_groups[0]["lr"], s.step)
                     s.batch += 1
                     s.step += 1
                     bar.update(1)
@@ -587,6 +588,11 @@ class Trainer:
                                f"{cfg.rule!r} (--on-divergence skip-batch); stopped")
                     raise _Diverged
                 self._end_epoch(bar)
+            if self.is_main:
+                epochs = [r for r in self.run_dir.rows_of("metrics.jsonl") if r.get("event") == "epoch"]
+                keys = ("train_loss", "train_acc", "test_loss", "test_acc")
+                final = {k: epochs[-1][k] for k in keys} if epochs else {}
+                self.tensorboard.hparams(self.config.to_dict(), final)
         except _Diverged:
             pass
         finally:
