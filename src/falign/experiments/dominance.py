@@ -386,14 +386,19 @@ def _flow_row(r: dict[str, Any]) -> dict[str, Any]:
 def _figure(ctx: Context, mini: list[dict[str, Any]], flow: list[dict[str, Any]]):
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    colors = {who: f"C{i}" for i, who in enumerate([*RULES, CONTROL])}
+    colors = {who: f"C{i}" for i, who in enumerate(RULES)}
+    colors[CONTROL] = "0.45"  # the control in grey: apart from the rules and from the black threshold line
     for r in mini:
         label = r["rule"] if r["seed"] == 0 else None
         steps = [x["step"] for x in r["records"]]
         axes[0].plot(steps, [x["rho"] for x in r["records"]], color=colors[r["rule"]], lw=0.8, label=label)
         axes[1].semilogy(steps, [x["loss"] for x in r["records"]], color=colors[r["rule"]], lw=0.8, label=label)
-    axes[0].axhline(-(1 - MARGIN), color="r", ls="--", label=f"−(1−c), c={MARGIN}")
-    axes[0].set(xlabel="step", ylabel="ρ (whole training set)", title="N ≫ width: dominance ratio ρ", yscale="symlog")
+    axes[0].axhline(-(1 - MARGIN), color="k", ls="--", lw=1, label=f"threshold −(1−c), c={MARGIN}")
+    axes[0].set_yscale("symlog", linthresh=0.1)
+    axes[0].set_yticks([-100, -10, -1, -0.1, 0, 0.1, 1, 10, 100])
+    axes[0].yaxis.set_major_formatter(lambda value, _: f"{value:g}")
+    axes[0].set(xlabel="step", ylabel="ρ (whole training set; symmetric log, linear within ±0.1)",
+                title="N ≫ width: dominance ratio ρ")
     axes[1].set(xlabel="step", ylabel="cross-entropy (log scale)", title="N ≫ width: training loss, to the fit")
     for r in flow:
         axes[2].semilogy(r["losses"], color=colors[r["rule"]], lw=0.8, label=r["rule"] if r["seed"] == 0 else None)

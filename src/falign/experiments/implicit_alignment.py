@@ -213,16 +213,27 @@ def run(ctx: Context) -> ExperimentResult:
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    import matplotlib.colors as mcolors
+
+    scale_values = sorted({float(r["init scale"]) for r in rows})
+    norm = mcolors.LogNorm(min(scale_values), max(scale_values)) if len(scale_values) > 1 and min(scale_values) > 0 \
+        else mcolors.Normalize(min(scale_values) - 1, max(scale_values) + 1)
+    points = None
     for (case, *_), marker in zip(CASES, "os^"):
         rs = of(case)
-        axes[0].scatter([r["predicted angle"] for r in rs], [r["measured angle"] for r in rs], marker=marker,
-                        s=18, label=case)
+        points = axes[0].scatter([r["predicted angle"] for r in rs], [r["measured angle"] for r in rs],
+                                 c=[float(r["init scale"]) for r in rs], cmap="viridis", norm=norm, marker=marker,
+                                 s=18, label=f"{case} (marker)", edgecolors="none")
+    if points is not None:
+        fig.colorbar(points, ax=axes[0], label="initial weight scale (colour)")
     axes[0].plot([0, 95], [0, 95], color="grey", lw=0.8)
     axes[0].fill_between([0, 95], [-TOLERANCE, 95 - TOLERANCE], [TOLERANCE, 95 + TOLERANCE], color="grey",
                          alpha=0.15, label=f"±{TOLERANCE:g}°")
     axes[0].set(xlabel="angle predicted by the law (degrees)", ylabel="measured angle(W, B) (degrees)",
                 title="end of training: every scale, seed and layer", xlim=(0, 95), ylim=(0, 95))
-    axes[0].legend(fontsize=7)
+    legend = axes[0].legend(fontsize=7)
+    for handle in legend.legend_handles[:len(CASES)]:  # the markers say the case; the colour is the scale
+        handle.set_facecolor("k")
     for i, (case, history) in enumerate(histories.items()):
         layer = sorted(history[-1][1])[-1]
         steps = [s for s, a in history if layer in a]
