@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from falign import functional as FF
 from falign.errors import FalignError, StepWorkSkipped
 from falign.rules import FeedbackInit, FeedbackRule, get_rule
+from falign.rules.base import SEED_KEY
 
 __all__ = ["FAConv1d", "FAConv2d", "FAConv3d", "FALinear", "FeedbackLayer", "TracedBackpropWarning"]
 
@@ -100,7 +101,7 @@ class FeedbackLayer(nn.Module):
         self._step_key: tuple[int, ...] | None = None
         self._step_values: list[Tensor] | None = None
         self._step_hooks = 0
-        for name in ("feedback_weight", "feedback_step"):
+        for name in ("feedback_weight", "feedback_step", SEED_KEY):
             self._parameters.pop(name, None)
             self._buffers.pop(name, None)
         if not self.rule.has_feedback:
@@ -316,6 +317,12 @@ class FeedbackLayer(nn.Module):
             if self.rule.direct and self.direct_shape is None:
                 self.direct_shape = tuple(incoming.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        missing = args[2] if len(args) > 2 else kwargs.get("missing_keys")
+        if isinstance(missing, list) and prefix + SEED_KEY in missing:  # a state saved before the seed was in it
+            missing.remove(prefix + SEED_KEY)
+            warnings.warn(f"{prefix}{SEED_KEY} is not in the loaded state (saved by an earlier falign): this "
+                          f"{self.rule.name} layer's later draws use the seed it was converted with "
+                          f"({self.feedback_seed}), which may not be the saved run's", stacklevel=2)
         self.rule.after_load(self)
 
     def extra_repr(self) -> str:
@@ -368,7 +375,7 @@ class FeedbackLayer(nn.Module):
         """Turn this layer back into the module it was converted from: same object, same parameters and
         hooks; the feedback matrix and the rule's state are removed."""
         cls = self.unconverted_class()
-        for name in ("feedback_weight", "feedback_step"):
+        for name in ("feedback_weight", "feedback_step", SEED_KEY):
             self._parameters.pop(name, None)
             self._buffers.pop(name, None)
             self._non_persistent_buffers_set.discard(name)

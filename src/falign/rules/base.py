@@ -219,3 +219,21 @@ def _check_option_type(rule: str, f: dataclasses.Field, value: Any) -> None:
 def option_help(rule: type[FeedbackRule]) -> list[tuple[str, Any, str]]:
     """``(name, default, help)`` of each option of a rule class (``falign rules`` prints them)."""
     return [(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(rule.Options)]
+
+
+SEED_KEY = "feedback_rng_seed"
+"""The buffer that carries a layer's feedback seed in its ``state_dict``, for the rules whose per-step draws depend
+on it (brsf's redraws, wm's mirror noise): a model loaded from a saved state continues with the saved run's
+draws, not with those of the seed it was converted with."""
+
+
+def register_seed_state(layer: FeedbackLayer) -> None:
+    """Register :data:`SEED_KEY` (the layer's feedback seed, as a 63-bit integer) on ``layer``."""
+    layer.register_buffer(SEED_KEY, torch.tensor(int(layer.feedback_seed) % 2**63, dtype=torch.int64))
+
+
+def load_seed_state(layer: FeedbackLayer) -> None:
+    """After ``load_state_dict``: the layer draws with the loaded seed from now on."""
+    saved = getattr(layer, SEED_KEY, None)
+    if saved is not None and int(saved) != int(layer.feedback_seed) % 2**63:
+        layer.feedback_seed = int(saved)

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from falign.rules.base import Feedback, FeedbackInit
+from falign.rules.base import Feedback, FeedbackInit, load_seed_state, register_seed_state
 from falign.rules.sign import SignConcordantRule
 from falign.seeding import mix_seed
 
@@ -80,9 +80,11 @@ class BatchwiseRandomSignFeedback(SignConcordantRule):
     def register_state(self, layer) -> None:
         layer.register_buffer("feedback_step", torch.zeros((), dtype=torch.int64))
         layer.rule_state["step"] = 0
+        register_seed_state(layer)  # the draws are named by (seed, step): both travel in the state_dict
 
     def after_load(self, layer) -> None:
         layer.rule_state["step"] = int(layer.feedback_step)
+        load_seed_state(layer)
 
     @staticmethod
     def _set_step(layer, step: int) -> None:

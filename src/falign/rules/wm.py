@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from falign.rules.base import Feedback, FeedbackRule
+from falign.rules.base import Feedback, FeedbackRule, load_seed_state, register_seed_state
 from falign.seeding import mix_seed
 
 
@@ -76,9 +76,11 @@ class WeightMirror(FeedbackRule):
         # stages) or on the global generator
         layer.register_buffer("feedback_step", torch.zeros((), dtype=torch.int64))
         layer.rule_state["step"] = 0
+        register_seed_state(layer)  # the noise is named by (seed, step): both travel in the state_dict
 
     def after_load(self, layer) -> None:
         layer.rule_state["step"] = int(layer.feedback_step)
+        load_seed_state(layer)
 
     def after_step(self, layers) -> None:
         o = self.options
