@@ -157,14 +157,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FalignError(f"{run_dir} is not a folder: give a run directory written by falign train")
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise FalignError(f"{metrics} not found: {run_dir} is not a falign run directory")
-    skipped: list[str] = []
-    rows = [r for r in read_metrics(metrics, skipped=skipped) if r.get("event") == "diagnostics"]
-    for line in skipped:
-        (warn or (lambda text: None))(f"skipped {line}")
     say = warn or (lambda text: None)
+    metrics = run_dir / "metrics.jsonl"
+    rows = [r for r in _metrics_rows(run_dir, say) if r.get("event") == "diagnostics"]
+    skipped: list[str] = []
     scale_file = run_dir / "scale.jsonl"
     scale = [r for r in (read_metrics(scale_file, skipped=skipped) if scale_file.is_file() else [])
              if isinstance(r.get("step"), int)]
@@ -216,18 +212,18 @@ def run_label(run_dir: str | Path) -> str:
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
-def _epochs(run_dir: Path, warn: Callable[[str], None]) -> list[dict[str, Any]]:
+def _metrics_rows(run_dir: Path, warn: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every row of a run's ``metrics.jsonl``; lines that are not JSON (a torn last line after a kill) are skipped
+    and reported through ``warn``."""
     from falign.train.rundir import read_metrics
 
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise FalignError(f"{metrics} not found: {run_dir} is not a falign run directory")
     skipped: list[str] = []
-    rows = [r for r in read_metrics(metrics, skipped=skipped) if r.get("event") == "epoch"]
+    rows = read_metrics(metrics, skipped=skipped)
     for line in skipped:
-        warn(f"{run_dir}: skipped {line}")
-    if not rows:
-        raise FalignError(f"{metrics} has no finished epoch yet: nothing to compare")
+        warn(f"skipped {line}")
     return rows
 
 
@@ -237,11 +233,12 @@ def plot_comparison(run_dirs: Sequence[str | Path], path: Path, warn: Callable[[
     layer (colour: run, line style: layer)."""
     say = warn or (lambda text: None)
     runs = [Path(r) for r in run_dirs]
-    epochs = [_epochs(r, say) for r in runs]
-    from falign.train.rundir import read_metrics
-
-    diagnostics = [[r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "diagnostics"]
-                   for run in runs]
+    every = [_metrics_rows(run, lambda text, run=run: say(f"{run}: {text}")) for run in runs]
+    epochs = [[r for r in rows if r.get("event") == "epoch"] for rows in every]
+    for run, rows in zip(runs, epochs):
+        if not rows:
+            raise FalignError(f"{run / 'metrics.jsonl'} has no finished epoch yet: nothing to compare")
+    diagnostics = [[r for r in rows if r.get("event") == "diagnostics"] for rows in every]
     with_angles = all(diagnostics)
     plt = pyplot()
     panels = 3 if with_angles else 2
