@@ -257,7 +257,7 @@ def test_state_dict_unconvert_and_evaluation():
     extra = set(model.state_dict()) - set(plain.state_dict())
     assert "body.layers.0.self_attn.feedback.q.feedback_weight" in extra
     assert "body.layers.0.self_attn.out_proj.feedback_weight" in extra
-    assert all(k.endswith("feedback_weight") for k in extra)
+    assert all(k.endswith(("feedback_weight", "feedback_rule")) for k in extra)
     x = torch.randn(4, 6, 5)
     plain.eval()
     model.eval()

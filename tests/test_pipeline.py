@@ -121,7 +121,10 @@ TWO = ["bp:gpipe:mlp", "bp:1f1b:mlp", "bp:zbv:mlp", "fa:gpipe:mlp", "fa:1f1b:mlp
        "wm:zbv:mlp", "fa:1f1b:lenet", "dfa:unlocked:mlp", "dkp:unlocked:mlp", "drtp:unlocked:mlp",
        "dfa:unlocked:lenet", "dkp:unlocked:lenet", "drtp:unlocked:lenet",
        # under bfloat16 autocast (activations cross in float32, so sender and receiver agree on the size)
-       "dfa:unlocked:mlp:3:bf16", "dkp:unlocked:lenet:3:bf16", "drtp:unlocked:mlp:3:bf16", "fa:1f1b:mlp:3:bf16"]
+       "dfa:unlocked:mlp:3:bf16", "dkp:unlocked:lenet:3:bf16", "drtp:unlocked:mlp:3:bf16", "fa:1f1b:mlp:3:bf16",
+       # batches of 12, 6, 7 (4 microbatches asked: 6 splits into 3, 7 into 1, which 1F1B runs in GPipe's order)
+       "bp:gpipe:mlp:3:partial", "fa:1f1b:mlp:3:partial", "fa:zbv:mlp:3:partial", "wm:1f1b:lenet:3:partial",
+       "dfa:unlocked:mlp:3:partial", "dkp:unlocked:lenet:3:partial", "drtp:unlocked:mlp:3:partial"]
 CONTROLS = ["dfa:unlocked:mlp:4", "fa:1f1b:mlp:4"]  # the pipelined copy has other feedback: it must differ
 
 
@@ -178,6 +181,32 @@ def test_train_in_pipeline_mode_checkpoints_and_resumes_bit_identical(tmp_path, 
     assert "fc1.weight" in a and "fc4.weight" in a  # the whole model's keys, gathered from both stages
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("rule", ["dfa", "fa"])
+def test_a_pipelined_run_trains_on_every_example_as_one_process_does(tmp_path, rule):
+    """250 examples in batches of 32: the last batch (26) splits into 2 microbatches of 13. The pipelined run takes
+    the single-process run's steps and ends at its weights (to float rounding: microbatch means are summed in
+    another order); the negative control, one process without the last batch (--drop-last, what pipeline mode did
+    before), ends elsewhere."""
+    args = ["--rule", rule, *ARGS, "--train-subset", "250"]
+    runs = {name: tmp_path / name for name in ("pipe", "one", "dropped")}
+    done = train(2, *args, "--pipeline-stages", "2", "--out", str(runs["pipe"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, extra in (("one", []), ("dropped", ["--drop-last"])):
+        proc = subprocess.run([sys.executable, "-m", "falign", "train", *args, *extra, "--out", str(runs[name])],
+                              capture_output=True, text=True, env=ENV, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = {n: json.loads((d / "summary.json").read_text())["steps"] for n, d in runs.items()}
+    assert steps == {"pipe": 16, "one": 16, "dropped": 14}
+    weights = {n: load_checkpoint(d / "checkpoint.pt")["model"] for n, d in runs.items()}
+
+    def gap(a: str, b: str) -> float:
+        return max(float((weights[a][k] - weights[b][k]).abs().max()) for k in weights[a]
+                   if weights[a][k].dtype.is_floating_point)
+
+    assert gap("pipe", "one") < 1e-5
+    assert gap("dropped", "one") > 1e-3
 
 
 def test_train_refuses_a_model_it_cannot_cut_and_a_wrong_process_count(tmp_path):

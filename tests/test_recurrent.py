@@ -405,8 +405,9 @@ def test_state_dict_keys_and_unconvert():
     model = falign.convert(plain, "fa")
     keys = set(model.state_dict())
     assert set(plain.state_dict()) <= keys
-    assert keys - set(plain.state_dict()) == {"rnn.feedback.weight_ih_l0.feedback_weight",
-                                              "rnn.feedback.weight_hh_l0.feedback_weight", "out.feedback_weight"}
+    assert keys - set(plain.state_dict()) == {f"{layer}.{entry}" for layer in ("rnn.feedback.weight_ih_l0",
+                                              "rnn.feedback.weight_hh_l0", "out") for entry in ("feedback_weight",
+                                                                                                 "feedback_rule")}
     back = falign.unconvert(model)
     assert type(back.rnn) is nn.LSTM and set(back.state_dict()) == set(plain.state_dict())
     fresh = falign.convert(CharLM(), "fa")

@@ -5,7 +5,7 @@ Networks" (ICML 2024, arXiv:2306.01870).
 >>> import falign, torch.nn as nn
 >>> model = falign.convert(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), rule="fa")
 >>> falign.available_rules()
-['bp', 'brsf', 'dfa', 'fa', 'frsf', 'kp', 'usf', 'wm']
+['bp', 'brsf', 'dfa', 'dkp', 'drtp', 'fa', 'frsf', 'kp', 'usf', 'wm']
 """
 
 from falign import diagnostics, functional, nn, rules
@@ -20,6 +20,7 @@ from falign.convert import (
     unconvert,
     uses_target,
 )
+from falign.errors import FalignError, LoadedStateMismatch, StepWorkSkipped
 from falign.rules import available_rules, get_rule
 from falign.steps import attach, step_rules
 
@@ -28,6 +29,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ConversionError",
     "ConversionReport",
+    "FalignError",
+    "LoadedStateMismatch",
+    "StepWorkSkipped",
     "__version__",
     "attach",
     "available_rules",

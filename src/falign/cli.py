@@ -127,15 +127,15 @@ def _add_train(sub) -> None:
                    help="on a NaN/inf loss: stop the run (default) or skip the batch")
     p.add_argument("--pipeline-stages", type=int, default=0, metavar="K",
                    help="pipeline mode: cut the model into K stages, one per process (torchrun --nproc_per_node=K); "
-                        "the model must be a chain of modules (mlp, lenet); a last partial batch is dropped "
-                        "(0: off)")
+                        "the model must be a chain of modules (mlp, lenet); a last partial batch is split into as "
+                        "many equal microbatches as divide it (0: off)")
     p.add_argument("--pipeline-schedule", choices=("auto", "gpipe", "1f1b", "zbv", "unlocked"), default="auto",
                    help="pipeline schedule: gpipe, 1f1b, zbv (zero-bubble) for bp and the layer-by-layer rules, "
                         "unlocked for the direct rules (no backward messages between stages); auto picks unlocked "
                         "for a direct rule, else 1f1b")
     p.add_argument("--microbatches", type=int, default=0, metavar="M",
-                   help="microbatches per batch in pipeline mode (0: 2 x --pipeline-stages); the batch must split "
-                        "evenly")
+                   help="microbatches per batch in pipeline mode (0: 2 x --pipeline-stages); --batch-size must split "
+                        "into M equal microbatches (a last partial batch: into as many as divide it)")
     p.add_argument("--config", metavar="FILE", default=None,
                    help="start from a saved config.json (a run's, or one written by hand: any subset of its keys); "
                         "options given on the command line override it")

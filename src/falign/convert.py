@@ -533,7 +533,7 @@ class _Root:
         if self.tap is not None and tensors and inputs:
             self.tap.output_sizes = _output_sizes(tensors[0], inputs[0], self.output_features)
             for layer, x in inputs:  # the direct rules' D are made now (a layer not run here: at its first call)
-                if layer.rule.direct and layer.feedback_weight.numel() == 0:
+                if layer.rule.direct and not layer._direct_planned:
                     layer._plan_direct(x)
 
     def set_output_layer(self, model: nn.Module, layer: FeedbackLayer) -> None:

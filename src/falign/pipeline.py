@@ -26,7 +26,9 @@ Schedules:
 Same updates: one :meth:`Pipeline.step` leaves in each parameter's ``.grad`` the mean over microbatches of the
 microbatch gradients, as :func:`accumulate` does on one process; with the same optimiser the weights are
 bit-identical to single-process training with the same microbatching (``tests/test_pipeline.py``).
-The batch must split into ``M`` equal microbatches.
+A batch that ``M`` does not divide (a last partial batch) is split into as many equal microbatches as divide it
+(:func:`split_count`; under ``1f1b`` with fewer microbatches than stages it runs GPipe's order), so the update is
+still the batch's mean gradient and a pipelined run trains on every example, as a single-process run does.
 """
 
 from __future__ import annotations
@@ -142,6 +144,16 @@ def plan_cuts(costs: list[float], chunks: int, allowed: list[int]) -> list[int]:
     return cuts[::-1]
 
 
+def split_count(n: int, m: int) -> int:
+    """How many equal microbatches a batch of ``n`` examples is split into when ``m`` are asked for: ``m`` where it
+    divides ``n``, else the largest count below ``m`` that does (a last partial batch; at worst 1). With equal
+    microbatches the mean of their mean gradients is the batch's mean gradient, so any batch gives the update of
+    single-process training on it."""
+    if m < 1:
+        raise PipelineError(f"--microbatches must be at least 1, got {m}")
+    return next(k for k in range(min(m, max(n, 1)), 0, -1) if n % k == 0)
+
+
 def microbatches(t: Tensor, m: int) -> tuple[Tensor, ...]:
     """``t`` split along dimension 0 into ``m`` equal microbatches (as PyTorch's pipeline schedules split)."""
     if t.shape[0] % m:
@@ -152,17 +164,19 @@ def microbatches(t: Tensor, m: int) -> tuple[Tensor, ...]:
 
 def accumulate(model: nn.Module, x: Tensor, y: Tensor, n_microbatches: int,
                loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> list[Tensor]:
-    """Single-process reference of one pipeline step: the mean over ``n_microbatches`` microbatches of each
-    microbatch's gradient, left in ``.grad``; returns the microbatch outputs (detached)."""
+    """Single-process reference of one pipeline step: the mean over the microbatches (``n_microbatches``, or as
+    many as divide the batch: :func:`split_count`) of each microbatch's gradient, left in ``.grad``; returns the
+    microbatch outputs (detached)."""
     outputs = []
     uses_target = falign.uses_target(model)
-    for xm, ym in zip(microbatches(x, n_microbatches), microbatches(y, n_microbatches)):
+    m = split_count(x.shape[0], n_microbatches)
+    for xm, ym in zip(microbatches(x, m), microbatches(y, m)):
         if uses_target:
             falign.set_target(model, ym)
         out = model(xm)
         loss_fn(out, ym).backward()
         outputs.append(out.detach())
-    _scale_grads((p for p in model.parameters()), n_microbatches)
+    _scale_grads((p for p in model.parameters()), m)
     return outputs
 
 
@@ -314,9 +328,8 @@ class Pipeline:
         self._feedback_handle = None
         if self.schedule_name == "unlocked":
             self._setup_unlocked()
-        else:
-            self._schedule: Any = None  # built at the first step, when the microbatch size is known
-            self._batch = None
+        else:  # built at the first step of each batch size, when the microbatch size is known
+            self._schedules: dict[int, tuple[Any, int, list[int]]] = {}
 
     # -- set-up -----------------------------------------------------------------------------------------
     def _setup_unlocked(self) -> None:
@@ -387,37 +400,35 @@ class Pipeline:
     def _torch_step(self, x: Tensor, y: Tensor):
         from torch.distributed import pipelining as pp
 
-        mb = x.shape[0] // self.m
-        microbatches(x, self.m)  # a batch that does not split evenly is refused before anything is sent
-        if self._schedule is None or self._batch != x.shape[0]:
-            if self._schedule is not None:
-                raise PipelineError(f"pipeline schedules keep one batch size: this batch has {x.shape[0]} "
-                                    f"examples, the first had {self._batch} (falign train drops a last partial batch)")
+        n = x.shape[0]
+        m = split_count(n, self.m)
+        if n not in self._schedules:  # one schedule per batch size: the full batches, and a last partial one
             n_chunks = len(self.chunks)
-            ex = x[:mb].to(self.device)
+            ex = x[: n // m].to(self.device)
             shapes = [ex]
             with torch.no_grad(), falign.functional.backprop_mode():
                 for chunk in self.chunks[:-1]:
                     shapes.append(chunk(shapes[-1]))
             stage_objs = [pp.PipelineStage(self.chunks[i], i, n_chunks, self.device, input_args=(shapes[i],))
                           for i in self.mine]
+            name = self.schedule_name
+            if name == "1f1b" and m < self.stages:  # 1F1B needs a microbatch per stage; GPipe's update is the same
+                name = "gpipe"
             kind = {"gpipe": pp.ScheduleGPipe, "1f1b": pp.Schedule1F1B, "zbv": pp.ScheduleZBVZeroBubble}
-            cls = kind[self.schedule_name]
-            self._schedule = cls(stage_objs if self.schedule_name == "zbv" else stage_objs[0], self.m,
-                                 loss_fn=self.loss_fn)
-            self._batch = x.shape[0]
-            self._boundary = [s.numel() * s.element_size() for s in shapes[1:]]
+            schedule = kind[name](stage_objs if name == "zbv" else stage_objs[0], m, loss_fn=self.loss_fn)
+            self._schedules[n] = (schedule, m, [s.numel() * s.element_size() for s in shapes[1:]])
+        schedule, m, boundary = self._schedules[n]
         losses: list[Tensor] = []
         args = (x.to(self.device),) if self.is_first else ()
         kwargs = {"target": y.to(self.device), "losses": losses} if self.is_last else {}
-        out = self._schedule.step(*args, **kwargs)
+        out = schedule.step(*args, **kwargs)
         # what this rank sent: each microbatch's activations to the next chunk's rank, input gradients to the
         # previous chunk's rank (counted)
         for i in self.mine:  # messages between chunks on one rank stay in the process
             if i + 1 < len(self.chunks) and self._owner(i + 1) != self.rank:
-                self.bytes_sent += self._boundary[i] * self.m
+                self.bytes_sent += boundary[i] * m
             if i > 0 and self._owner(i - 1) != self.rank:
-                self.bytes_sent += self._boundary[i - 1] * self.m
+                self.bytes_sent += boundary[i - 1] * m
         if not self.is_last:
             return None, None
         loss = torch.stack([v.detach() for v in losses]).mean()
@@ -429,13 +440,14 @@ class Pipeline:
         c = self.rank
         first, last = c == 0, c == len(self.chunks) - 1
         chunk = self.chunks[c]
-        xs = microbatches(x, self.m) if first else (None,) * self.m
-        ys = microbatches(y.to(self.device), self.m)
-        mb = x.shape[0] // self.m
+        n_mb = split_count(y.shape[0], self.m)
+        xs = microbatches(x, n_mb) if first else (None,) * n_mb
+        ys = microbatches(y.to(self.device), n_mb)
+        mb = y.shape[0] // n_mb
         records: list[tuple[Tensor, Any, Any]] = []
         errors: list[tuple[Tensor, Any]] = []
         losses, correct = [], []
-        for m in range(self.m):
+        for m in range(n_mb):
             if first:
                 inp = xs[m].to(self.device)
             else:
@@ -486,7 +498,7 @@ class Pipeline:
             out.backward(self.next_first.direct_input_signal(session, out.shape))
         for _, handle in errors if last else ():
             handle.wait()
-        _scale_grads(self.parameters(), self.m)
+        _scale_grads(self.parameters(), n_mb)
         self._wait_sends()
         if not last:
             return None, None

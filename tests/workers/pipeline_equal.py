@@ -1,5 +1,6 @@
-"""Run under torchrun: for each case "rule:schedule:model[:feedback seed of the pipelined copy[:bf16]]" ("bf16":
-both under torch.autocast), train 3 steps pipelined and on one process with the same microbatching
+"""Run under torchrun: for each case "rule:schedule:model[:feedback seed of the pipelined copy[:flags]]" (flags:
+"bf16": both under torch.autocast; "partial": the batches have 12, 6 and 7 examples, as last partial batches that 4
+microbatches do not divide), train 3 steps pipelined and on one process with the same microbatching
 (falign.pipeline.accumulate), and print one JSON line per rank with the largest difference between this rank's
 parameters and the single-process ones."""
 
@@ -38,7 +39,8 @@ def optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 
-def case(rule: str, schedule: str, kind: str, m: int, pipeline_seed: int = 3, bf16: bool = False) -> dict[str, float]:
+def case(rule: str, schedule: str, kind: str, m: int, pipeline_seed: int = 3, bf16: bool = False,
+         sizes: tuple[int, ...] = (12, 12, 12)) -> dict[str, float]:
     ref = build(kind, rule)
     x0, y0 = data(kind, 0)
     if falign.uses_target(ref):
@@ -51,8 +53,9 @@ def case(rule: str, schedule: str, kind: str, m: int, pipeline_seed: int = 3, bf
     pipe = Pipeline(model, dist.get_world_size(), schedule=schedule, n_microbatches=m, example=x0)
     popt = optimizer(pipe.parameters())
     falign.attach(pipe.module, popt)
-    for step in range(3):
+    for step, n in enumerate(sizes):
         x, y = data(kind, step)
+        x, y = x[:n], y[:n]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             opt.zero_grad()
             accumulate(ref, x, y, m, F.cross_entropy)
@@ -77,7 +80,9 @@ def main() -> None:
     torch.set_num_threads(1)
     for spec in sys.argv[1:]:
         rule, schedule, kind, *extra = spec.split(":")
-        diff = case(rule, schedule, kind, m=4, pipeline_seed=int(extra[0]) if extra else 3, bf16="bf16" in extra[1:])
+        flags = extra[1:]
+        diff = case(rule, schedule, kind, m=4, pipeline_seed=int(extra[0]) if extra else 3, bf16="bf16" in flags,
+                    sizes=(12, 6, 7) if "partial" in flags else (12, 12, 12))
         row = {"case": spec, "rank": dist.get_rank(), "max_abs_diff": diff["all"],
                "max_abs_diff_weights": diff["weight"]}
         print(json.dumps(row), flush=True)

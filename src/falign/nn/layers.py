@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from falign import functional as FF
-from falign.errors import FalignError, StepWorkSkipped
+from falign.errors import FalignError, LoadedStateMismatch, StepWorkSkipped
 from falign.rules import FeedbackInit, FeedbackRule, get_rule
-from falign.rules.base import SEED_KEY
+from falign.rules.base import RULE_KEY, SEED_KEY, rule_name_of, rule_name_tensor
 
 __all__ = ["FAConv1d", "FAConv2d", "FAConv3d", "FALinear", "FeedbackLayer", "TracedBackpropWarning"]
 
@@ -97,17 +97,19 @@ class FeedbackLayer(nn.Module):
         self._output_features: int | None = None
         if self.rule.direct and output_features is not None and self.weight.dim() == 2:
             self.direct_shape = (int(output_features), self.weight.shape[1])
+        self._direct_planned = not self.rule.direct or self.direct_shape is not None
         self._feedback_used = False
         self._step_key: tuple[int, ...] | None = None
         self._step_values: list[Tensor] | None = None
         self._step_hooks = 0
-        for name in ("feedback_weight", "feedback_step", SEED_KEY):
+        for name in _STATE_NAMES:
             self._parameters.pop(name, None)
             self._buffers.pop(name, None)
         if not self.rule.has_feedback:
             self.register_buffer("feedback_weight", None)
         else:
             self._assign_feedback(self.weight.new_empty(0))
+            self.register_buffer(RULE_KEY, rule_name_tensor(self.rule.name).to(self.weight.device))
             self.reset_feedback()
         self.rule.register_state(self)
 
@@ -191,7 +193,7 @@ class FeedbackLayer(nn.Module):
         direct, per_step, has_feedback, from_weight, parameter = self._capabilities
         if per_step and not self._step_hooks and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self._check_stepped()
-        if direct and self.feedback_weight.numel() == 0:
+        if direct and not self._direct_planned:
             self._plan_direct(x)
         if not has_feedback or not torch.is_grad_enabled():
             return PLAIN, None
@@ -234,10 +236,20 @@ class FeedbackLayer(nn.Module):
                 f"{self.rule.name}: this layer does not know the model's output size yet. Convert the whole model "
                 f"with falign.convert(model, {self.rule.name!r}) and call the model (not the layer on its own), or "
                 f"build the layer with output_features= and call falign.install_error_tap(model)")
+        loaded = self.feedback_weight.numel() > 0  # D came with a loaded state: check it, keep it
         if sizes is not None:
-            self.direct_mode, self.direct_shape = self.rule.plan(self, x, sizes)
+            mode, shape = self.rule.plan(self, x, sizes)
+            if loaded and tuple(self.feedback_weight.shape) != tuple(shape):
+                raise LoadedStateMismatch(
+                    f"{self.rule.name}: the loaded feedback_weight (D) of this layer has shape "
+                    f"{tuple(self.feedback_weight.shape)}, but on this input (shape {tuple(x.shape)}) and this "
+                    f"model's output the layer needs D of shape {tuple(shape)} ({mode}): the state was saved from "
+                    f"another model, another output size or another rule")
+            self.direct_mode, self.direct_shape = mode, shape
             self._output_features = sizes[0] // max(1, math.prod(sizes[1]))
-        self.reset_feedback()
+        self._direct_planned = True
+        if not loaded:
+            self.reset_feedback()
 
     def direct_input_signal(self, session: FF.ErrorSession | None, x_shape: torch.Size | tuple[int, ...]) -> Tensor:
         """Under a direct rule, the signal this layer's backward sends its input ``x`` (of shape ``x_shape``):
@@ -309,6 +321,15 @@ class FeedbackLayer(nn.Module):
         raise NotImplementedError
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        missing = args[2] if len(args) > 2 else kwargs.get("missing_keys")  # PyTorch's order: metadata, strict, missing
+        saved_rule = state_dict.get(prefix + RULE_KEY)
+        if self.rule.has_feedback and saved_rule is not None and rule_name_of(saved_rule) != self.rule.name:
+            saved = rule_name_of(saved_rule)
+            raise LoadedStateMismatch(
+                f"{prefix.rstrip('.') or 'the layer'}: the state was saved with rule {saved!r}, and this layer uses "
+                f"{self.rule.name!r}. Convert the model with rule={saved!r} to continue that run; to start "
+                f"{self.rule.name} from its weights instead, load the state without its feedback entries: "
+                f"model.load_state_dict({{k: v for k, v in state.items() if 'feedback' not in k}}, strict=False)")
         key = prefix + "feedback_weight"
         current = self.feedback_weight
         incoming = state_dict.get(key)
@@ -316,8 +337,13 @@ class FeedbackLayer(nn.Module):
             self._assign_feedback(current.new_empty(incoming.shape))
             if self.rule.direct and self.direct_shape is None:
                 self.direct_shape = tuple(incoming.shape)
+        if self.rule.direct and incoming is not None and incoming.numel() > 0:
+            # how D is applied (per position or per sample) follows from the input and the model's output, not
+            # from D's shape: it is planned again at the next forward pass, which checks the loaded D against it
+            self._direct_planned = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        missing = args[2] if len(args) > 2 else kwargs.get("missing_keys")
+        if isinstance(missing, list) and prefix + RULE_KEY in missing:  # saved before the rule was in it: unchecked
+            missing.remove(prefix + RULE_KEY)
         if isinstance(missing, list) and prefix + SEED_KEY in missing:  # a state saved before the seed was in it
             missing.remove(prefix + SEED_KEY)
             warnings.warn(f"{prefix}{SEED_KEY} is not in the loaded state (saved by an earlier falign): this "
@@ -375,7 +401,7 @@ class FeedbackLayer(nn.Module):
         """Turn this layer back into the module it was converted from: same object, same parameters and
         hooks; the feedback matrix and the rule's state are removed."""
         cls = self.unconverted_class()
-        for name in ("feedback_weight", "feedback_step", SEED_KEY):
+        for name in _STATE_NAMES:
             self._parameters.pop(name, None)
             self._buffers.pop(name, None)
             self._non_persistent_buffers_set.discard(name)
@@ -428,10 +454,10 @@ def _snapshot(weights: list[Tensor], previous: list[Tensor] | None) -> list[Tens
 
 
 _CONVERTED_CLASSES: dict[tuple[type, type], type] = {}
+_STATE_NAMES = ("feedback_weight", "feedback_step", SEED_KEY, RULE_KEY)  # a rule's entries in a layer's state_dict
 _LAYER_ATTRIBUTES = ("rule", "_capabilities", "feedback_init", "feedback_seed", "error_tap", "rule_state",
-                     "direct_mode", "direct_shape", "_output_features", "_feedback_used", "_step_key", "_step_values",
-                     "_step_hooks",
-                     "_scratch")
+                     "direct_mode", "direct_shape", "_direct_planned", "_output_features", "_feedback_used",
+                     "_step_key", "_step_values", "_step_hooks", "_scratch")
 
 
 def _feedback_args(rule, feedback_init: str, feedback_scale: float, seed: int,

@@ -221,6 +221,22 @@ def option_help(rule: type[FeedbackRule]) -> list[tuple[str, Any, str]]:
     return [(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(rule.Options)]
 
 
+RULE_KEY = "feedback_rule"
+"""The buffer that names a layer's rule in its ``state_dict`` (the name's UTF-8 bytes, ``uint8``), on every layer with
+feedback: a state saved under one rule and loaded into a model converted with another is refused (or, with
+``strict=False``, loaded without its feedback) instead of silently giving one rule's feedback to another."""
+
+
+def rule_name_tensor(name: str) -> torch.Tensor:
+    """:data:`RULE_KEY`'s value for the rule ``name``."""
+    return torch.tensor(list(name.encode()), dtype=torch.uint8)
+
+
+def rule_name_of(value: torch.Tensor) -> str:
+    """The rule name a :data:`RULE_KEY` tensor holds."""
+    return bytes(value.tolist()).decode(errors="replace")
+
+
 SEED_KEY = "feedback_rng_seed"
 """The buffer that carries a layer's feedback seed in its ``state_dict``, for the rules whose per-step draws depend
 on it (brsf's redraws, wm's mirror noise): a model loaded from a saved state continues with the saved run's

@@ -560,8 +560,6 @@ class Trainer:
                     total = len(y)  # the global batch (a last one may be smaller, and not divide by the ranks)
                     if self.pipeline is None:
                         x, y = self.dist.shard(x, y)
-                    elif len(y) < cfg.batch_size:
-                        break  # pipeline schedules keep one batch size: a last partial batch is dropped
                     loss_value, correct = self.train_step(x, y, total)
                     if not math.isfinite(loss_value):
                         if cfg.on_divergence == "stop":
