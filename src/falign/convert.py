@@ -490,8 +490,12 @@ class _Root:
             return None
         if not isinstance(output, Tensor):
             self.tap.abort()
-            raise TypeError(f"the direct rules need the model to return one tensor (its output error is "
-                            f"projected), got {type(output).__name__}")
+            raise TypeError(
+                f"the direct rules need the model to return one tensor (its output error is projected), got "
+                f"{type(output).__name__}. Convert a wrapper whose forward returns that tensor and compute the loss "
+                f"outside the model, e.g. for a HuggingFace classifier: class Logits(nn.Module): def forward(self, "
+                f"input_ids): return self.model(input_ids=input_ids).logits (without labels=, whose loss would be "
+                f"computed before the error could be recorded)")
         return self.tap.end(output)
 
     @torch.compiler.disable

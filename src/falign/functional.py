@@ -313,6 +313,12 @@ class ErrorTap:
         return {"_open": [], "output_sizes": self.output_sizes, "target": None}
 
 
+OUTSIDE_FORWARD_CAUSES = (
+    "e.g. torch.utils.checkpoint.checkpoint_sequential(model, ...) calls the layers without the model, and "
+    "torch.utils.checkpoint with use_reentrant=True recomputes them in the backward pass: checkpoint inside the "
+    "model's forward with use_reentrant=False, which the direct rules support")
+
+
 class ErrorSession:
     """The output error (filled in by the backward) and the target of one forward pass."""
 
@@ -327,8 +333,8 @@ class ErrorSession:
         if session is None:
             raise RuntimeError(
                 "direct feedback: this layer ran outside a forward pass of the converted model (a submodule "
-                "called on its own), so there is no output error to project. Call the whole model, or compute "
-                "true gradients inside falign.functional.backprop_mode()."
+                f"called on its own; {OUTSIDE_FORWARD_CAUSES}), so there is no output error to project. Call the "
+                "whole model, or compute true gradients inside falign.functional.backprop_mode()."
             )
         if session.error is None:
             raise RuntimeError(

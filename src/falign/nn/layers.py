@@ -351,6 +351,14 @@ class FeedbackLayer(nn.Module):
                           f"({self.feedback_seed}), which may not be the saved run's", stacklevel=2)
         self.rule.after_load(self)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``copy.deepcopy``, pickling) has no optimiser hook of :func:`falign.attach` (the hook holds the
+        original's layers), so its check that per-step work ran is on, as in a freshly converted layer."""
+        state = dict(super().__getstate__())
+        state.update(_step_hooks=0, _step_key=None, _step_values=None)
+        state.pop("_scratch", None)
+        return state
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rule={self.rule.name}"
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from falign.functional import ErrorSession
+from falign.functional import OUTSIDE_FORWARD_CAUSES, ErrorSession
 from falign.rules.base import Feedback, Law, Signal
 from falign.rules.direct import DirectRule
 
@@ -54,7 +54,11 @@ class DirectRandomTargetProjection(DirectRule):
     Options = TargetProjectionOptions
 
     def projected(self, session: ErrorSession | None, n_out: int) -> Tensor:
-        target = None if session is None else session.target
+        if session is None:
+            raise RuntimeError("drtp: this layer ran outside a forward pass of the converted model (a submodule called "
+                               f"on its own; {OUTSIDE_FORWARD_CAUSES}), so no target is known for it. Call the whole "
+                               "model, or compute true gradients inside falign.functional.backprop_mode().")
+        target = session.target
         if target is None:
             raise RuntimeError("drtp projects the target of each example: call falign.set_target(model, y) before "
                                "the forward pass (falign train does)")
