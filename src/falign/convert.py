@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_leaves
 
 from falign.errors import FalignError
 from falign.functional import ErrorTap
-from falign.nn import layers as _layers
+from falign.nn import probe as _probe
 from falign.nn.attention import FAMultiheadAttention
 from falign.nn.containers import FeedbackContainer
 from falign.nn.layers import (
@@ -203,9 +203,8 @@ def _lazy(child: nn.Module) -> bool:
 class _Plan:
     """One walk over every path to every module (a shared module is met once per use)."""
 
-    def __init__(self, map_: dict, unsupported: str) -> None:
+    def __init__(self, map_: dict) -> None:
         self.map = map_
-        self.unsupported_mode = unsupported
         self.records: list[LayerRecord] = []
         self.layers: list[tuple[str, nn.Module, type[FeedbackLayer]]] = []  # unique, first-use order
         self.first: dict[int, str] = {}
@@ -364,7 +363,7 @@ def convert(
         raise ConversionError("convert a model that contains the layer (e.g. nn.Sequential(layer)), "
                               "not a bare layer; or use FALinear.from_module")
 
-    plan = _Plan(map_, unsupported)
+    plan = _Plan(map_)
     plan.walk_model(model)
     if plan.problems and unsupported == "error":
         raise ConversionError(
@@ -517,17 +516,8 @@ class _Root:
                 nodes[out.grad_fn] = layer
             return out
 
-        modes = {m: m.training for m in model.modules()}
-        previous = _layers._PROBE
-        _layers._PROBE = record
-        try:
-            model.eval()
-            with torch.enable_grad():
-                output = model.forward(*args, **kwargs)
-        finally:
-            _layers._PROBE = previous
-            for m, mode in modes.items():
-                m.training = mode
+        with _probe.measuring(model), _probe.probing(record):
+            output = model.forward(*args, **kwargs)
         tensors = [t for t in tree_leaves(output) if isinstance(t, Tensor)]
         layer = _nearest_layer([t.grad_fn for t in tensors if t.grad_fn is not None], nodes)
         if layer is None and inputs:
@@ -644,11 +634,25 @@ def set_target(model: nn.Module, target: Tensor) -> None:
         falign.set_target(model, y)
         loss = F.cross_entropy(model(x), y)
     """
-    root = getattr(model, "_falign_root", None)
+    root = root_of(model)
     if root is None:
         raise ValueError("set_target needs a model produced by falign.convert")
     if root.tap is not None:
         root.tap.target = target
+
+
+def root_of(model: nn.Module) -> _Root | None:
+    """The hooks :func:`convert` installed on ``model``'s root (its error tap, report and probe), or ``None`` for a
+    model ``convert`` did not produce."""
+    root = getattr(model, "_falign_root", None)  # through a wrapper's __getattr__ too (torch.compile's module)
+    return root if isinstance(root, _Root) else None
+
+
+def error_tap_of(model: nn.Module) -> ErrorTap | None:
+    """The error tap of a model converted with a direct rule (records each forward pass's output error), else
+    ``None``."""
+    root = root_of(model)
+    return None if root is None else root.tap
 
 
 def feedback_layers(model: nn.Module) -> list[FeedbackLayer]:

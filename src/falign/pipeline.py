@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import falign
+from falign.convert import error_tap_of
 from falign.errors import FalignError
 from falign.nn.layers import FeedbackLayer
 
@@ -315,7 +316,7 @@ class Pipeline:
                                                                  layout.cuts)
         self.output_tail = layout.output_tail
         self.uses_target = falign.uses_target(model)
-        self.tap = getattr(getattr(model, "_falign_root", None), "tap", None)
+        self.tap = error_tap_of(model)
         bounds = [*self.cuts, len(self.links)]
         self.chunks = [nn.Sequential(*[m for _, m in self.links[a:b]]) for a, b in itertools.pairwise(bounds)]
         self.chunk_names = [[n for n, _ in self.links[a:b]] for a, b in itertools.pairwise(bounds)]

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from falign.diagnostics.angles import inner
-from falign.nn import layers as _layers
+from falign.nn import probe as _probe
 from falign.nn.layers import FeedbackLayer
 from falign.rules import FeedbackRule, Law, get_rule
 
@@ -101,11 +101,11 @@ def find_pairs(model: nn.Module, example: Any, *, not_applicable: dict[str, str]
     order: list[int] = []
 
     def pre(module, args):
-        if _layers._PROBE is None:
+        if _probe.active() is None:
             calls.setdefault(id(module), []).append([args[0] if args else None, None])
 
     def post(module, args, out):
-        if _layers._PROBE is None and calls.get(id(module)) and isinstance(out, Tensor):
+        if _probe.active() is None and calls.get(id(module)) and isinstance(out, Tensor):
             calls[id(module)][-1][1] = out.grad_fn
             order.append(id(module))
 
@@ -114,19 +114,12 @@ def find_pairs(model: nn.Module, example: Any, *, not_applicable: dict[str, str]
         if isinstance(m, FeedbackLayer):
             layers[id(m)] = m
             hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    modes = {m: m.training for m in model.modules()}
-    used = {id(m): m._feedback_used for m in layers.values()}
     try:
-        model.eval()
-        with torch.enable_grad():
+        with _probe.measuring(model):
             output = model(*example) if isinstance(example, tuple) else model(example)
     finally:
-        for m, mode in modes.items():
-            m.training = mode
         for h in hooks:
             h.remove()
-        for key, flag in used.items():
-            layers[key]._feedback_used = flag
     roots = [t.grad_fn for t in tree_leaves(output) if isinstance(t, Tensor) and t.grad_fn is not None]
     consumers = _consumers(roots)
     producers = {}

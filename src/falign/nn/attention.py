@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from falign.nn import probe as _probe
 from falign.nn.containers import FeedbackContainer
 from falign.nn.layers import FALinear
 
@@ -64,9 +65,7 @@ class FAMultiheadAttention(FeedbackContainer, nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
-        from falign.nn import layers
-
-        if layers._PROBE is None and (not torch.is_grad_enabled() or not self.rule.has_feedback):
+        if _probe.active() is None and (not torch.is_grad_enabled() or not self.rule.has_feedback):
             return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                                                  average_attn_weights, is_causal)
         return self._attend(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,

@@ -28,12 +28,12 @@ from torch import Tensor, nn
 
 from falign import functional as FF
 from falign.errors import FalignError, LoadedStateMismatch, StepWorkSkipped
+from falign.nn import probe as _probe
 from falign.rules import FeedbackInit, FeedbackRule, get_rule
 from falign.rules.base import RULE_KEY, SEED_KEY, rule_name_of, rule_name_tensor
 
 __all__ = ["FAConv1d", "FAConv2d", "FAConv3d", "FALinear", "FeedbackLayer", "TracedBackpropWarning"]
 
-_PROBE: Any = None  # set by falign.convert's probe of the first forward pass
 PLAIN, MATRIX, DIRECT = "plain", "matrix", "direct"  # the routes of FeedbackLayer.route
 
 
@@ -172,8 +172,9 @@ class FeedbackLayer(nn.Module):
 
     # -- the forward pass: the layer asks, the rule answers --------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if _PROBE is not None:
-            return _PROBE(self, x)
+        record = _probe.active()
+        if record is not None:  # a measuring pass (falign.nn.probe.probing)
+            return record(self, x)
         if torch.jit.is_tracing():
             _warn_traced()
             return self.plain_forward(x)

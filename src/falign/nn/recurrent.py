@@ -53,6 +53,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from falign import functional as FF
 from falign.nn import layers
+from falign.nn import probe as _probe
 from falign.nn.containers import FeedbackContainer
 
 __all__ = ["FAGRU", "FALSTM", "FARNN"]
@@ -136,15 +137,6 @@ def _previous_segments(states: Tensor, initial: Tensor, sizes: list[int], order:
         return [(slice(total - n, total), initial), (slice(0, total - n), states[n:])]
     index = _shift_index(sizes, _offsets(sizes), order, n, states.device)
     return [(slice(0, total), torch.cat((initial, states)).index_select(0, index))]
-
-
-def _final_rows(sizes: list[int], offsets: list[int], reverse: bool, device) -> Tensor:
-    """The row of each sequence's last state (the first step for the reverse direction)."""
-    n = sizes[0]
-    if reverse:
-        return torch.arange(n, device=device)
-    lengths = (torch.tensor(sizes).unsqueeze(0) > torch.arange(n).unsqueeze(1)).sum(1)
-    return (torch.tensor(offsets)[lengths - 1] + torch.arange(n)).to(device)
 
 
 W_IH, W_HH, B_IH, B_HH, W_HR, FB_IH, FB_HH, FB_HR = range(8)  # one direction's inputs of _Layer, in order
@@ -762,7 +754,7 @@ class _FARNNBase(FeedbackContainer):
         return specs
 
     def forward(self, input, hx=None):
-        if layers._PROBE is None and (not torch.is_grad_enabled() or not self.rule.has_feedback):
+        if _probe.active() is None and (not torch.is_grad_enabled() or not self.rule.has_feedback):
             return self.torch_base.forward(self, input, hx)
         device = (input.data if isinstance(input, PackedSequence) else input).device.type
         if FF._autocast_dtype(device) is None:
@@ -806,7 +798,8 @@ class _FARNNBase(FeedbackContainer):
             layer_input = x.transpose(0, 1) if self.batch_first else x  # time-major (T, N, in)
         h0, c0 = self._initial_state(hx, n, out_size, lstm, batched, perm, layer_input)
         views = self.feedback
-        probing = layers._PROBE is not None  # convert's probe: record the input layers, plain recurrence
+        record = _probe.active()  # convert's probe: record the input layers, plain recurrence
+        probing = record is not None
         finals_h, finals_c = [], []
         fused = _fused_kind(self, layer_input, lstm, packed, direct, probing)
         FUSED_CALLS["fused" if fused else "python"] += 1
@@ -826,7 +819,7 @@ class _FARNNBase(FeedbackContainer):
                 weights.append(getattr(self, f"weight_hr{s}") if self.proj_size > 0 else None)
                 feedback = [None, None, None]
                 if probing:
-                    layers._PROBE(views[f"weight_ih{s}"], x_plan)
+                    record(views[f"weight_ih{s}"], x_plan)
                     spec.routes[d] = {"ih": (None, None), "hh": (None, None), "hr": (None, None)}
                 else:
                     signal = torch.is_grad_enabled() and (layer_input.requires_grad or h_start.requires_grad or any(

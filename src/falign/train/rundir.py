@@ -28,10 +28,6 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"), "w")
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
 def read_metrics(path: Path, *, skipped: list[str] | None = None) -> list[dict[str, Any]]:
     """All rows of a ``metrics.jsonl`` file.
 
