@@ -43,7 +43,7 @@ import collections
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -389,18 +389,18 @@ def convert(
 
     tap = ErrorTap() if rule_obj.direct else None
     init = FeedbackInit(feedback_init, feedback_scale)
-    for index, (_, child, target) in enumerate(plan.layers):
-        target.convert_in_place(child, rule=rule_obj, init=init, seed=mix_seed(seed, index), error_tap=tap)
+    for number, (_, child, target) in enumerate(plan.layers):
+        target.convert_in_place(child, rule=rule_obj, init=init, seed=mix_seed(seed, number), error_tap=tap)
 
     for record in plan.records:
         if record.status == "converted":
             record.rule = rule_obj.name
     report = ConversionReport(rule_obj.name, output_layer, plan.records,
                               "given" if output_layer is not None else "found on the first forward pass")
-    model.falign_report = report
+    setattr(model, "falign_report", report)  # noqa: B010  # a plain attribute, not a parameter or module
     root = _Root(tap, report, output_signal, output_features)
     if output_layer is not None:
-        root.set_output_layer(model, model.get_submodule(output_layer))
+        root.set_output_layer(model, cast(FeedbackLayer, model.get_submodule(output_layer)))  # checked above
     root.install(model, probe=tap is not None or output_layer is None)
     if example_input is not None:
         args = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -426,8 +426,8 @@ class _Root:
         self.probed = not probe
         handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
                    model.register_forward_hook(self._post, always_call=True)]
-        model._falign_root_handles = handles
-        model._falign_root = self
+        setattr(model, "_falign_root_handles", handles)  # noqa: B010  # plain attributes of the root
+        setattr(model, "_falign_root", self)  # noqa: B010
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.jit.is_tracing():  # a trace records the plain forward pass: no probe, no error tap in it
@@ -455,7 +455,7 @@ class _Root:
         nodes: dict[Any, FeedbackLayer] = {}
         run: list[FeedbackLayer] = []
 
-        def record(layer: nn.Module, args: tuple, out: Any) -> None:
+        def record(layer: Any, args: tuple, out: Any) -> None:
             run.append(layer)
             for t in tree_leaves(out):
                 if isinstance(t, Tensor) and t.grad_fn is not None:
@@ -465,6 +465,7 @@ class _Root:
         self._watching = (handles, nodes, run)
 
     def _found(self, model: nn.Module, output: Any) -> None:
+        assert self._watching is not None
         handles, nodes, run = self._watching
         self._watching = None
         for h in handles:

@@ -91,7 +91,7 @@ def apply_function(function: type[Function], *args: Any) -> Any:
     """
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return function.apply(*args)
-    return super(Function, function).apply(*args)
+    return super(Function, function).apply(*args)  # type: ignore[misc]  # the C++ entry point (see above)
 
 
 _BACKPROP_MODE = 0
@@ -121,6 +121,7 @@ def _feedback_for_backward(weight: Tensor, feedback: Tensor | None, feedback_fn)
     if _BACKPROP_MODE:
         return weight
     if feedback_fn is None:
+        assert feedback is not None, "a feedback function gets B or a function making it"
         return feedback
     b = feedback_fn(weight)
     return b if b.dtype == weight.dtype else b.to(weight.dtype)

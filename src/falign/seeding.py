@@ -24,7 +24,7 @@ def check_seed(seed: object, what: str = "seed") -> int:
     try:
         if isinstance(seed, bool):
             raise TypeError
-        seed = operator.index(seed)  # int, numpy integers, ...
+        seed = operator.index(seed)  # type: ignore[arg-type]  # int, numpy integers, ...; else TypeError
     except TypeError:
         raise TypeError(f"{what} must be an integer in [0, 2**63 - 1], got {seed!r} ({type(seed).__name__})") from None
     if not 0 <= seed <= MAX_SEED:
@@ -54,7 +54,7 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict[str, Any]:
     """The global generators' state (torch, numpy, python, CUDA) as tensors and plain data (checkpointable
     with ``weights_only=True``)."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]  # the tuple form
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),

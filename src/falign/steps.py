@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from falign.errors import FalignError
 from falign.nn.layers import FeedbackLayer
@@ -55,7 +56,7 @@ class StepHook:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.layers = [layer for _, group in _groups(model) for layer in group]
         self.model = model
-        self._handle = optimizer.register_step_post_hook(self._after_step)
+        self._handle: RemovableHandle | None = optimizer.register_step_post_hook(self._after_step)
         for layer in self.layers:
             layer._step_hooks += 1
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -177,7 +178,7 @@ def _walk_back(x: Any, producers: dict[Any, int], consumers: dict[Any, int]) -> 
     """From a layer input back to the converted layer that produced it: ``(producer, ops between, reason)``."""
     if not isinstance(x, Tensor) or x.grad_fn is None:
         return None, [], "its input is not produced by another layer (model input, or no gradient)"
-    node, between = x.grad_fn, []
+    node, between = x.grad_fn, cast(list[str], [])
     while True:
         if node in producers:
             if consumers.get(node, 0) > 1:
@@ -196,7 +197,7 @@ def _walk_back(x: Any, producers: dict[Any, int], consumers: dict[Any, int]) -> 
         node = parents[0]
 
 
-def _column_view(lin: nn.Module, lout: nn.Module):
+def _column_view(lin: FeedbackLayer, lout: FeedbackLayer) -> Callable[[Tensor], Tensor] | None:
     """A function mapping a tensor of ``lout``'s weight shape to ``(K, ·)`` rows, row k = entries
     that read unit k of ``lin``; ``None`` when the layers are not joined one unit to one column."""
     if getattr(lin, "transposed", False) and getattr(lin, "groups", 1) != 1:
@@ -220,11 +221,11 @@ def _column_view(lin: nn.Module, lout: nn.Module):
     return None
 
 
-def _units(layer: nn.Module) -> int:
+def _units(layer: FeedbackLayer) -> int:
     """How many units (output features or channels) a layer has: a transposed convolution's weight is
     ``(C_in, C_out/groups, *kernel)``."""
     w = layer.weight
-    return w.shape[1] * getattr(layer, "groups", 1) if getattr(layer, "transposed", False) else w.shape[0]
+    return int(w.shape[1] * getattr(layer, "groups", 1) if getattr(layer, "transposed", False) else w.shape[0])
 
 
 def _incoming_sq(layer: FeedbackLayer) -> Tensor:
@@ -246,6 +247,7 @@ def pair_quantities(pair: LayerPair) -> dict[str, Tensor]:
     incoming − coupling (the FA law); ``q_balanced`` = incoming − outgoing (backprop's law).
     """
     cols = _column_view(pair.layer_in, pair.layer_out)
+    assert cols is not None, "pairs are made only of layers joined one unit to one column"
     w_out = cols(pair.layer_out.weight.detach())
     incoming = _incoming_sq(pair.layer_in)
     out = {"incoming": incoming, "outgoing": 0.5 * inner(w_out, w_out, 1)}

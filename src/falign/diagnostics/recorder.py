@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -157,6 +157,13 @@ class DiagnosticsRecorder:
         """The model's output layer (known once a forward pass has run)."""
         return conversion_report(self.model).output_layer
 
+    def _output_group(self) -> str:
+        output = self.output_layer
+        if output is None:
+            raise RuntimeError("the model's output layer is not known yet: run one forward pass of the converted "
+                               "model (or convert with example_input=) before recording")
+        return output
+
     def state_dict(self) -> dict[str, Any]:
         """The conservation reference point (saved in checkpoints so a resumed run's drift is exact)."""
         return {"reference": self.reference}
@@ -193,11 +200,11 @@ class DiagnosticsRecorder:
             "signal_rank_bp": {k: effective_rank(v) for k, v in signals_true.items()},
             "signal_alignment": error_signal_alignment(signals_rule, signals_true),
             "conservation": {k: drift(q, self.reference[k]) for k, q in quantities.items()},
-            "decomposition": loss_decomposition(rule, true, self.groups, self.output_layer, self.margin),
+            "decomposition": loss_decomposition(rule, true, self.groups, self._output_group(), self.margin),
         }
 
 
-def example_device(params: dict[str, Tensor]) -> str:
+def example_device(params: Mapping[str, Tensor]) -> str:
     """The device type of the first parameter (``cpu`` for a model without any)."""
     return next(iter(params.values())).device.type if params else "cpu"
 

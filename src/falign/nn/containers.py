@@ -11,7 +11,7 @@ So ``state_dict`` gains ``feedback.<view>.feedback_weight`` entries and nothing 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from torch import Tensor, nn
 
@@ -42,6 +42,8 @@ class FeedbackView(FeedbackLayer):
         nn.Module.__init__(self)
         self.__dict__["_owner"] = owner  # a plain reference (a registered one would be a cycle of modules)
         self.weight_name, self.weight_rows = weight
+        self.bias_name: str | None
+        self.bias_rows: Rows
         self.bias_name, self.bias_rows = bias if bias is not None else (None, None)
         self.setup_feedback(**options)
 
@@ -53,7 +55,9 @@ class FeedbackView(FeedbackLayer):
 
     @property
     def weight(self) -> Tensor:  # type: ignore[override]
-        return self._take(getattr(self._owner, self.weight_name), self.weight_rows)
+        weight = self._take(getattr(self._owner, self.weight_name), self.weight_rows)
+        assert weight is not None
+        return weight
 
     @property
     def bias(self) -> Tensor | None:  # type: ignore[override]
@@ -115,7 +119,7 @@ class FeedbackContainer(nn.Module):
         return next(iter(self.feedback.values())).rule
 
     # the same class derivation as the converted layers (a subclass of both for a user's subclass)
-    converted_class = classmethod(FeedbackLayer.converted_class.__func__)
+    converted_class = classmethod(FeedbackLayer.converted_class.__func__)  # type: ignore[attr-defined,var-annotated]
 
     @classmethod
     def convert_in_place(cls, module: nn.Module, **options: Any) -> FeedbackContainer:
@@ -131,7 +135,7 @@ class FeedbackContainer(nn.Module):
     def unconverted_class(self) -> type[nn.Module]:
         cls = type(self)
         if cls in _CONVERTED_CLASSES.values():
-            return next(b for b in cls.__bases__ if not issubclass(b, FeedbackContainer))
+            return cast(type[nn.Module], next(b for b in cls.__bases__ if not issubclass(b, FeedbackContainer)))
         return self.torch_base
 
     def unconvert_in_place(self) -> nn.Module:
@@ -140,5 +144,5 @@ class FeedbackContainer(nn.Module):
         for child in self.children():
             if isinstance(child, FeedbackLayer):
                 child.unconvert_in_place()
-        self.__class__ = self.unconverted_class()
+        self.__class__ = self.unconverted_class()  # type: ignore[assignment]  # the class before conversion
         return self

@@ -20,7 +20,7 @@ import contextlib
 import copy
 import math
 import warnings
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from falign.errors import FalignError, LoadedStateMismatch, StepWorkSkipped
 from falign.nn import probe as _probe
 from falign.rules import FeedbackInit, FeedbackRule, get_rule
 from falign.rules.base import RULE_KEY, SEED_KEY, rule_name_of, rule_name_tensor
+from falign.rules.direct import DirectRule
 
 __all__ = ["FAConv1d", "FAConv2d", "FAConv3d", "FALinear", "FeedbackLayer", "TracedBackpropWarning"]
 
@@ -237,13 +238,14 @@ class FeedbackLayer(nn.Module):
                 f"{self.rule.name}: this layer does not know the model's output size yet. Convert the whole model "
                 f"with falign.convert(model, {self.rule.name!r}) and call the model (not the layer on its own), or "
                 f"build the layer with output_features= and call falign.install_error_tap(model)")
-        loaded = self.feedback_weight.numel() > 0  # D came with a loaded state: check it, keep it
+        rule, current = self._direct_rule(), self._feedback()
+        loaded = current.numel() > 0  # D came with a loaded state: check it, keep it
         if sizes is not None:
-            mode, shape = self.rule.plan(self, x, sizes)
-            if loaded and tuple(self.feedback_weight.shape) != tuple(shape):
+            mode, shape = rule.plan(self, x, sizes)
+            if loaded and tuple(current.shape) != tuple(shape):
                 raise LoadedStateMismatch(
                     f"{self.rule.name}: the loaded feedback_weight (D) of this layer has shape "
-                    f"{tuple(self.feedback_weight.shape)}, but on this input (shape {tuple(x.shape)}) and this "
+                    f"{tuple(current.shape)}, but on this input (shape {tuple(x.shape)}) and this "
                     f"model's output the layer needs D of shape {tuple(shape)} ({mode}): the state was saved from "
                     f"another model, another output size or another rule")
             self.direct_mode, self.direct_shape = mode, shape
@@ -257,7 +259,7 @@ class FeedbackLayer(nn.Module):
         ``q D`` with ``q`` the output error of ``session`` (or its target), exactly as the backward computes
         it. A pipeline stage computes its output's signal with the next stage's first layer
         (:mod:`falign.pipeline`), so no backward message travels between stages."""
-        feedback = self.feedback_weight
+        feedback = self._feedback()
         return FF._project(self._projected(session, feedback.shape[0]), feedback, torch.Size(x_shape),
                            self.direct_mode)
 
@@ -267,7 +269,16 @@ class FeedbackLayer(nn.Module):
         if self._output_features is None and self.error_tap is not None and self.error_tap.output_sizes:
             per_sample, positions = self.error_tap.output_sizes
             self._output_features = per_sample // max(1, math.prod(positions))
-        return self.rule.projected(session, self._output_features or n_out)
+        return self._direct_rule().projected(session, self._output_features or n_out)
+
+    def _direct_rule(self) -> DirectRule:
+        assert isinstance(self.rule, DirectRule), f"{self.rule.name} is not a direct rule"
+        return self.rule
+
+    def _feedback(self) -> Tensor:
+        """``feedback_weight``, for the code paths of rules that have one."""
+        assert self.feedback_weight is not None, f"{self.rule.name} keeps no feedback matrix"
+        return self.feedback_weight
 
     # -- per-step work (falign.attach) -----------------------------------------------------------------
     def _params_key(self) -> tuple[int, ...]:
@@ -403,7 +414,7 @@ class FeedbackLayer(nn.Module):
         """The class this layer had before conversion."""
         cls = type(self)
         if cls in _CONVERTED_CLASSES.values():
-            return next(b for b in cls.__bases__ if not issubclass(b, FeedbackLayer))
+            return cast(type[nn.Module], next(b for b in cls.__bases__ if not issubclass(b, FeedbackLayer)))
         return self.torch_base
 
     def unconvert_in_place(self) -> nn.Module:
@@ -416,7 +427,7 @@ class FeedbackLayer(nn.Module):
             self._non_persistent_buffers_set.discard(name)
         for name in _LAYER_ATTRIBUTES:
             self.__dict__.pop(name, None)
-        self.__class__ = cls
+        self.__class__ = cls  # type: ignore[assignment]  # back to the class it was converted from
         return self
 
 
@@ -475,7 +486,7 @@ def _feedback_args(rule, feedback_init: str, feedback_scale: float, seed: int,
             "output_features": output_features, "error_tap": error_tap}
 
 
-class FALinear(FeedbackLayer, nn.Linear):
+class FALinear(FeedbackLayer, nn.Linear):  # type: ignore[misc]  # bias: the mixin's Optional
     """``nn.Linear`` whose input gradient follows a learning rule.
 
     ``y = x Wᵀ + b``; backward ``∂x = g B`` (``B`` from the rule), ``∂W = gᵀ x``, ``∂b = Σ g``.
@@ -546,7 +557,7 @@ class _FAConvNd(FeedbackLayer):
             if all(t % 2 == 0 for t in totals):
                 return None, "constant", [t // 2 for t in totals]
             return list(self._reversed_padding_repeated_twice), "constant", [0] * n
-        return None, "constant", list(self.padding)
+        return None, "constant", list(cast(tuple[int, ...], self.padding))  # not a string here
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == len(self.kernel_size) + 1:  # unbatched (C, *spatial), as the PyTorch layer accepts
@@ -554,7 +565,7 @@ class _FAConvNd(FeedbackLayer):
         return super().forward(x)
 
     def plain_forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.weight, self.bias)
+        return self._conv_forward(x, self.weight, self.bias)  # type: ignore[operator]  # nn.ConvNd's own
 
     def feedback_forward(self, x: Tensor, feedback: FF.FeedbackSource) -> Tensor:
         pad, mode, padding = self._padding_plan()
@@ -585,17 +596,17 @@ _CONV_DOC = """``nn.Conv{n}d`` whose input gradient is the transposed convolutio
     """
 
 
-class FAConv1d(_FAConvNd, nn.Conv1d):
+class FAConv1d(_FAConvNd, nn.Conv1d):  # type: ignore[misc]  # padding_mode: the mixin's str
     __doc__ = _CONV_DOC.format(n=1)
     torch_base = nn.Conv1d
 
 
-class FAConv2d(_FAConvNd, nn.Conv2d):
+class FAConv2d(_FAConvNd, nn.Conv2d):  # type: ignore[misc]  # padding_mode: the mixin's str
     __doc__ = _CONV_DOC.format(n=2)
     torch_base = nn.Conv2d
 
 
-class FAConv3d(_FAConvNd, nn.Conv3d):
+class FAConv3d(_FAConvNd, nn.Conv3d):  # type: ignore[misc]  # padding_mode: the mixin's str
     __doc__ = _CONV_DOC.format(n=3)
     torch_base = nn.Conv3d
 
@@ -631,8 +642,9 @@ class _FAConvTransposeNd(FeedbackLayer):
 
     def _opad(self, x: Tensor) -> list[int]:
         n = len(self.kernel_size)
-        return list(self._output_padding(x, getattr(self, "_call_output_size", None), list(self.stride),
-                                         list(self.padding), list(self.kernel_size), n, list(self.dilation)))
+        opad = self._output_padding  # nn.ConvTransposeNd's own
+        return list(opad(x, getattr(self, "_call_output_size", None), list(self.stride),  # type: ignore[operator]
+                         list(self.padding), list(self.kernel_size), n, list(self.dilation)))
 
     def plain_forward(self, x: Tensor) -> Tensor:
         conv = (nn.functional.conv_transpose1d, nn.functional.conv_transpose2d,
@@ -659,16 +671,16 @@ _CONV_T_DOC = """``nn.ConvTranspose{n}d`` whose input gradient is the convolutio
     """
 
 
-class FAConvTranspose1d(_FAConvTransposeNd, nn.ConvTranspose1d):
+class FAConvTranspose1d(_FAConvTransposeNd, nn.ConvTranspose1d):  # type: ignore[misc]  # padding: the mixin's
     __doc__ = _CONV_T_DOC.format(n=1)
     torch_base = nn.ConvTranspose1d
 
 
-class FAConvTranspose2d(_FAConvTransposeNd, nn.ConvTranspose2d):
+class FAConvTranspose2d(_FAConvTransposeNd, nn.ConvTranspose2d):  # type: ignore[misc]  # padding: the mixin's
     __doc__ = _CONV_T_DOC.format(n=2)
     torch_base = nn.ConvTranspose2d
 
 
-class FAConvTranspose3d(_FAConvTransposeNd, nn.ConvTranspose3d):
+class FAConvTranspose3d(_FAConvTransposeNd, nn.ConvTranspose3d):  # type: ignore[misc]  # padding: the mixin's
     __doc__ = _CONV_T_DOC.format(n=3)
     torch_base = nn.ConvTranspose3d

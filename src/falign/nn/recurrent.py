@@ -113,11 +113,11 @@ def _previous(steps: tuple[Tensor, ...], initial: Tensor, prev: int | None, m: i
 def _shift_index(sizes: list[int], offsets: list[int], order: list[int], n: int, device) -> Tensor:
     """For every row (time-major), the row of its previous state in ``cat((initial, states))``."""
     index = torch.empty(sum(sizes), dtype=torch.long, device=device)
-    prev = None
+    prev: tuple[int, int] | None = None
     for t in order:
         m, off = sizes[t], offsets[t]
         keep = 0 if prev is None else min(m, prev[1])
-        if keep:
+        if keep and prev is not None:
             index[off:off + keep] = torch.arange(keep, device=device) + n + prev[0]
         index[off + keep:off + m] = torch.arange(keep, m, device=device)
         prev = (off, m)
@@ -377,8 +377,10 @@ def _cudnn_weights(flat, spec: _LayerSpec, transported: bool) -> list[Tensor]:
     for d in range(spec.dirs):
         p = flat[d * PER_DIRECTION:(d + 1) * PER_DIRECTION]
         if transported:
-            w_ih = _transported(p[W_IH], p[FB_IH], spec.routes[d]["ih"])[0]
-            w_hh = _transported(p[W_HH], p[FB_HH], spec.routes[d]["hh"])[0]
+            b_ih = _transported(p[W_IH], p[FB_IH], spec.routes[d]["ih"])[0]
+            b_hh = _transported(p[W_HH], p[FB_HH], spec.routes[d]["hh"])[0]
+            assert b_ih is not None and b_hh is not None, "the fused path takes no direct route"
+            w_ih, w_hh = b_ih, b_hh
         else:
             w_ih, w_hh = p[W_IH], p[W_HH]
         weights += [w_ih.detach(), w_hh.detach()]
@@ -698,6 +700,7 @@ def _direct_input(direct, d: Tensor, spec: _LayerSpec, width: int) -> Tensor:
     """``e D_ih`` for every step's input (time-major rows of a padded batch)."""
     session, mode, projector = direct
     q = projector(session, d.shape[0])
+    assert spec.x_bf_shape is not None, "set by the forward pass"
     signal = FF._project(q, d, spec.x_bf_shape, mode)  # (N, T, in)
     return signal.transpose(0, 1).reshape(-1, width)
 
@@ -705,12 +708,13 @@ def _direct_input(direct, d: Tensor, spec: _LayerSpec, width: int) -> Tensor:
 def _direct_input_grad(direct, d: Tensor, spec: _LayerSpec, x2: Tensor) -> Tensor:
     session, mode, projector = direct
     q = projector(session, d.shape[0])
+    assert spec.x_bf_shape is not None, "set by the forward pass"
     n, steps = spec.x_bf_shape[0], spec.x_bf_shape[1]
     x_bf = x2.view(steps, n, x2.shape[-1]).transpose(0, 1)
     return FF._project_grad(q, x_bf, d, mode)
 
 
-def _fused_kind(module: nn.Module, x: Tensor, lstm: bool, packed: bool, direct: bool, probing: bool) -> str:
+def _fused_kind(module: Any, x: Tensor, lstm: bool, packed: bool, direct: bool, probing: bool) -> str:
     """Which of PyTorch's fused kernels run this call (``"mkldnn"``, ``"cudnn"``), or ``""`` for the Python
     backward through time."""
     if not USE_FUSED or packed or module.proj_size > 0 or direct or probing or x.dtype != module.weight_hh_l0.dtype:

@@ -29,15 +29,37 @@ import dataclasses
 import enum
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from falign.nn.layers import FeedbackLayer
-
 FEEDBACK_INITS = ("kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal")
+
+
+class FeedbackLayer(Protocol):
+    """What a rule may use of the converted layer that asks it — the rule–layer contract, implemented by
+    :class:`falign.nn.FeedbackLayer` (declared here so that rules never import the layers)."""
+
+    weight: Tensor
+    feedback_weight: Tensor | None
+    feedback_seed: int
+    feedback_init: FeedbackInit
+    rule_state: dict[str, Any]
+    direct_shape: tuple[int, ...] | None
+
+    def scratch(self, key: str, like: Tensor, shape: tuple[int, ...] | None = None,
+                dtype: torch.dtype | None = None) -> Tensor:
+        """A reusable work tensor of the layer (not state)."""
+        ...
+
+    def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
+        """Register a tensor the layer's ``state_dict`` carries."""
+        ...
+
+    def mark_stepped(self) -> None:
+        """Record that the rule's per-step work has run for the layer's current weights."""
+        ...
 
 
 class Feedback(enum.Enum):
@@ -181,6 +203,7 @@ class FeedbackRule:
         """``B`` (or ``D``) at the weights ``weight``: the one formula used by the backward pass and by the
         diagnostics. ``out`` is a scratch tensor the result may be written into. Default: the stored
         ``feedback_weight`` itself."""
+        assert layer.feedback_weight is not None, f"{self.name} keeps no feedback matrix"
         return layer.feedback_weight
 
     # -- per-layer state -------------------------------------------------------------------------------

@@ -32,11 +32,12 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from falign.rules.base import Feedback, FeedbackRule, load_seed_state, register_seed_state
+from falign.rules.base import Feedback, FeedbackLayer, FeedbackRule, load_seed_state, register_seed_state
 from falign.seeding import mix_seed
 
 
@@ -132,15 +133,14 @@ def mirror_step(model: nn.Module, lr: float | None = None, decay: float | None =
     Each option left at ``None`` takes the value the layer was converted with (``falign.convert(net, "wm",
     lr=..., decay=...)``); a value given here overrides it for this call.
     """
-    from falign.nn.layers import FeedbackLayer
-
     count = 0
     for module in model.modules():
-        if isinstance(module, FeedbackLayer) and isinstance(module.rule, WeightMirror):
-            o = module.rule.options
+        rule = getattr(module, "rule", None)
+        if isinstance(rule, WeightMirror):  # a converted layer under wm
+            o = rule.options
             mirror_layer(module, o.lr if lr is None else lr, o.decay if decay is None else decay,
                          o.noise_std if noise_std is None else noise_std,
                          o.batch_size if batch_size is None else batch_size, generator)
-            module.mark_stepped()
+            cast(FeedbackLayer, module).mark_stepped()
             count += 1
     return count
