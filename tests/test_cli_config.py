@@ -62,3 +62,21 @@ def test_config_and_resume_together_are_refused(tmp_path, capsys):
     path.write_text("{}")
     assert main(["train", "--config", str(path), "--resume", str(tmp_path)]) == 1
     assert "--resume continues" in capsys.readouterr().err
+
+
+def test_every_choice_of_falign_train_is_the_config_fields_own():
+    """Choices are declared once, on TrainConfig's fields: the command line offers exactly those, and a value the
+    command line would refuse is refused by the config too (a config.json does not bypass the check)."""
+    import dataclasses
+
+    from falign.cli import build_parser
+    from falign.train.config import ConfigError, TrainConfig
+
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
+    flags = {a.dest: a for a in train._actions}
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if "choices" in f.metadata]
+    assert len(fields) >= 12
+    for name in fields:
+        assert tuple(flags[name].choices) == TrainConfig.choices(name), name
+        with pytest.raises(ConfigError, match=f"unknown {name} 'nonsense'"):
+            TrainConfig(**{name: "nonsense"})

@@ -60,24 +60,21 @@ class _MergeDict(argparse.Action):
 
 
 def _add_train(sub) -> None:
-    from falign.data import DATASETS
-    from falign.models import MODELS
-    from falign.rules import FEEDBACK_INITS, available_rules
     from falign.train.config import TrainConfig
 
-    d = TrainConfig()
+    d, C = TrainConfig(), TrainConfig.choices  # defaults and choices: declared once, on TrainConfig's fields
     p = sub.add_parser("train", help=COMMANDS["train"], epilog=TRAIN_EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train one model with one learning rule and write a run directory "
                                    "(config.json, versions.json, metrics.jsonl, checkpoint.pt, summary.json).")
-    p.add_argument("--rule", choices=available_rules(), default=d.rule, help="learning rule (default: %(default)s)")
-    p.add_argument("--model", choices=MODELS, default=d.model, help="model (default: %(default)s)")
+    p.add_argument("--rule", choices=C("rule"), default=d.rule, help="learning rule (default: %(default)s)")
+    p.add_argument("--model", choices=C("model"), default=d.model, help="model (default: %(default)s)")
     p.add_argument("--hidden", type=_ints, default=d.hidden, help="hidden widths, e.g. 256,256 (mlp; default: 256,256)")
-    p.add_argument("--activation", default=d.activation, choices=("relu", "tanh", "sigmoid", "linear"),
+    p.add_argument("--activation", default=d.activation, choices=C("activation"),
                    help="mlp activation (default: %(default)s)")
     p.add_argument("--no-bias", dest="bias", action="store_false", help="mlp without biases")
     p.add_argument("--init-scale", type=float, default=d.init_scale, help="multiply initial weights (default: 1)")
-    p.add_argument("--data", choices=DATASETS, default=d.data, help="dataset (default: %(default)s)")
+    p.add_argument("--data", choices=C("data"), default=d.data, help="dataset (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="folder of the dataset's files (fashion-mnist default: "
                                                     "/usr/share/datasets/fashion-mnist; mnist, cifar10, "
                                                     "cifar100: required)")
@@ -87,19 +84,20 @@ def _add_train(sub) -> None:
     p.add_argument("--synthetic-classes", type=int, default=d.synthetic_classes, help="classes of --data synthetic")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (default: %(default)s)")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer, help="(default: %(default)s)")
+    p.add_argument("--optimizer", choices=C("optimizer"), default=d.optimizer, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate (default: %(default)s)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay (default: %(default)s)")
-    p.add_argument("--lr-schedule", choices=("none", "step", "cosine"), default=d.lr_schedule,
+    p.add_argument("--lr-schedule", choices=C("lr_schedule"), default=d.lr_schedule,
                    help="none, step (÷10 at --lr-milestones of the epochs) or cosine (default: %(default)s)")
     p.add_argument("--lr-milestones", type=_floats, default=d.lr_milestones, help="fractions, default 0.5,0.75")
-    p.add_argument("--loss", choices=("ce", "mse"), default=d.loss, help="cross-entropy or squared error on one-hot")
+    p.add_argument("--loss", choices=C("loss"), default=d.loss, help="cross-entropy or squared error on one-hot")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of data order, init and feedback (default: 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="(default: %(default)s)")
-    p.add_argument("--feedback-init", choices=FEEDBACK_INITS, default=d.feedback_init, help="(default: %(default)s)")
+    p.add_argument("--device", choices=C("device"), default=d.device, help="(default: %(default)s)")
+    p.add_argument("--feedback-init", choices=C("feedback_init"), default=d.feedback_init,
+                   help="(default: %(default)s)")
     p.add_argument("--feedback-scale", type=float, default=d.feedback_scale, help="(default: 1)")
-    p.add_argument("--output-signal", choices=("rule", "backprop"), default=d.output_signal,
+    p.add_argument("--output-signal", choices=C("output_signal"), default=d.output_signal,
                    help="whether the output layer's input signal uses the rule (default) or backprop")
     p.add_argument("--rule-option", dest="rule_options", type=_rule_option, action=_MergeDict, default={},
                    metavar="KEY=VALUE", help="an option of the rule, repeatable (e.g. --rule wm --rule-option "
@@ -123,13 +121,13 @@ def _add_train(sub) -> None:
                         "init (compare a rule's accuracy with this run's to see what its hidden layers learned)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                    help="checkpoint every K steps (0: at the end)")
-    p.add_argument("--on-divergence", choices=("stop", "skip-batch"), default=d.on_divergence,
+    p.add_argument("--on-divergence", choices=C("on_divergence"), default=d.on_divergence,
                    help="on a NaN/inf loss: stop the run (default) or skip the batch")
     p.add_argument("--pipeline-stages", type=int, default=0, metavar="K",
                    help="pipeline mode: cut the model into K stages, one per process (torchrun --nproc_per_node=K); "
                         "the model must be a chain of modules (mlp, lenet); a last partial batch is split into as "
                         "many equal microbatches as divide it (0: off)")
-    p.add_argument("--pipeline-schedule", choices=("auto", "gpipe", "1f1b", "zbv", "unlocked"), default="auto",
+    p.add_argument("--pipeline-schedule", choices=C("pipeline_schedule"), default=d.pipeline_schedule,
                    help="pipeline schedule: gpipe, 1f1b, zbv (zero-bubble) for bp and the layer-by-layer rules, "
                         "unlocked for the direct rules (no backward messages between stages); auto picks unlocked "
                         "for a direct rule, else 1f1b")

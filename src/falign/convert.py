@@ -122,6 +122,10 @@ ROOT_NAME = "(root)"
 """The name the conversion report gives the model itself (its own parameters, e.g. a ViT's ``cls_token``)."""
 
 
+OUTPUT_SIGNALS = ("rule", "backprop")
+"""What the output layer's input signal uses: the rule's feedback, or backprop's ``W`` (``convert(output_signal=)``)."""
+
+
 class ConversionError(FalignError, TypeError):
     """A module with parameters that no converted layer can stand in for."""
 
@@ -351,7 +355,7 @@ def convert(
         >>> print(falign.conversion_report(fa_net))
     """
     rule_obj = get_rule(rule, **rule_options)
-    if output_signal not in ("rule", "backprop"):
+    if output_signal not in OUTPUT_SIGNALS:
         raise ValueError(f"output_signal must be 'rule' or 'backprop', got {output_signal!r}")
     if unsupported not in ("error", "backprop"):
         raise ValueError(f"unsupported must be 'error' or 'backprop', got {unsupported!r}")

@@ -7,32 +7,47 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from falign.convert import OUTPUT_SIGNALS
 from falign.data import DATASETS
 from falign.errors import FalignError
 from falign.models import MODELS
 from falign.models.mlp import ACTIVATIONS
-from falign.rules import FEEDBACK_INITS, RULES, available_rules, get_rule
+from falign.pipeline import SCHEDULES
+from falign.rules import FEEDBACK_INITS, RULES, get_rule
 from falign.seeding import MAX_SEED
 
 BUNDLED = ("digits", "synthetic")
 """Datasets made in-process (no ``data_dir``)."""
 
 
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("none", "step", "cosine")
+LOSSES = ("ce", "mse")
+DEVICES = ("auto", "cpu", "cuda")
+ON_DIVERGENCE = ("stop", "skip-batch")
+
+
 class ConfigError(FalignError, ValueError):
     """A configuration value is unknown or out of range."""
+
+
+def _one_of(default: str, choices: Any) -> Any:
+    """A field whose value is one of ``choices`` (a tuple, or a registry whose keys are the names): declared here
+    once, checked by :meth:`TrainConfig.validate` and offered by the command line (:meth:`TrainConfig.choices`)."""
+    return field(default=default, metadata={"choices": choices})
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (``falign train`` flags map one-to-one onto fields)."""
 
-    rule: str = "fa"
-    model: str = "mlp"
+    rule: str = _one_of("fa", RULES)
+    model: str = _one_of("mlp", MODELS)
     hidden: tuple[int, ...] = (256, 256)
-    activation: str = "relu"
+    activation: str = _one_of("relu", ACTIVATIONS)
     bias: bool = True
     init_scale: float = 1.0
-    data: str = "digits"
+    data: str = _one_of("digits", DATASETS)
     data_dir: str | None = None
     n_classes: int | None = None
     label_noise: float = 0.0
@@ -43,28 +58,28 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 32
     drop_last: bool = False
-    optimizer: str = "sgd"
+    optimizer: str = _one_of("sgd", OPTIMIZERS)
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
-    lr_schedule: str = "none"
+    lr_schedule: str = _one_of("none", LR_SCHEDULES)
     lr_milestones: tuple[float, ...] = (0.5, 0.75)
-    loss: str = "ce"
+    loss: str = _one_of("ce", LOSSES)
     seed: int = 0
-    device: str = "auto"
-    feedback_init: str = "kaiming_uniform"
+    device: str = _one_of("auto", DEVICES)
+    feedback_init: str = _one_of("kaiming_uniform", FEEDBACK_INITS)
     feedback_scale: float = 1.0
-    output_signal: str = "rule"
+    output_signal: str = _one_of("rule", OUTPUT_SIGNALS)
     freeze_hidden: bool = False
     rule_options: dict[str, Any] = field(default_factory=dict)
     diagnostics_every: int = 0
     scale_every: int = 50
     reference_check: bool = True
     checkpoint_every: int = 0
-    on_divergence: str = "stop"
+    on_divergence: str = _one_of("stop", ON_DIVERGENCE)
     eval_batch_size: int = 1000
     pipeline_stages: int = 0
-    pipeline_schedule: str = "auto"
+    pipeline_schedule: str = _one_of("auto", SCHEDULES)
     microbatches: int = 0
 
     def __post_init__(self) -> None:
@@ -106,26 +121,15 @@ class TrainConfig:
                 raise ConfigError(f"{f.name} must be {want}{' or null' if optional else ''}, got {value!r}")
 
     def validate(self) -> None:
-        def choice(name: str, options) -> None:
-            value = getattr(self, name)
-            if value not in options:
-                raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, options))}")
-
         def check(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
 
-        choice("rule", available_rules())
-        choice("model", MODELS)
-        choice("activation", tuple(ACTIVATIONS))
-        choice("data", DATASETS)
-        choice("optimizer", ("sgd", "adam"))
-        choice("lr_schedule", ("none", "step", "cosine"))
-        choice("loss", ("ce", "mse"))
-        choice("device", ("auto", "cpu", "cuda"))
-        choice("feedback_init", FEEDBACK_INITS)
-        choice("output_signal", ("rule", "backprop"))
-        choice("on_divergence", ("stop", "skip-batch"))
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata:
+                options = self.choices(f.name)
+                value = getattr(self, f.name)
+                check(value in options, f"unknown {f.name} {value!r}; choose one of {', '.join(options)}")
         check(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
               f"hidden widths must be >= 1, got {self.hidden}")
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -161,7 +165,6 @@ class TrainConfig:
               "at 0")
         check(self.scale_every >= 0, f"scale_every must be >= 0, got {self.scale_every}")
         check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        choice("pipeline_schedule", ("auto", "gpipe", "1f1b", "zbv", "unlocked"))
         check(self.pipeline_stages == 0 or self.pipeline_stages >= 2,
               f"pipeline_stages must be 0 (off) or >= 2, got {self.pipeline_stages}")
         check(self.microbatches >= 0, f"microbatches must be >= 0, got {self.microbatches}")
@@ -177,6 +180,12 @@ class TrainConfig:
             get_rule(self.rule, **self.rule_options)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"rule_options for {self.rule}: {err}") from None
+
+    @classmethod
+    def choices(cls, name: str) -> tuple[str, ...]:
+        """The values field ``name`` may take (a registry's names sorted)."""
+        options = next(f for f in dataclasses.fields(cls) if f.name == name).metadata["choices"]
+        return tuple(sorted(options)) if isinstance(options, dict) else tuple(options)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
