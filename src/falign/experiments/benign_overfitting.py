@@ -420,7 +420,8 @@ def run(ctx: Context) -> ExperimentResult:
         "flipped labels memorised": mean_ci([r["memorised flipped"] for r in ctl], bounds=(0, 1)).fmt(".3f"),
     })
     verdicts = [primary, control, regime_verdict(regimes, regime_texts, data.name), grid_v]
-    figures = _figures(ctx, by, cfg["rules"])
+    figures = _figures(ctx, by, cfg["rules"], cost, {**deltas, f"bp {CONTROL_NOISE:.0%} (control)": ctl_delta}, diff,
+                       wrong("bp", CONTROL_NOISE) - wrong("bp", 0.0))
     steps_note = "; ".join(f"{rule} {max(r['steps'] for r in by[(rule, NOISE)])}" for rule in cfg["rules"])
     return ExperimentResult(
         NAME, TITLE, HYPOTHESIS,
@@ -451,9 +452,12 @@ def run(ctx: Context) -> ExperimentResult:
         seconds=time.perf_counter() - start, data=f"Gaussian grid; {data_text}", paper_data=PAPER_DATA[NAME])
 
 
-def _figures(ctx: Context, by: dict, rules: list[str]) -> list:
+def _figures(ctx: Context, by: dict, rules: list[str], cost: dict[str, np.ndarray], deltas: dict[str, Estimate],
+             diff: Estimate, control_cost: np.ndarray) -> list:
+    """Fitting and memorisation curves (seed 0), and the primary test's measure: each rule's noise cost Δ per seed
+    with its interval, against the non-inferiority margin (backprop's Δ + 2 points)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.8]})
     for rule in rules:
         for run in by[(rule, NOISE)][:1]:
             steps = [p["step"] for p in run["curve"]]
@@ -461,6 +465,24 @@ def _figures(ctx: Context, by: dict, rules: list[str]) -> list:
             axes[1].plot(steps, [p["memorised"] for p in run["curve"]], label=f"{rule}")
     axes[0].set(xlabel="step", ylabel="fit to the noisy labels", title="fitting 20% noisy labels (seed 0)")
     axes[1].set(xlabel="step", ylabel="fraction of flipped labels memorised", title="memorisation of the noise")
-    for ax in axes:
+    for ax in axes[:2]:
         ax.legend(fontsize=7)
+    ax = axes[2]
+    per_seed = {**{rule: cost[rule] for rule in rules}, f"bp {CONTROL_NOISE:.0%} (control)": control_cost}
+    for i, (name, values) in enumerate(per_seed.items()):
+        points = 100 * values.mean(axis=1)  # each seed's Δ in points
+        ax.scatter(np.full(len(points), i), points, s=14, color="0.55", zorder=2)
+        est = deltas[name]
+        low, high = 100 * (est.value - est.lo), 100 * (est.hi - est.value)
+        ax.errorbar([i], [100 * est.value], yerr=[[low], [high]] if math.isfinite(low) else None, fmt="o",
+                    color="C3" if "control" in name else f"C{rules.index(name) if name in rules else 0}",
+                    capsize=4, zorder=3)
+    margin = 100 * deltas["bp"].value + 2
+    ax.axhline(margin, color="black", ls="--", lw=1)
+    ax.text(-0.4, margin, "Δ_BP + 2 pts: the margin", va="bottom", ha="left", fontsize=7)
+    ax.set_xticks(range(len(per_seed)), list(per_seed), fontsize=8)
+    ax.set_xlim(-0.5, len(per_seed) - 0.5)
+    ax.set(ylabel="noise cost Δ (points): noisy − clean test error",
+           title=f"the primary test: Δ_FA − Δ_BP = {diff.fmt('.1f', 100)} pts")
+    ax.title.set_fontsize(9)
     return [save_figure(fig, ctx.figures / "benign_overfitting.png")]

@@ -239,6 +239,12 @@ def run(ctx: Context) -> ExperimentResult:
     for (case, pair), (values, law) in series.items():
         ax.loglog(lrs, values, marker="os^v"[pairs.index(pair) % 4], color=colors[case], ls="-" if law else "--",
                   label=f"{case} {pair}")
+    first = series[(CASES[0][0], pairs[0])][0] if (CASES[0][0], pairs[0]) in series else None
+    if first:  # the claim: drift is O(η), a line of slope 1 on these axes
+        ax.loglog(lrs, [0.5 * first[0] * lr / lrs[0] for lr in lrs], color="black", ls=":", lw=1.2,
+                  label="slope 1 (drift ∝ η), a guide")
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    ax.minorticks_off()
     ax.set(xlabel="learning rate η", ylabel="max per-neuron drift of the conserved quantity",
            title=f"drift over a fixed horizon T={horizon:g}, seed 0 (solid: the FA-family rules judged)")
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))

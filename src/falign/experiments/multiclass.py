@@ -454,6 +454,8 @@ def _figures(ctx: Context, runs, held, small: int, large: int) -> list:
         _errorbar(axes[1], ns, gaps, 100, label=rule)
     axes[1].set(xscale="log", xlabel="classes n", ylabel="gap to BP (accuracy points)",
                 title="FA's gap to BP by n, at convergence (synthetic)")
+    axes[1].set_xticks(ns, [str(n) for n in ns])  # the n that ran, not powers of ten
+    axes[1].minorticks_off()
     axes[1].legend(fontsize=7)
     means = _rule_means(synth)
     for n in ns:
