@@ -62,10 +62,10 @@ def _step(model, opt, x, y):
     opt.step()
 
 
-def _resumed_difference(rule: str, arch, drop: tuple[str, ...] = ()) -> float:
+def _resumed_difference(rule: str, arch, drop: tuple[str, ...] = (), weight_decay: float = 0.0, **options) -> float:
     torch.manual_seed(0)
-    a = falign.convert(arch(), rule, seed=3)
-    opt_a = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    a = falign.convert(arch(), rule, seed=3, **options)
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=weight_decay)
     falign.attach(a, opt_a)
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(6)]
@@ -77,9 +77,9 @@ def _resumed_difference(rule: str, arch, drop: tuple[str, ...] = ()) -> float:
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     torch.manual_seed(123)  # another initialisation and another feedback seed
-    b = falign.convert(arch(), rule, seed=7)
+    b = falign.convert(arch(), rule, seed=7, **options)
     b.load_state_dict(saved["model"])
-    opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=weight_decay)
     opt_b.load_state_dict(saved["optimizer"])
     falign.attach(b, opt_b)
     for x, y in data[3:]:
@@ -95,6 +95,17 @@ CASES = [(rule, name) for rule in falign.available_rules() for name in MODELS]
 @pytest.mark.parametrize("rule,model", CASES)
 def test_resume_from_a_saved_state_is_bit_identical(rule, model):
     assert _resumed_difference(rule, MODELS[model]) == 0.0
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_kp_offset_form_resumes_bit_identical(model):
+    """kp's offset form keeps a_t, its momentum part and its step count in the state (feedback_offset,
+    feedback_step): a resumed run continues exactly."""
+    assert _resumed_difference("kp", MODELS[model], weight_decay=0.01, form="offset") == 0.0
+    # the control: a state without feedback_offset is refused (PyTorch's missing key), not resumed from a_t = 1
+    if model == "mlp":
+        with pytest.raises(RuntimeError, match="feedback_offset"):
+            _resumed_difference("kp", MODELS[model], drop=("feedback_offset",), weight_decay=0.01, form="offset")
 
 
 @pytest.mark.parametrize("rule", [r for r in falign.available_rules() if falign.get_rule(r).per_step])

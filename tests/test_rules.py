@@ -136,3 +136,86 @@ def test_wm_every_k_mirrors_only_every_kth_step_and_resumes_exactly():
     assert twin[2].rule_state["step"] == 4
     with pytest.raises(ValueError, match="every"):
         falign.convert(net, "wm", every=0)
+
+
+# -- kp's offset form: B = W − a_t·D_0 -------------------------------------------------------------------------
+def _kp_run(form: str, steps: int = 100, cnn: bool = False, scheduler: bool = False, **sgd):
+    from torch import nn as tnn
+
+    torch.manual_seed(0)
+    if cnn:
+        net = tnn.Sequential(tnn.Conv2d(1, 4, 3), tnn.ReLU(), tnn.Flatten(), tnn.Linear(4 * 6 * 6, 16), tnn.ReLU(),
+                             tnn.Linear(16, 5))
+    else:
+        net = tnn.Sequential(tnn.Flatten(), tnn.Linear(64, 32), tnn.ReLU(), tnn.Linear(32, 32), tnn.ReLU(),
+                             tnn.Linear(32, 5))
+    model = falign.convert(net, "kp", seed=3, form=form)
+    opt = torch.optim.SGD(model.parameters(), **sgd)
+    falign.attach(model, opt)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 30, 0.3) if scheduler else None
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
+        opt.zero_grad()
+        tnn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "feedback" not in n}
+    return model, weights, [layer.current_feedback() for layer in falign.feedback_layers(model)]
+
+
+KP_SGD = [dict(lr=0.05, momentum=0.9, weight_decay=1e-3), dict(lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True),
+          dict(lr=0.05, momentum=0.5, dampening=0.3, weight_decay=1e-2), dict(lr=0.1, weight_decay=5e-3),
+          dict(lr=0.05, momentum=0.9)]
+
+
+@pytest.mark.parametrize("sgd", KP_SGD, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
+def test_kp_offset_form_trains_as_the_parameter_form(sgd, cnn):
+    """100 SGD steps: the same weights and B as kp's parameter form, to float rounding (measured: ≤ 4e-7)."""
+    model, w_offset, b_offset = _kp_run("offset", cnn=cnn, **sgd)
+    _, w_param, b_param = _kp_run("parameter", cnn=cnn, **sgd)
+    assert not any(name.endswith("feedback_weight") for name, _ in model.named_parameters())  # B is no parameter
+    for name in w_param:
+        torch.testing.assert_close(w_offset[name], w_param[name], rtol=0, atol=2e-6)
+    for a, b in zip(b_offset, b_param):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+
+
+def test_kp_offset_form_follows_a_changing_learning_rate():
+    _, w_offset, _ = _kp_run("offset", scheduler=True, lr=0.05, momentum=0.9, weight_decay=1e-2)
+    _, w_param, _ = _kp_run("parameter", scheduler=True, lr=0.05, momentum=0.9, weight_decay=1e-2)
+    for name in w_param:
+        torch.testing.assert_close(w_offset[name], w_param[name], rtol=0, atol=2e-6)
+
+
+def test_kp_offset_form_with_a_wrong_recurrence_drifts_away(monkeypatch):
+    """The negative control: the scale a_t advanced without momentum's part (what a plain (1 − ηλ)^t would do)
+    gives other weights, far beyond the rounding the test above allows."""
+    from falign.rules.kp import KolenPollack
+
+    def no_momentum(self, layers, optimizer=None):
+        for layer in layers:
+            a, c, steps = layer.rule_state["offset"]
+            group = optimizer.param_groups[0]
+            self._set_offset(layer, a * (1 - group["lr"] * group["weight_decay"]), c, steps + 1)
+
+    monkeypatch.setattr(KolenPollack, "after_step", no_momentum)
+    _, w_offset, _ = _kp_run("offset", lr=0.05, momentum=0.9, weight_decay=1e-2)
+    monkeypatch.undo()
+    _, w_param, _ = _kp_run("parameter", lr=0.05, momentum=0.9, weight_decay=1e-2)
+    assert max(float((w_offset[n] - w_param[n]).abs().max()) for n in w_param) > 1e-4
+
+
+def test_kp_offset_form_refuses_another_optimiser_and_an_unknown_form():
+    from torch import nn as tnn
+
+    model = falign.convert(tnn.Sequential(tnn.Linear(8, 8), tnn.ReLU(), tnn.Linear(8, 3)), "kp", form="offset")
+    opt = torch.optim.Adam(model.parameters())
+    falign.attach(model, opt)
+    tnn.functional.cross_entropy(model(torch.randn(4, 8)), torch.tensor([0, 1, 2, 0])).backward()
+    with pytest.raises(TypeError, match=r"torch\.optim\.SGD.*parameter form"):
+        opt.step()
+    with pytest.raises(ValueError, match="form must be one of parameter, offset"):
+        falign.convert(tnn.Linear(8, 3), "kp", form="fast")

@@ -37,13 +37,14 @@ def _groups(model: nn.Module) -> list[tuple[Any, list[FeedbackLayer]]]:
     return list(groups.values())
 
 
-def step_rules(model: nn.Module) -> int:
+def step_rules(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Run every converted layer's per-step work once (what the hook of :func:`attach` does after each
-    optimiser step); returns the number of layers that had some."""
+    optimiser step); returns the number of layers that had some. ``optimizer``: the one that just stepped (kp's
+    offset form reads its step; the other rules need none)."""
     count = 0
     with torch.no_grad():
         for rule, layers in _groups(model):
-            rule.after_step(layers)
+            rule.after_step(layers, optimizer)
             for layer in layers:
                 layer.mark_stepped()
             count += len(layers)
@@ -61,7 +62,7 @@ class StepHook:
             layer._step_hooks += 1
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        step_rules(self.model)
+        step_rules(self.model, optimizer)
 
     def remove(self) -> None:
         if self._handle is not None:

@@ -44,7 +44,9 @@ from falign.models import MLP, LeNet5
 from falign.models.resnet import resnet20, resnet56
 from falign.outdir import atomic_write, check_file
 
-TARGETS = {"fa": 1.02, "kp": 1.05, "usf": 1.08, "frsf": 1.08, "brsf": 1.10, "wm": 1.25, "dfa": 1.05}
+FORMS = ["kp:form=offset"]  # variants with a rule option: "rule:key=value"
+TARGETS = {"fa": 1.02, "kp": 1.05, "kp:form=offset": 1.05, "usf": 1.08, "frsf": 1.08, "brsf": 1.10, "wm": 1.25,
+           "dfa": 1.05}
 MODELS = {
     "mlp": (lambda: MLP([784, 1024, 1024, 10]), (784,), 128),
     "lenet": (lambda: LeNet5(1, 10, 28), (1, 28, 28), 64),
@@ -181,7 +183,9 @@ def bench_model(name: str, rules: list[str], repeats: int, warmup: int, device: 
     base, x, y, batch = batch_of(name, device)
     variants = {"torch": base}
     for rule in rules:
-        variants[rule] = falign.convert(base, rule, seed=0,
+        rule_name, _, option = rule.partition(":")
+        options = dict([option.split("=", 1)]) if option else {}
+        variants[rule] = falign.convert(base, rule_name, seed=0, **options,
                                         unsupported="backprop" if name in UNSUPPORTED_BACKPROP else "error")
     modes = [False, True] if compile_ else [False]
     made = {(v, c): make_step(m, x, y, c) for v, m in variants.items() for c in modes}
@@ -222,7 +226,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--models", default="mlp,lenet",
                         help=f"comma-separated, from {', '.join(MODELS)}, or 'gpu' for {', '.join(GPU_MODELS)} "
                              f"(default: mlp,lenet)")
-    parser.add_argument("--rules", default=",".join(r for r in falign.available_rules() if r != "bp"))
+    parser.add_argument("--rules", default=",".join([*(r for r in falign.available_rules() if r != "bp"), *FORMS]),
+                        help="rules to time, and the variants with a rule option (%(default)s)")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--device", default="cpu", help="auto, cpu or cuda[:i] (default: cpu)")
@@ -264,7 +269,7 @@ def names(text: str, known: list[str], what: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> None:
     models = list(GPU_MODELS) if args.models == "gpu" else names(args.models, list(MODELS), "models")
-    rules = names(args.rules, falign.available_rules(), "rules")
+    rules = names(args.rules, [*falign.available_rules(), *FORMS], "rules")
     if args.repeats < 1 or args.warmup < 0:
         raise FalignError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     if args.threads is not None and args.threads < 1:

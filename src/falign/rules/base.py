@@ -152,8 +152,8 @@ class FeedbackRule:
     feedback: ClassVar[Feedback] = Feedback.FIXED
     signal: ClassVar[Signal] = Signal.LAYER
     law: ClassVar[Law] = Law.NONE
-    feedback_is_parameter: ClassVar[bool] = False
-    step_work: ClassVar[str] = ""
+    feedback_is_parameter: bool = False  # class data; a rule's options may change it for its instance (kp's forms)
+    step_work: str = ""
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, **options: Any) -> None:
@@ -213,7 +213,11 @@ class FeedbackRule:
     def after_load(self, layer: FeedbackLayer) -> None:
         """Refresh Python-side state after ``load_state_dict``."""
 
-    def after_step(self, layers: list[FeedbackLayer]) -> None:
+    def supports_optimizer(self, name: str) -> bool:
+        """Whether the rule trains correctly under the optimiser ``name`` (``"sgd"``, ``"adam"``; default: any)."""
+        return True
+
+    def after_step(self, layers: list[FeedbackLayer], optimizer: torch.optim.Optimizer | None = None) -> None:
         """The rule's work after each optimiser step (rules with ``step_work``), for its layers."""
 
     def __repr__(self) -> str:

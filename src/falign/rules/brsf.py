@@ -99,6 +99,6 @@ class BatchwiseRandomSignFeedback(SignConcordantRule):
         draw_magnitudes(m, layer.feedback_init, layer.feedback_seed, step, words)
         self._set_step(layer, step)
 
-    def after_step(self, layers) -> None:
+    def after_step(self, layers, optimizer=None) -> None:
         for layer in layers:
             self.redraw(layer)

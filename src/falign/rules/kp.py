@@ -5,11 +5,42 @@
 (``weight.requires_grad_(False)``) freezes its feedback too. With weight decay λ in the optimiser both
 decay alike, so ``W_t − B_t = (1 − ηλ)^t (W_0 − B_0) → 0`` under SGD: the feedback comes to mirror the
 weights. Build the optimiser *after* converting so that it sees the feedback parameters.
+
+**The offset form** (``falign.convert(net, "kp", form="offset")``). ``W`` and ``B`` receive the same gradient, so
+under ``torch.optim.SGD`` (learning rate η_t, momentum μ, dampening τ, Nesterov or not, weight decay λ) their
+difference ``D = W − B`` evolves by the weight decay alone, linearly: ``D_t = a_t D_0``, with the scalar recurrence
+of SGD's own update applied to ``D`` (momentum buffer ``c``: ``c ← λa`` at the first step, then
+``c ← μc + (1 − τ)λa``; step ``s = λa + μc`` with Nesterov, else ``c``, or ``λa`` without momentum; ``a ← a − η s``).
+So ``B_t = W_t − a_t D_0`` is computed from ``W`` in the backward pass (``feedback_weight`` holds ``D_0``; ``a_t``
+and ``c_t`` are in the ``feedback_offset`` buffer), and ``B`` needs no gradient, no optimiser state and no update:
+the same training as the parameter form, to float rounding, at less cost. It needs ``falign.attach(model,
+optimizer)`` with a plain ``torch.optim.SGD`` (any other optimiser is refused at its first step: use the parameter
+form there), and assumes ``W`` changes only by that optimiser's steps (an edit of ``W`` alone moves ``B`` with it).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
 from falign.rules.base import Feedback, FeedbackRule
+
+FORMS = ("parameter", "offset")
+
+
+@dataclass(frozen=True)
+class KolenPollackOptions:
+    """Options of ``kp`` (``--rule-option form=offset`` on the command line)."""
+
+    form: str = field(default="parameter", metadata={
+        "help": "parameter: B is an nn.Parameter the optimiser trains (any optimiser); offset: B = W − a_t·D_0 from "
+                "W, a_t following torch.optim.SGD's step (plain SGD only; no optimiser state for B)"})
+
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise ValueError(f"kp's form must be one of {', '.join(FORMS)}, got {self.form!r}")
 
 
 class KolenPollack(FeedbackRule):
@@ -17,3 +48,78 @@ class KolenPollack(FeedbackRule):
     summary = "Kolen-Pollack: B trained with W's gradient and weight decay (Akrout et al. 2019)"
     feedback = Feedback.LEARNED
     feedback_is_parameter = True
+    Options = KolenPollackOptions
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.offset = self.options.form == "offset"
+        if self.offset:
+            self.feedback_is_parameter = False
+            self.step_work = "advance a_t of B = W − a_t·D_0 by the SGD step"
+
+    def supports_optimizer(self, name: str) -> bool:
+        return not self.offset or name == "sgd"
+
+    @property
+    def depends_on_weight(self) -> bool:
+        return self.offset  # the offset form builds B from the forward's W in the backward pass
+
+    def initial_feedback(self, layer, shape, init, generator):
+        b0 = init.sample(shape, generator, layer.weight.dtype)  # the parameter form's B_0, the same draw
+        if not self.offset:
+            return b0
+        if "offset" in layer.rule_state:
+            self._set_offset(layer, 1.0, 0.0, 0)
+        return layer.weight.detach().to("cpu", b0.dtype) - b0  # D_0 = W_0 − B_0
+
+    def register_state(self, layer) -> None:
+        if self.offset:
+            layer.register_buffer("feedback_offset", torch.tensor([1.0, 0.0], dtype=torch.float64))
+            layer.register_buffer("feedback_step", torch.zeros((), dtype=torch.int64))
+            layer.rule_state["offset"] = (1.0, 0.0, 0)
+
+    def after_load(self, layer) -> None:
+        if self.offset:
+            a, c = (float(v) for v in layer.feedback_offset.tolist())
+            layer.rule_state["offset"] = (a, c, int(layer.feedback_step))
+
+    @staticmethod
+    def _set_offset(layer, a: float, c: float, steps: int) -> None:
+        layer.rule_state["offset"] = (a, c, steps)
+        layer.feedback_offset.copy_(torch.tensor([a, c], dtype=torch.float64))
+        layer.feedback_step.fill_(steps)
+
+    def matrix(self, layer, weight: Tensor, out: Tensor | None = None) -> Tensor:
+        """``B = W − a_t·D_0`` (offset form), or the stored ``B``."""
+        if not self.offset:
+            return super().matrix(layer, weight, out)
+        d0 = layer.feedback_weight
+        if d0.dtype != weight.dtype:  # under autocast W is the lower precision
+            d0 = d0.to(weight.dtype)
+        a = layer.feedback_offset[0].to(weight.dtype)  # a tensor: torch.compile does not specialise on it
+        if out is None:
+            return torch.addcmul(weight, d0, a, value=-1)
+        return torch.addcmul(weight, d0, a, value=-1, out=out)
+
+    def after_step(self, layers, optimizer: torch.optim.Optimizer | None = None) -> None:
+        if not self.offset:
+            return
+        if optimizer is None or type(optimizer) is not torch.optim.SGD:
+            got = "no optimiser (falign.step_rules without one)" if optimizer is None else type(optimizer).__name__
+            raise TypeError(f"kp's offset form follows torch.optim.SGD's step, and got {got}: attach the model to a "
+                            f"plain torch.optim.SGD with falign.attach(model, optimizer), or use kp's parameter form "
+                            f"(the default) with any other optimiser")
+        groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        for layer in layers:
+            group = groups.get(id(layer.weight))
+            if group is None or layer.weight.grad is None:  # this step did not move W (SGD skips it too)
+                continue
+            lr, mu, tau, wd = (float(group[k]) for k in ("lr", "momentum", "dampening", "weight_decay"))
+            a, c, steps = layer.rule_state["offset"]
+            g = wd * a  # the gradient's part in D: λD (the data gradients cancel)
+            if mu:
+                c = g if steps == 0 else mu * c + (1 - tau) * g
+                s = g + mu * c if group["nesterov"] else c
+            else:
+                s = g
+            self._set_offset(layer, a - lr * s, c, steps + 1)

@@ -83,7 +83,7 @@ class WeightMirror(FeedbackRule):
         layer.rule_state["step"] = int(layer.feedback_step)
         load_seed_state(layer)
 
-    def after_step(self, layers) -> None:
+    def after_step(self, layers, optimizer=None) -> None:
         o = self.options
         due = []
         for layer in layers:

@@ -177,9 +177,11 @@ class TrainConfig:
             check(self.diagnostics_every == 0, "diagnostics are not recorded in pipeline mode (a stage sees only its "
                                                "own layers): leave --diagnostics-every at 0")
         try:
-            get_rule(self.rule, **self.rule_options)
+            rule = get_rule(self.rule, **self.rule_options)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"rule_options for {self.rule}: {err}") from None
+        check(rule.supports_optimizer(self.optimizer),
+              f"{rule!r} does not train under --optimizer {self.optimizer}; choose another optimizer or rule option")
 
     @classmethod
     def choices(cls, name: str) -> tuple[str, ...]:
