@@ -57,7 +57,10 @@ class StepHook:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.layers = [layer for _, group in _groups(model) for layer in group]
         self.model = model
-        self._handle: RemovableHandle | None = optimizer.register_step_post_hook(self._after_step)
+        # no layer with per-step work (fa, dfa, ...): no hook, nothing to run after each step (a layer given such
+        # a rule later, by converting again, has no hook counted, so its first unstepped change fails loudly)
+        self._handle: RemovableHandle | None = (optimizer.register_step_post_hook(self._after_step) if self.layers
+                                                else None)
         for layer in self.layers:
             layer._step_hooks += 1
 
