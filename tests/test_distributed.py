@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 import falign
 from falign.train import load_checkpoint, read_metrics
 
+FAULTS = Path(__file__).parent / "workers" / "faults.py"  # falign with the faults its environment names
 ARGS = ["--data", "synthetic", "--train-subset", "384", "--hidden", "32,32", "--epochs", "2", "--batch-size", "64",
         "--lr", "0.05", "--no-progress"]
 
@@ -64,9 +66,9 @@ def test_two_processes_resume(tmp_path):
     args = ["--rule", "fa", *ARGS, "--checkpoint-every", "4"]
     assert run([*args, "--out", str(ref)], 2).returncode == 0
     env_run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "falign", "train",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(FAULTS), "train",
          *args, "--out", str(crashed)], capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "FALIGN_FAULT_KILL_AT_STEP": "9"})
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "FALIGN_TEST_KILL_AT_STEP": "9"})
     assert env_run.returncode != 0
     assert load_checkpoint(crashed / "checkpoint.pt")["step"] == 8
     resumed = run(["--resume", str(crashed), "--no-progress"], 2)
@@ -85,8 +87,8 @@ def test_torchrun_restarts_a_killed_rank_and_resumes_bit_identical(tmp_path):
     assert run([*args, "--out", str(ref)], 2).returncode == 0
     elastic = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-         "-m", "falign", "train", *args, "--out", str(crashed)], capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "FALIGN_FAULT_KILL_AT_STEP": "9"})
+         str(FAULTS), "train", *args, "--out", str(crashed)], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "FALIGN_TEST_KILL_AT_STEP": "9"})
     assert elastic.returncode == 0, elastic.stderr[-3000:]
     resumes = read_metrics(crashed / "resumes.jsonl")
     assert len(resumes) == 1 and resumes[0]["step"] == 8, resumes

@@ -157,8 +157,10 @@ ARGS = ["--data", "synthetic", "--train-subset", "256", "--hidden", "32,32,32", 
 
 
 def train(nproc: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``falign train`` under torchrun; with ``env``, through tests/workers/faults.py (the faults it names)."""
+    entry = [str(Path(__file__).parent / "workers" / "faults.py")] if env else ["-m", "falign"]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", "-m", "falign", "train", *args], capture_output=True,
+                           f"--nproc_per_node={nproc}", *entry, "train", *args], capture_output=True,
                           text=True, env={**ENV, **(env or {})}, timeout=600)
 
 
@@ -171,7 +173,8 @@ def test_train_in_pipeline_mode_checkpoints_and_resumes_bit_identical(tmp_path, 
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 16
     # one stage's process dies mid-run (rank 1 only): no half-written checkpoint, the step-10 one resumes
-    killed = train(2, *args, "--out", str(crashed), env={"FALIGN_FAULT_KILL_AT_STEP": "12", "FALIGN_FAULT_RANK": "1"})
+    killed = train(2, *args, "--out", str(crashed),
+                   env={"FALIGN_TEST_KILL_AT_STEP": "12", "FALIGN_TEST_KILL_RANK": "1"})
     assert killed.returncode != 0
     saved = load_checkpoint(crashed / "checkpoint.pt")
     assert saved["step"] == 10 and saved["pipeline"]["stages"] == 2

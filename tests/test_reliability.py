@@ -34,6 +34,15 @@ def falign_cli(args: list[str], env: dict | None = None) -> subprocess.Completed
                           env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}, timeout=300)
 
 
+FAULTS = Path(__file__).parent / "workers" / "faults.py"
+
+
+def faulty_cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """``falign`` with the faults of ``env`` injected (tests/workers/faults.py)."""
+    return subprocess.run([sys.executable, str(FAULTS), *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **env}, timeout=300)
+
+
 def same_run(a: Path, b: Path) -> None:
     assert (a / "metrics.jsonl").read_bytes() == (b / "metrics.jsonl").read_bytes()
     sa, sb = load_checkpoint(a / "checkpoint.pt")["model"], load_checkpoint(b / "checkpoint.pt")["model"]
@@ -47,8 +56,8 @@ def same_run(a: Path, b: Path) -> None:
 def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, rule):
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
     assert falign_cli(["train", "--rule", rule, *BASE, "--out", str(ref)]).returncode == 0
-    killed = falign_cli(["train", "--rule", rule, *BASE, "--out", str(crashed)],
-                        env={"FALIGN_FAULT_KILL_AT_STEP": "60"})  # epoch 2 of 3 (43 steps each)
+    killed = faulty_cli(["train", "--rule", rule, *BASE, "--out", str(crashed)],
+                        env={"FALIGN_TEST_KILL_AT_STEP": "60"})  # epoch 2 of 3 (43 steps each)
     assert killed.returncode == -9
     assert load_checkpoint(crashed / "checkpoint.pt")["step"] == 56
     resumed = falign_cli(["train", "--resume", str(crashed), "--no-progress"])
@@ -59,7 +68,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, rule):
 def test_crash_inside_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
     assert falign_cli(["train", *BASE, "--out", str(ref)]).returncode == 0
-    killed = falign_cli(["train", *BASE, "--out", str(crashed)], env={"FALIGN_FAULT_KILL_IN_CHECKPOINT": "14"})
+    killed = faulty_cli(["train", *BASE, "--out", str(crashed)], env={"FALIGN_TEST_KILL_IN_CHECKPOINT": "14"})
     assert killed.returncode == -9
     assert list(crashed.glob(".checkpoint.pt.*.tmp"))  # the interrupted write never replaced the file
     assert load_checkpoint(crashed / "checkpoint.pt")["step"] == 7

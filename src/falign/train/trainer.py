@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -280,15 +279,21 @@ class Trainer:
 
         Pipeline mode: rank 0 gathers every stage's weights (under the whole model's keys), optimiser state and
         random state first; a rank that died makes the gather fail, and nothing is written."""
-        fault = os.environ.get("FALIGN_FAULT_KILL_IN_CHECKPOINT")
-        crash = _kill_self if fault is not None and int(fault) == self.state.step else None
         if self.pipeline is not None:
             state = self._gather_pipeline_state()
             if self.is_main:
-                self.run_dir.save_checkpoint(state, before_replace=crash)
+                self.run_dir.save_checkpoint(state, before_replace=self.on_checkpoint_written)
             return
         if self.is_main:
-            self.run_dir.save_checkpoint(self._checkpoint_state(), before_replace=crash)
+            self.run_dir.save_checkpoint(self._checkpoint_state(), before_replace=self.on_checkpoint_written)
+
+    # -- extension points: they do nothing here; a subclass (or a test) acts at these moments ------------------
+    def on_step_end(self) -> None:
+        """Called after every training step, once the step's checkpoint (if one was due) is written."""
+
+    def on_checkpoint_written(self) -> None:
+        """Called inside every checkpoint write, after the temporary file is complete and before it replaces
+        ``checkpoint.pt``."""
 
     def _gather_pipeline_state(self) -> dict[str, Any] | None:
         import torch.distributed as dist
@@ -547,9 +552,6 @@ class Trainer:
         n = len(self.dataset.y_train)
         bar = progress_bar(cfg.epochs * math.ceil(n / cfg.batch_size), f"{cfg.rule} {cfg.model} {cfg.data}",
                            self.show_progress and self.is_main, initial=s.step)
-        kill_at = os.environ.get("FALIGN_FAULT_KILL_AT_STEP") if elastic_restart() == 0 else None
-        if os.environ.get("FALIGN_FAULT_RANK", str(self.dist.rank)) != str(self.dist.rank):
-            kill_at = None  # fault injection in one rank only
         status, message = "completed", ""
         self._training = True
         try:
@@ -578,8 +580,7 @@ class Trainer:
                     bar.update(1)
                     if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
-                    if kill_at is not None and int(kill_at) == s.step:
-                        _kill_self()  # fault injection for the crash/resume tests
+                    self.on_step_end()
                 if s.sums["skipped"] and not s.sums["seen"]:
                     status = "diverged"
                     message = (f"every batch of epoch {s.epoch + 1} had a non-finite loss under rule "
@@ -726,11 +727,6 @@ def elastic_restart() -> int:
         return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     except ValueError:
         return 0
-
-
-def _kill_self() -> None:
-    """SIGKILL this process (fault injection: ``FALIGN_FAULT_KILL_AT_STEP`` / ``_IN_CHECKPOINT``)."""
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Diverged(Exception):
