@@ -253,3 +253,16 @@ def test_a_loaded_direct_feedback_of_another_shape_is_refused_at_the_first_forwa
     same.load_state_dict(source.state_dict())
     same(x)
     assert same.body[0].direct_mode == source.body[0].direct_mode
+
+
+def test_a_direct_rules_state_with_its_d_not_yet_made_loads_and_is_planned_again():
+    """A state saved before a direct rule's D existed (right after convert) loaded into a trained model: D is
+    made again at the next forward pass, not used empty."""
+    model = falign.convert(_mlp(), "dfa", seed=1)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    assert model[1].feedback_weight.numel() == 0
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 5, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    model.load_state_dict(initial)
+    nn.functional.cross_entropy(model(x), y).backward()  # was: a shape error on the empty D
+    assert model[1].feedback_weight.shape == (5, 64)

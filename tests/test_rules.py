@@ -219,3 +219,59 @@ def test_kp_offset_form_refuses_another_optimiser_and_an_unknown_form():
         opt.step()
     with pytest.raises(ValueError, match="form must be one of parameter, offset"):
         falign.convert(tnn.Linear(8, 3), "kp", form="fast")
+
+
+def test_kp_offset_form_follows_sgd_on_attention_packed_projections():
+    """q/k/v of nn.MultiheadAttention are blocks of one packed parameter: the offset form finds the optimiser's
+    settings through it (a first version looked the block up by identity, never found it, and kept a_t = 1)."""
+    from torch import nn as tnn
+
+    def run(form: str):
+        torch.manual_seed(0)
+        net = tnn.Sequential(tnn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), tnn.Flatten(),
+                             tnn.Linear(8 * 5, 3))
+        model = falign.convert(net, "kp", seed=3, form=form)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.05)
+        falign.attach(model, opt)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(30):
+            x, y = torch.randn(4, 5, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
+            opt.zero_grad()
+            tnn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return [layer.current_feedback() for layer in falign.feedback_layers(model)]
+
+    for a, b in zip(run("offset"), run("parameter")):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+
+
+def test_kp_offset_form_follows_a_new_optimiser_after_a_load():
+    """A state loaded into a model trained on by a new SGD (a fresh momentum buffer): a_t's momentum part starts
+    afresh with it, as the parameter form's B does."""
+    from torch import nn as tnn
+
+    def run(form: str):
+        model, _, _ = _kp_run(form, steps=5, lr=0.05, momentum=0.9, weight_decay=1e-2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)  # no momentum state
+        falign.attach(model, opt)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(20):
+            x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
+            opt.zero_grad()
+            tnn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return [layer.current_feedback() for layer in falign.feedback_layers(model)]
+
+    for a, b in zip(run("offset"), run("parameter")):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+
+
+def test_kp_offset_state_is_refused_by_the_parameter_form_and_unconvert_leaves_no_key():
+    from torch import nn as tnn
+
+    offset = falign.convert(tnn.Sequential(tnn.Linear(8, 8), tnn.ReLU(), tnn.Linear(8, 3)), "kp", form="offset")
+    parameter = falign.convert(tnn.Sequential(tnn.Linear(8, 8), tnn.ReLU(), tnn.Linear(8, 3)), "kp")
+    with pytest.raises(falign.LoadedStateMismatch, match=r"'kp:offset'.*uses 'kp'"):
+        parameter.load_state_dict(offset.state_dict())
+    plain = falign.unconvert(offset)
+    assert set(plain.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}

@@ -407,9 +407,16 @@ class Pipeline:
             n_chunks = len(self.chunks)
             ex = x[: n // m].to(self.device)
             shapes = [ex]
-            with torch.no_grad(), falign.functional.backprop_mode():
-                for chunk in self.chunks[:-1]:
-                    shapes.append(chunk(shapes[-1]))
+            modes = {mod: mod.training for chunk in self.chunks for mod in chunk.modules()}
+            try:  # eval mode: the shape pass moves no BatchNorm statistic and draws no dropout mask
+                for chunk in self.chunks:
+                    chunk.eval()
+                with torch.no_grad(), falign.functional.backprop_mode():
+                    for chunk in self.chunks[:-1]:
+                        shapes.append(chunk(shapes[-1]))
+            finally:
+                for mod, mode in modes.items():
+                    mod.training = mode
             stage_objs = [pp.PipelineStage(self.chunks[i], i, n_chunks, self.device, input_args=(shapes[i],))
                           for i in self.mine]
             name = self.schedule_name

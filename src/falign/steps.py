@@ -61,13 +61,22 @@ class StepHook:
         # a rule later, by converting again, has no hook counted, so its first unstepped change fails loudly)
         self._handle: RemovableHandle | None = (optimizer.register_step_post_hook(self._after_step) if self.layers
                                                 else None)
+        self._pre: RemovableHandle | None = (optimizer.register_step_pre_hook(self._before_step) if self.layers
+                                             else None)
         for layer in self.layers:
             layer._step_hooks += 1
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for rule, layers in _groups(self.model):
+            rule.before_step(layers, optimizer)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         step_rules(self.model, optimizer)
 
     def remove(self) -> None:
+        if self._pre is not None:
+            self._pre.remove()
+            self._pre = None
         if self._handle is not None:
             self._handle.remove()
             self._handle = None

@@ -110,7 +110,7 @@ class FeedbackLayer(nn.Module):
             self.register_buffer("feedback_weight", None)
         else:
             self._assign_feedback(self.weight.new_empty(0))
-            self.register_buffer(RULE_KEY, rule_name_tensor(self.rule.name).to(self.weight.device))
+            self.register_buffer(RULE_KEY, rule_name_tensor(self.rule.state_id).to(self.weight.device))
             self.reset_feedback()
         self.rule.register_state(self)
 
@@ -226,7 +226,7 @@ class FeedbackLayer(nn.Module):
         return self.rule.matrix(self, weight, out=self.scratch("feedback", weight))
 
     def _plan_direct(self, x: Tensor) -> None:
-        if self.rule.feedback_is_parameter and _inside_ddp():
+        if self.rule.feedback_is_parameter and _inside_ddp() and self._feedback().numel() == 0:
             raise LateFeedbackError(
                 f"{self.rule.name}: the model was wrapped in DistributedDataParallel before its first forward pass, "
                 f"where {self.rule.name} makes the feedback matrices D it trains, so DDP cannot synchronise them; "
@@ -335,11 +335,11 @@ class FeedbackLayer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         missing = args[2] if len(args) > 2 else kwargs.get("missing_keys")  # PyTorch's order: metadata, strict, missing
         saved_rule = state_dict.get(prefix + RULE_KEY)
-        if self.rule.has_feedback and saved_rule is not None and rule_name_of(saved_rule) != self.rule.name:
+        if self.rule.has_feedback and saved_rule is not None and rule_name_of(saved_rule) != self.rule.state_id:
             saved = rule_name_of(saved_rule)
             raise LoadedStateMismatch(
                 f"{prefix.rstrip('.') or 'the layer'}: the state was saved with rule {saved!r}, and this layer uses "
-                f"{self.rule.name!r}. Convert the model with rule={saved!r} to continue that run; to start "
+                f"{self.rule.state_id!r}. Convert the model with that rule (and form) to continue that run; to start "
                 f"{self.rule.name} from its weights instead, load the state without its feedback entries: "
                 f"model.load_state_dict({{k: v for k, v in state.items() if 'feedback' not in k}}, strict=False)")
         key = prefix + "feedback_weight"
@@ -349,7 +349,13 @@ class FeedbackLayer(nn.Module):
             self._assign_feedback(current.new_empty(incoming.shape))
             if self.rule.direct and self.direct_shape is None:
                 self.direct_shape = tuple(incoming.shape)
-        if self.rule.direct and incoming is not None and incoming.numel() > 0:
+        elif self.rule.direct and current is not None and current.numel() > 0 and incoming is not None \
+                and incoming.numel() == 0:  # saved before D was made (right after convert): made again from the seed
+            if isinstance(current, nn.Parameter):
+                current.data = current.new_empty(0)  # the same Parameter object: an optimiser holds it
+            else:
+                self._assign_feedback(current.new_empty(0))
+        if self.rule.direct and incoming is not None:
             # how D is applied (per position or per sample) follows from the input and the model's output, not
             # from D's shape: it is planned again at the next forward pass, which checks the loaded D against it
             self._direct_planned = False
@@ -474,7 +480,8 @@ def _snapshot(weights: list[Tensor], previous: list[Tensor] | None) -> list[Tens
 
 
 _CONVERTED_CLASSES: dict[tuple[type, type], type] = {}
-_STATE_NAMES = ("feedback_weight", "feedback_step", SEED_KEY, RULE_KEY)  # a rule's entries in a layer's state_dict
+# a rule's entries in a layer's state_dict
+_STATE_NAMES = ("feedback_weight", "feedback_step", "feedback_offset", SEED_KEY, RULE_KEY)
 _LAYER_ATTRIBUTES = ("rule", "_capabilities", "feedback_init", "feedback_seed", "error_tap", "rule_state",
                      "direct_mode", "direct_shape", "_direct_planned", "_output_features", "_feedback_used",
                      "_step_key", "_step_values", "_step_hooks", "_scratch")

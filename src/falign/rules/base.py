@@ -213,9 +213,18 @@ class FeedbackRule:
     def after_load(self, layer: FeedbackLayer) -> None:
         """Refresh Python-side state after ``load_state_dict``."""
 
+    @property
+    def state_id(self) -> str:
+        """What a layer's state records as its rule (:data:`RULE_KEY`): the name, and the form where a rule's
+        options change what its state means (kp's offset form keeps ``D_0``, not ``B``)."""
+        return self.name
+
     def supports_optimizer(self, name: str) -> bool:
         """Whether the rule trains correctly under the optimiser ``name`` (``"sgd"``, ``"adam"``; default: any)."""
         return True
+
+    def before_step(self, layers: list[FeedbackLayer], optimizer: torch.optim.Optimizer | None = None) -> None:
+        """What the rule must see of the optimiser before its step (kp's offset form; default: nothing)."""
 
     def after_step(self, layers: list[FeedbackLayer], optimizer: torch.optim.Optimizer | None = None) -> None:
         """The rule's work after each optimiser step (rules with ``step_work``), for its layers."""
@@ -249,9 +258,10 @@ def option_help(rule: type[FeedbackRule]) -> list[tuple[str, Any, str]]:
 
 
 RULE_KEY = "feedback_rule"
-"""The buffer that names a layer's rule in its ``state_dict`` (the name's UTF-8 bytes, ``uint8``), on every layer with
-feedback: a state saved under one rule and loaded into a model converted with another is refused (or, with
-``strict=False``, loaded without its feedback) instead of silently giving one rule's feedback to another."""
+"""The buffer that names a layer's rule in its ``state_dict`` (:attr:`FeedbackRule.state_id`'s UTF-8 bytes,
+``uint8``), on every layer with feedback: a state saved under one rule (or form) and loaded into a model converted
+with another is refused (:class:`falign.LoadedStateMismatch`, also under ``strict=False``; the message says how to
+load the weights alone) instead of silently giving one rule's feedback to another."""
 
 
 def rule_name_tensor(name: str) -> torch.Tensor:

@@ -21,6 +21,7 @@ form there), and assumes ``W`` changes only by that optimiser's steps (an edit o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -101,24 +102,52 @@ class KolenPollack(FeedbackRule):
             return torch.addcmul(weight, d0, a, value=-1)
         return torch.addcmul(weight, d0, a, value=-1, out=out)
 
+    @property
+    def state_id(self) -> str:
+        return "kp:offset" if self.offset else "kp"
+
+    @staticmethod
+    def _parameter(layer) -> Tensor:
+        """The parameter the optimiser updates for ``layer``'s weight (a view's is its owner's packed parameter,
+        of which the view's weight is a block: the same settings and the same recurrence apply)."""
+        source = getattr(layer, "weight_source", None)
+        return getattr(layer._owner, source()[0]) if source is not None else layer.weight
+
+    def _mine(self, layers, optimizer) -> list[tuple[Any, Tensor, dict]]:
+        """``(layer, parameter, group)`` of the layers whose weight ``optimizer`` trains."""
+        if optimizer is None:
+            return []
+        groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        mine = []
+        for layer in layers:
+            param = self._parameter(layer)
+            if id(param) in groups:
+                mine.append((layer, param, groups[id(param)]))
+        return mine
+
+    def before_step(self, layers, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Note for each layer whether SGD's momentum buffer of its weight exists yet (SGD starts it at the step)."""
+        if self.offset and optimizer is not None:
+            for layer, param, _ in self._mine(layers, optimizer):
+                layer.rule_state["fresh_buffer"] = optimizer.state.get(param, {}).get("momentum_buffer") is None
+
     def after_step(self, layers, optimizer: torch.optim.Optimizer | None = None) -> None:
         if not self.offset:
             return
-        if optimizer is None or type(optimizer) is not torch.optim.SGD:
+        mine = self._mine(layers, optimizer)
+        if optimizer is None or (mine and type(optimizer) is not torch.optim.SGD):
             got = "no optimiser (falign.step_rules without one)" if optimizer is None else type(optimizer).__name__
             raise TypeError(f"kp's offset form follows torch.optim.SGD's step, and got {got}: attach the model to a "
                             f"plain torch.optim.SGD with falign.attach(model, optimizer), or use kp's parameter form "
                             f"(the default) with any other optimiser")
-        groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        for layer in layers:
-            group = groups.get(id(layer.weight))
-            if group is None or layer.weight.grad is None:  # this step did not move W (SGD skips it too)
+        for layer, param, group in mine:
+            if param.grad is None:  # this step did not move W (SGD skips it too)
                 continue
             lr, mu, tau, wd = (float(group[k]) for k in ("lr", "momentum", "dampening", "weight_decay"))
             a, c, steps = layer.rule_state["offset"]
             g = wd * a  # the gradient's part in D: λD (the data gradients cancel)
-            if mu:
-                c = g if steps == 0 else mu * c + (1 - tau) * g
+            if mu:  # SGD starts its momentum buffer at the gradient, then accumulates with dampening
+                c = g if layer.rule_state.pop("fresh_buffer", steps == 0) else mu * c + (1 - tau) * g
                 s = g + mu * c if group["nesterov"] else c
             else:
                 s = g
