@@ -125,6 +125,20 @@ class _Killed(BaseException):
     """Stands for SIGKILL in-process: nothing after the kill point runs (no final checkpoint, no summary)."""
 
 
+def _crashed_and_reference(args: list[str], tmp_path, monkeypatch):
+    """``falign train args`` run through (``ref``), and again stopped after step 40 (``crashed``)."""
+    from falign.cli import main
+    from falign.train import Trainer
+
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    assert main([*args, "--out", str(ref)]) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "on_step_end", _kill_at(40))
+        with pytest.raises(_Killed):
+            main([*args, "--out", str(crashed)])
+    return ref, crashed
+
+
 def _kill_at(step: int):
     """A Trainer.on_step_end that stops the run after ``step`` as SIGKILL would (after that step's checkpoint)."""
 
@@ -145,16 +159,11 @@ def test_falign_train_resume_is_bit_identical(tmp_path, monkeypatch, rule, model
     """A run killed mid-epoch (after its step-35 checkpoint, at step 40) and resumed with ``falign train --resume``
     ends with the metrics and weights of the run that was never interrupted."""
     from falign.cli import main
-    from falign.train import Trainer, load_checkpoint
+    from falign.train import load_checkpoint
 
     args = ["train", "--rule", rule, *CLI_MODELS[model], "--batch-size", "32", "--diagnostics-every", "10",
             "--no-progress"]
-    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
-    assert main([*args, "--out", str(ref)]) == 0
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "on_step_end", _kill_at(40))
-        with pytest.raises(_Killed):
-            main([*args, "--out", str(crashed)])
+    ref, crashed = _crashed_and_reference(args, tmp_path, monkeypatch)
     assert load_checkpoint(crashed / "checkpoint.pt")["step"] == 35
     assert main(["train", "--resume", str(crashed), "--no-progress"]) == 0
     assert (ref / "metrics.jsonl").read_bytes() == (crashed / "metrics.jsonl").read_bytes()
@@ -169,15 +178,10 @@ def test_falign_train_resume_check_fails_when_a_rule_state_is_not_restored(tmp_p
     lose) ends with other weights than the uninterrupted run, and the comparison sees it."""
     from falign.cli import main
     from falign.rules.brsf import BatchwiseRandomSignFeedback
-    from falign.train import Trainer, load_checkpoint
+    from falign.train import load_checkpoint
 
     args = ["train", "--rule", "brsf", *CLI_MODELS["mlp"], "--batch-size", "32", "--no-progress"]
-    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
-    assert main([*args, "--out", str(ref)]) == 0
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "on_step_end", _kill_at(40))
-        with pytest.raises(_Killed):
-            main([*args, "--out", str(crashed)])
+    ref, crashed = _crashed_and_reference(args, tmp_path, monkeypatch)
     monkeypatch.setattr(BatchwiseRandomSignFeedback, "after_load", lambda self, layer: None)
     assert main(["train", "--resume", str(crashed), "--no-progress"]) == 0
     a, b = load_checkpoint(ref / "checkpoint.pt")["model"], load_checkpoint(crashed / "checkpoint.pt")["model"]

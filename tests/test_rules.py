@@ -139,6 +139,26 @@ def test_wm_every_k_mirrors_only_every_kth_step_and_resumes_exactly():
 
 
 # -- kp's offset form: B = W − a_t·D_0 -------------------------------------------------------------------------
+def _image_batch(g: torch.Generator):
+    return torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
+
+
+def _sequence_batch(g: torch.Generator):
+    return torch.randn(4, 5, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
+
+
+def _sgd_steps(model, opt, batch, n: int, sched=None) -> None:
+    """``n`` optimiser steps of cross-entropy on ``batch(generator)`` (one generator, seeded once)."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(n):
+        x, y = batch(g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
 def _kp_run(form: str, steps: int = 100, cnn: bool = False, scheduler: bool = False, **sgd):
     from torch import nn as tnn
 
@@ -153,14 +173,7 @@ def _kp_run(form: str, steps: int = 100, cnn: bool = False, scheduler: bool = Fa
     opt = torch.optim.SGD(model.parameters(), **sgd)
     falign.attach(model, opt)
     sched = torch.optim.lr_scheduler.StepLR(opt, 30, 0.3) if scheduler else None
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
-        opt.zero_grad()
-        tnn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
+    _sgd_steps(model, opt, _image_batch, steps, sched)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if "feedback" not in n}
     return model, weights, [layer.current_feedback() for layer in falign.feedback_layers(model)]
 
@@ -233,12 +246,7 @@ def test_kp_offset_form_follows_sgd_on_attention_packed_projections():
         model = falign.convert(net, "kp", seed=3, form=form)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.05)
         falign.attach(model, opt)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(30):
-            x, y = torch.randn(4, 5, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
-            opt.zero_grad()
-            tnn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+        _sgd_steps(model, opt, _sequence_batch, 30)
         return [layer.current_feedback() for layer in falign.feedback_layers(model)]
 
     for a, b in zip(run("offset"), run("parameter")):
@@ -248,18 +256,12 @@ def test_kp_offset_form_follows_sgd_on_attention_packed_projections():
 def test_kp_offset_form_follows_a_new_optimiser_after_a_load():
     """A state loaded into a model trained on by a new SGD (a fresh momentum buffer): a_t's momentum part starts
     afresh with it, as the parameter form's B does."""
-    from torch import nn as tnn
 
     def run(form: str):
         model, _, _ = _kp_run(form, steps=5, lr=0.05, momentum=0.9, weight_decay=1e-2)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)  # no momentum state
         falign.attach(model, opt)
-        g = torch.Generator().manual_seed(2)
-        for _ in range(20):
-            x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
-            opt.zero_grad()
-            tnn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+        _sgd_steps(model, opt, _image_batch, 20)
         return [layer.current_feedback() for layer in falign.feedback_layers(model)]
 
     for a, b in zip(run("offset"), run("parameter")):
