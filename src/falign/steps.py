@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from falign.errors import FalignError
 from falign.nn.layers import FeedbackLayer
+from falign.rules.base import FeedbackRule
 
 
 class AttachError(FalignError, TypeError):
@@ -61,8 +62,10 @@ class StepHook:
         # a rule later, by converting again, has no hook counted, so its first unstepped change fails loudly)
         self._handle: RemovableHandle | None = (optimizer.register_step_post_hook(self._after_step) if self.layers
                                                 else None)
-        self._pre: RemovableHandle | None = (optimizer.register_step_pre_hook(self._before_step) if self.layers
-                                             else None)
+        # a pre-step hook only where a rule looks at the optimiser before its step (kp's offset form): brsf and wm
+        # do not walk the model twice per step
+        looks = any(type(rule).before_step is not FeedbackRule.before_step for rule, _ in _groups(model))
+        self._pre: RemovableHandle | None = (optimizer.register_step_pre_hook(self._before_step) if looks else None)
         for layer in self.layers:
             layer._step_hooks += 1
 
