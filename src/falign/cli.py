@@ -134,14 +134,17 @@ def _add_train(sub) -> None:
     p.add_argument("--microbatches", type=int, default=0, metavar="M",
                    help="microbatches per batch in pipeline mode (0: 2 x --pipeline-stages); --batch-size must split "
                         "into M equal microbatches (a last partial batch: into as many as divide it)")
+    p.add_argument("--wandb-project", metavar="NAME", default=None,
+                   help="also log to Weights & Biases, project NAME (needs falign[wandb]; WANDB_MODE=offline logs "
+                        "to <run>/wandb only)")
     p.add_argument("--config", metavar="FILE", default=None,
                    help="start from a saved config.json (a run's, or one written by hand: any subset of its keys); "
                         "options given on the command line override it")
     p.add_argument("--out", default=None, help="run directory (default: runs/<rule>-<model>-<data>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the run in RUN_DIR from its checkpoint; only --epochs (with --lr-schedule none), "
-                        "--checkpoint-every, --device and --eval-batch-size may change, any other flag must "
-                        "match the saved run")
+                        "--checkpoint-every, --device, --eval-batch-size, --scale-every, --no-reference-check and "
+                        "--wandb-project may change, any other flag must match the saved run")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out: deletes only the files a falign run writes, and refuses a "
                         "folder that holds anything else")

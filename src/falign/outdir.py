@@ -42,6 +42,7 @@ OWNED: dict[str, tuple[str, ...]] = {
     "run": (
         MARKER, ".lock", "config.json", "versions.json", "metrics.jsonl", "timing.jsonl",
         "checkpoint.pt", "summary.json", "resumes.jsonl", "scale.jsonl", "tensorboard/events.out.tfevents.*",
+        "wandb.json",
         "plots/" + MARKER, "plots/alignment.png", "plots/conservation.png", "plots/decomposition.png",
         "plots/scale.png",
     ),

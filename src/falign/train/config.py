@@ -15,6 +15,7 @@ from falign.models.mlp import ACTIVATIONS
 from falign.pipeline import SCHEDULES
 from falign.rules import FEEDBACK_INITS, RULES, get_rule
 from falign.seeding import MAX_SEED
+from falign.train.logging import wandb_installed
 
 BUNDLED = ("digits", "synthetic")
 """Datasets made in-process (no ``data_dir``)."""
@@ -81,6 +82,7 @@ class TrainConfig:
     pipeline_stages: int = 0
     pipeline_schedule: str = _one_of("auto", SCHEDULES)
     microbatches: int = 0
+    wandb_project: str | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -176,6 +178,10 @@ class TrainConfig:
                                             f"(--microbatches; default 2 x --pipeline-stages)")
             check(self.diagnostics_every == 0, "diagnostics are not recorded in pipeline mode (a stage sees only its "
                                                "own layers): leave --diagnostics-every at 0")
+        check(self.wandb_project is None or (self.wandb_project.strip() != "" and wandb_installed()),
+              "wandb_project must be a non-empty project name" if self.wandb_project is not None
+              and not self.wandb_project.strip() else
+              "--wandb-project needs the wandb package: pip install 'falign[wandb]' (or leave the flag out)")
         try:
             rule = get_rule(self.rule, **self.rule_options)
         except (TypeError, ValueError) as err:

@@ -34,7 +34,7 @@ from falign.seeding import rng_state, seed_everything, set_rng_state
 from falign.train.checkpoint import CheckpointError
 from falign.train.config import ConfigError, TrainConfig
 from falign.train.distributed import Distributed
-from falign.train.logging import TensorBoard
+from falign.train.logging import Loggers, run_loggers
 from falign.train.progress import progress_bar
 from falign.train.rundir import RunDir, RunDirError, versions
 
@@ -42,7 +42,8 @@ RunError = RunDirError
 """A run directory cannot be used as asked (exists, locked, unreadable checkpoint, conflicting resume...)."""
 
 # Config fields that may change when a run is resumed (every other field must match the saved run).
-RESUMABLE = frozenset({"epochs", "checkpoint_every", "device", "eval_batch_size", "scale_every", "reference_check"})
+RESUMABLE = frozenset({"epochs", "checkpoint_every", "device", "eval_batch_size", "scale_every", "reference_check",
+                       "wandb_project"})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -178,7 +179,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.dist: Distributed | None = None
         self.run_dir = RunDir(self.out)
-        self.tensorboard = TensorBoard(None)
+        self.loggers = Loggers()
         self.state = Progress()
         self._training = False  # the training loop has started (a failure from then on is in summary.json)
         # built by setup(): data, model (and what the loop calls), optimiser, schedule, diagnostics
@@ -446,7 +447,7 @@ class Trainer:
                 loss, output, record = self.recorder.step(partial(self._forward_loss, x, y, total), x, check)
                 self.run_dir.log({"event": "diagnostics", "step": self.state.step, "epoch": self.state.epoch + 1,
                                   **jsonable(record)})
-                self.tensorboard.diagnostics(record, self.state.step)
+                self.loggers.diagnostics(record, self.state.step)
             else:
                 loss, output = self._forward_loss(x, y, total)
                 loss.backward()
@@ -508,7 +509,7 @@ class Trainer:
             raise
         finally:
             self.run_dir.release()
-            self.tensorboard.close()
+            self.loggers.close()
             self.forward = self.model  # the DDP wrapper goes before its process group
             self.dist.close()
 
@@ -543,7 +544,7 @@ class Trainer:
                               "elastic_restart": elastic_restart()}, "resumes.jsonl")
         self.run_dir.write_json("versions.json", {**versions(), "world_size": self.dist.world})
         if self.is_main:
-            self.tensorboard = TensorBoard(self.out / "tensorboard")
+            self.loggers = run_loggers(self.out, cfg.to_dict(), resume=self.resume)
 
     def _run(self) -> dict[str, Any]:
         cfg = self.config
@@ -574,7 +575,7 @@ class Trainer:
                         s.sums["loss"] += loss_value * len(y)  # summed over ranks: the global mean × total
                         s.sums["correct"] += int(correct)
                         s.sums["seen"] += len(y)
-                        self.tensorboard.step(loss_value, self.optimizer.param_groups[0]["lr"], s.step)
+                        self.loggers.step(loss_value, self.optimizer.param_groups[0]["lr"], s.step)
                     s.batch += 1
                     s.step += 1
                     bar.update(1)
@@ -591,12 +592,12 @@ class Trainer:
                 epochs = [r for r in self.run_dir.rows_of("metrics.jsonl") if r.get("event") == "epoch"]
                 keys = ("train_loss", "train_acc", "test_loss", "test_acc")
                 final = {k: epochs[-1][k] for k in keys} if epochs else {}
-                self.tensorboard.hparams(self.config.to_dict(), final)
+                self.loggers.hparams(self.config.to_dict(), final)
         except _Diverged:
             pass
         finally:
             bar.close()
-            self.tensorboard.close()
+            self.loggers.close()
         if status == "completed":
             self.save_checkpoint()
         summary = self._summary(status, message)
@@ -633,7 +634,7 @@ class Trainer:
             row["skipped_batches"] = int(skipped / self.dist.world)
         self.run_dir.log(row)
         self.run_dir.log({"epoch": s.epoch + 1, "step": s.step, "seconds": round(self.elapsed(), 3)}, "timing.jsonl")
-        self.tensorboard.epoch(row, s.step)
+        self.loggers.epoch(row, s.step)
         bar.set_postfix({"train_acc": f"{row['train_acc']:.3f}", "test_acc": f"{test_acc:.3f}"})
         self.scheduler.step()
         s.epoch += 1
