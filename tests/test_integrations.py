@@ -55,7 +55,7 @@ class Module(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
-def _fit(rule: str, callback: FeedbackAlignmentCallback, logger=False) -> Module:
+def _fit(rule: str, callback: FeedbackAlignmentCallback, logger=False, precision: str = "32-true") -> Module:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
@@ -64,7 +64,8 @@ def _fit(rule: str, callback: FeedbackAlignmentCallback, logger=False) -> Module
         warnings.simplefilter("ignore")  # Lightning's advice about workers
         torch.manual_seed(0)
         trainer = pl.Trainer(max_epochs=2, logger=logger, callbacks=[callback], enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                             precision=precision)
         trainer.fit(module, loader)
     return module
 
@@ -92,6 +93,30 @@ def test_the_measurement_leaves_training_unchanged():
     measured.train()
     measured(torch.randn(16, 8))
     assert not torch.equal(before, measured.net[1].running_mean)
+
+
+def test_diagnostics_under_mixed_precision():
+    """Under ``precision="bf16-mixed"`` the training steps run in autocast; the callback measures after the step,
+    outside autocast, in float32 at the (float32) weights, and training is still unchanged by the measurement."""
+    logger = MemoryLogger()
+    measured = _fit("fa", FeedbackAlignmentCallback(every=4), logger, precision="bf16-mixed")
+    plain = _fit("fa", FeedbackAlignmentCallback(every=0), precision="bf16-mixed")
+    for (name, a), b in zip(measured.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+    logged = [(step, m) for step, m in logger.rows if "falign/gradient_alignment/0" in m]
+    assert [step for step, _ in logged] == [4, 8, 12]
+    # the control: the bf16 run trained differently from the float32 one (autocast was on)
+    fp32 = _fit("fa", FeedbackAlignmentCallback(every=0))
+    assert not torch.equal(fp32.net[0].weight, measured.net[0].weight)
+    # the first layer's outputs: bfloat16 in the 12 training steps, float32 in the 3 measurements
+    dtypes: list[torch.dtype] = []
+    original = Module.forward
+    try:
+        Module.forward = lambda self, x: (lambda out: dtypes.append(self.net[0](x).dtype) or out)(original(self, x))
+        _fit("fa", FeedbackAlignmentCallback(every=4), precision="bf16-mixed")
+    finally:
+        Module.forward = original
+    assert dtypes.count(torch.bfloat16) == 12 and dtypes.count(torch.float32) >= 3, dtypes
 
 
 def test_per_step_work_runs_under_the_callback():

@@ -32,7 +32,9 @@ What it does:
   weight, gradient and error-signal alignment, the conservation law's drift, the loss-rate decomposition) at the
   new weights, and log them as scalars (:func:`falign.diagnostics.record_scalars`) under ``falign/`` with the
   Trainer's global step. The measurement's gradients are discarded and the module's buffers (BatchNorm's running
-  statistics) and the random number generators are restored: training is unchanged (tested).
+  statistics) and the random number generators are restored: training is unchanged (tested). Under a
+  mixed-precision Trainer (``precision="bf16-mixed"``) the measurement runs outside autocast, in float32 at the
+  float32 weights: the diagnostics describe the rule, not the rounding of that step (tested).
 
 ``loss_fn(module, batch) -> (loss, output)`` computes the measured loss; the default takes ``x, y = batch`` and
 the cross-entropy of ``module(x)``. The diagnostics are those of the one model inside the LightningModule that
