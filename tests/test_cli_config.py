@@ -80,3 +80,54 @@ def test_every_choice_of_falign_train_is_the_config_fields_own():
         assert tuple(flags[name].choices) == TrainConfig.choices(name), name
         with pytest.raises(ConfigError, match=f"unknown {name} 'nonsense'"):
             TrainConfig(**{name: "nonsense"})
+
+
+def test_every_config_field_is_a_flag_and_every_flag_a_field():
+    """The command line is generated from TrainConfig: each field has exactly one flag with the field's default,
+    and the only other flags are the command's own (--config, --out, --resume, --overwrite, --no-progress)."""
+    import dataclasses
+
+    from falign.cli import build_parser
+    from falign.train.config import TrainConfig
+
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
+    dests = [a.dest for a in train._actions if a.dest != "help"]
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert sorted(set(dests) - set(names)) == ["config", "no_progress", "out", "overwrite", "resume"]
+    assert len(dests) == len(set(dests)) and set(names) <= set(dests)
+    defaults = TrainConfig()
+    for action in train._actions:
+        if action.dest in names:
+            assert action.default == getattr(defaults, action.dest), action.dest
+            assert action.help, action.dest
+
+
+def test_adding_an_option_is_one_field(tmp_path):
+    """CONTRIBUTING's claim: a new option is one field declared with ``option``. The field becomes a flag with its
+    help, default and parser, is type-checked, and survives config.json."""
+    import argparse
+    import dataclasses
+
+    from falign.cli import add_config_flags
+    from falign.train.config import ConfigError, TrainConfig, option
+
+    @dataclasses.dataclass
+    class Extended(TrainConfig):
+        warmup_steps: int = option(0, "linear warm-up over K steps (default: %(default)s)", metavar="K")
+        warmup_from: tuple[float, ...] = option((0.1,), "start fractions")
+        no_shuffle: bool = option(False, "keep the data order")
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, Extended)
+    args = parser.parse_args(["--warmup-steps", "7", "--warmup-from", "0.2,0.3", "--no-shuffle", "--rule", "bp"])
+    config = Extended(**vars(args))
+    assert (config.warmup_steps, config.warmup_from, config.no_shuffle, config.rule) == (7, (0.2, 0.3), True, "bp")
+    assert "linear warm-up over K steps (default: 0)" in parser.format_help()
+    assert Extended.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ConfigError, match="warmup_steps must be an integer"):
+        Extended(warmup_steps="7")  # type: ignore[arg-type]
+    # the control: without the field there is no such flag
+    plain = argparse.ArgumentParser()
+    add_config_flags(plain, TrainConfig)
+    with pytest.raises(SystemExit):
+        plain.parse_args(["--warmup-steps", "7"])

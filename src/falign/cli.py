@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,84 +60,50 @@ class _MergeDict(argparse.Action):
         setattr(namespace, self.dest, merged)
 
 
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag per field of ``config_class`` (a dataclass declared with :func:`falign.train.config.option`):
+    ``--field-name`` (or the field's ``flag``), its default, help, choices and metavar from the field, its
+    parser from the field's type (``int``, ``float``, ``str``, ``tuple[int, ...]`` and ``tuple[float, ...]``
+    as comma-separated lists, a ``dict`` as repeated ``KEY=VALUE``). A bool that defaults to False is a switch
+    (``--drop-last``); one that defaults to True is switched off (``--no-reference-check``)."""
+    import dataclasses
+
+    from falign.train.config import field_types
+
+    kinds = field_types(config_class)
+    defaults = config_class()
+    for f in dataclasses.fields(config_class):
+        meta, default = f.metadata, getattr(defaults, f.name)
+        _, hint = kinds[f.name]
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        kw: dict = {"dest": f.name, "help": meta.get("help", "")}
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        if hint is bool:
+            if default:
+                flag = meta.get("flag") or "--no-" + f.name.replace("_", "-")
+            parser.add_argument(flag, action="store_false" if default else "store_true", **kw)
+            continue
+        if hint is dict or typing.get_origin(hint) is dict:
+            parser.add_argument(flag, type=_rule_option, action=_MergeDict, default={}, **kw)
+            continue
+        if "choices" in meta:
+            kw["choices"] = config_class.choices(f.name)
+        elif typing.get_origin(hint) is tuple:
+            kw["type"] = _ints if typing.get_args(hint)[0] is int else _floats
+        elif hint in (int, float):
+            kw["type"] = hint
+        parser.add_argument(flag, default=default, **kw)
+
+
 def _add_train(sub) -> None:
     from falign.train.config import TrainConfig
 
-    d, C = TrainConfig(), TrainConfig.choices  # defaults and choices: declared once, on TrainConfig's fields
     p = sub.add_parser("train", help=COMMANDS["train"], epilog=TRAIN_EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train one model with one learning rule and write a run directory "
                                    "(config.json, versions.json, metrics.jsonl, checkpoint.pt, summary.json).")
-    p.add_argument("--rule", choices=C("rule"), default=d.rule, help="learning rule (default: %(default)s)")
-    p.add_argument("--model", choices=C("model"), default=d.model, help="model (default: %(default)s)")
-    p.add_argument("--hidden", type=_ints, default=d.hidden, help="hidden widths, e.g. 256,256 (mlp; default: 256,256)")
-    p.add_argument("--activation", default=d.activation, choices=C("activation"),
-                   help="mlp activation (default: %(default)s)")
-    p.add_argument("--no-bias", dest="bias", action="store_false", help="mlp without biases")
-    p.add_argument("--init-scale", type=float, default=d.init_scale, help="multiply initial weights (default: 1)")
-    p.add_argument("--data", choices=C("data"), default=d.data, help="dataset (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="folder of the dataset's files (fashion-mnist default: "
-                                                    "/usr/share/datasets/fashion-mnist; mnist, cifar10, "
-                                                    "cifar100: required)")
-    p.add_argument("--n-classes", type=int, default=None, help="keep the first N classes")
-    p.add_argument("--label-noise", type=float, default=0.0, help="symmetric label-noise rate in [0, 1)")
-    p.add_argument("--train-subset", type=int, default=None, help="seeded random subset of N training examples")
-    p.add_argument("--synthetic-classes", type=int, default=d.synthetic_classes, help="classes of --data synthetic")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (default: %(default)s)")
-    p.add_argument("--optimizer", choices=C("optimizer"), default=d.optimizer, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (default: %(default)s)")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay (default: %(default)s)")
-    p.add_argument("--lr-schedule", choices=C("lr_schedule"), default=d.lr_schedule,
-                   help="none, step (÷10 at --lr-milestones of the epochs) or cosine (default: %(default)s)")
-    p.add_argument("--lr-milestones", type=_floats, default=d.lr_milestones, help="fractions, default 0.5,0.75")
-    p.add_argument("--loss", choices=C("loss"), default=d.loss, help="cross-entropy or squared error on one-hot")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of data order, init and feedback (default: 0)")
-    p.add_argument("--device", choices=C("device"), default=d.device, help="(default: %(default)s)")
-    p.add_argument("--feedback-init", choices=C("feedback_init"), default=d.feedback_init,
-                   help="(default: %(default)s)")
-    p.add_argument("--feedback-scale", type=float, default=d.feedback_scale, help="(default: 1)")
-    p.add_argument("--output-signal", choices=C("output_signal"), default=d.output_signal,
-                   help="whether the output layer's input signal uses the rule (default) or backprop")
-    p.add_argument("--rule-option", dest="rule_options", type=_rule_option, action=_MergeDict, default={},
-                   metavar="KEY=VALUE", help="an option of the rule, repeatable (e.g. --rule wm --rule-option "
-                                             "decay=0.1); `falign rules` lists each rule's options")
-    p.add_argument("--diagnostics-every", type=int, default=0, metavar="K",
-                   help="record alignment/conservation/loss-decomposition diagnostics every K steps (0: off)")
-    p.add_argument("--scale-every", type=int, default=d.scale_every, metavar="K",
-                   help="record loss, logit scale and per-layer weight/activation norms every K steps to scale.jsonl; "
-                        "summary.json flags a scale runaway (default: %(default)s; 0: off)")
-    p.add_argument("--no-reference-check", dest="reference_check", action="store_false",
-                   help="diagnostics: skip the float64 recomputation of backprop's reference gradient (a float64 copy "
-                        "of the model per record) that marks an angle undefined where the reference is rounding noise")
-    p.add_argument("--val-size", type=int, default=0, metavar="N",
-                   help="hold N training examples out as a validation split (val_loss/val_acc per epoch; "
-                        "summary.json's val_selected is the test accuracy at the best validation epoch)")
-    p.add_argument("--resize", type=int, default=None, metavar="SIDE",
-                   help="resize images to SIDE×SIDE by bilinear interpolation (BioTorch's Fashion-MNIST: 32)")
-    p.add_argument("--drop-last", action="store_true", help="drop each epoch's last partial batch")
-    p.add_argument("--freeze-hidden", action="store_true",
-                   help="depth-utility baseline: train only the output layer, every other layer frozen at its random "
-                        "init (compare a rule's accuracy with this run's to see what its hidden layers learned)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
-                   help="checkpoint every K steps (0: at the end)")
-    p.add_argument("--on-divergence", choices=C("on_divergence"), default=d.on_divergence,
-                   help="on a NaN/inf loss: stop the run (default) or skip the batch")
-    p.add_argument("--pipeline-stages", type=int, default=0, metavar="K",
-                   help="pipeline mode: cut the model into K stages, one per process (torchrun --nproc_per_node=K); "
-                        "the model must be a chain of modules (mlp, lenet); a last partial batch is split into as "
-                        "many equal microbatches as divide it (0: off)")
-    p.add_argument("--pipeline-schedule", choices=C("pipeline_schedule"), default=d.pipeline_schedule,
-                   help="pipeline schedule: gpipe, 1f1b, zbv (zero-bubble) for bp and the layer-by-layer rules, "
-                        "unlocked for the direct rules (no backward messages between stages); auto picks unlocked "
-                        "for a direct rule, else 1f1b")
-    p.add_argument("--microbatches", type=int, default=0, metavar="M",
-                   help="microbatches per batch in pipeline mode (0: 2 x --pipeline-stages); --batch-size must split "
-                        "into M equal microbatches (a last partial batch: into as many as divide it)")
-    p.add_argument("--wandb-project", metavar="NAME", default=None,
-                   help="also log to Weights & Biases, project NAME (needs falign[wandb]; WANDB_MODE=offline logs "
-                        "to <run>/wandb only)")
+    add_config_flags(p, TrainConfig)
     p.add_argument("--config", metavar="FILE", default=None,
                    help="start from a saved config.json (a run's, or one written by hand: any subset of its keys); "
                         "options given on the command line override it")
@@ -148,7 +115,6 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out: deletes only the files a falign run writes, and refuses a "
                         "folder that holds anything else")
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="(default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train, parser=p)
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,74 +35,110 @@ class ConfigError(FalignError, ValueError):
     """A configuration value is unknown or out of range."""
 
 
-def _one_of(default: str, choices: Any) -> Any:
-    """A field whose value is one of ``choices`` (a tuple, or a registry whose keys are the names): declared here
-    once, checked by :meth:`TrainConfig.validate` and offered by the command line (:meth:`TrainConfig.choices`)."""
-    return field(default=default, metadata={"choices": choices})
+def option(default: Any = None, help: str = "", *, choices: Any = None, metavar: str | None = None,
+           flag: str | None = None, factory: Any = None) -> Any:
+    """A :class:`TrainConfig` field declared once: its default, the ``falign train`` flag's help (a
+    ``%(default)s`` in it shows the default), ``choices`` (a tuple, or a registry whose keys are the names;
+    checked by :meth:`TrainConfig.validate`, offered by the command line), and where the flag differs from the
+    field's name, ``flag``. The command line is generated from these fields (:func:`falign.cli.add_config_flags`):
+    a bool that defaults to True becomes ``--no-<name>``, a tuple a comma-separated list."""
+    metadata = {"help": help, "choices": choices, "metavar": metavar, "flag": flag}
+    metadata = {k: v for k, v in metadata.items() if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (``falign train`` flags map one-to-one onto fields)."""
+    """Everything that defines a training run (``falign train`` flags are generated from these fields)."""
 
-    rule: str = _one_of("fa", RULES)
-    model: str = _one_of("mlp", MODELS)
-    hidden: tuple[int, ...] = (256, 256)
-    activation: str = _one_of("relu", ACTIVATIONS)
-    bias: bool = True
-    init_scale: float = 1.0
-    data: str = _one_of("digits", DATASETS)
-    data_dir: str | None = None
-    n_classes: int | None = None
-    label_noise: float = 0.0
-    train_subset: int | None = None
-    val_size: int = 0
-    resize: int | None = None
-    synthetic_classes: int = 10
-    epochs: int = 30
-    batch_size: int = 32
-    drop_last: bool = False
-    optimizer: str = _one_of("sgd", OPTIMIZERS)
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_schedule: str = _one_of("none", LR_SCHEDULES)
-    lr_milestones: tuple[float, ...] = (0.5, 0.75)
-    loss: str = _one_of("ce", LOSSES)
-    seed: int = 0
-    device: str = _one_of("auto", DEVICES)
-    feedback_init: str = _one_of("kaiming_uniform", FEEDBACK_INITS)
-    feedback_scale: float = 1.0
-    output_signal: str = _one_of("rule", OUTPUT_SIGNALS)
-    freeze_hidden: bool = False
-    rule_options: dict[str, Any] = field(default_factory=dict)
-    diagnostics_every: int = 0
-    scale_every: int = 50
-    reference_check: bool = True
-    checkpoint_every: int = 0
-    on_divergence: str = _one_of("stop", ON_DIVERGENCE)
-    eval_batch_size: int = 1000
-    pipeline_stages: int = 0
-    pipeline_schedule: str = _one_of("auto", SCHEDULES)
-    microbatches: int = 0
-    wandb_project: str | None = None
+    rule: str = option("fa", "learning rule (default: %(default)s)", choices=RULES)
+    model: str = option("mlp", "model (default: %(default)s)", choices=MODELS)
+    hidden: tuple[int, ...] = option((256, 256), "hidden widths, e.g. 256,256 (mlp; default: 256,256)")
+    activation: str = option("relu", "mlp activation (default: %(default)s)", choices=ACTIVATIONS)
+    bias: bool = option(True, "mlp without biases")
+    init_scale: float = option(1.0, "multiply initial weights (default: %(default)s)")
+    data: str = option("digits", "dataset (default: %(default)s)", choices=DATASETS)
+    data_dir: str | None = option(None, "folder of the dataset's files (fashion-mnist default: "
+                                        "/usr/share/datasets/fashion-mnist; mnist, cifar10, cifar100: required)")
+    n_classes: int | None = option(None, "keep the first N classes", metavar="N")
+    label_noise: float = option(0.0, "symmetric label-noise rate in [0, 1)")
+    train_subset: int | None = option(None, "seeded random subset of N training examples", metavar="N")
+    val_size: int = option(0, "hold N training examples out as a validation split (val_loss/val_acc per epoch; "
+                              "summary.json's val_selected is the test accuracy at the best validation epoch)",
+                           metavar="N")
+    resize: int | None = option(None, "resize images to SIDE×SIDE by bilinear interpolation (BioTorch's "
+                                      "Fashion-MNIST: 32)", metavar="SIDE")
+    synthetic_classes: int = option(10, "classes of --data synthetic (default: %(default)s)")
+    epochs: int = option(30, "epochs (default: %(default)s)")
+    batch_size: int = option(32, "batch size (default: %(default)s)")
+    drop_last: bool = option(False, "drop each epoch's last partial batch")
+    optimizer: str = option("sgd", "(default: %(default)s)", choices=OPTIMIZERS)
+    lr: float = option(0.01, "learning rate (default: %(default)s)")
+    momentum: float = option(0.9, "SGD momentum (default: %(default)s)")
+    weight_decay: float = option(0.0, "weight decay (default: %(default)s)")
+    lr_schedule: str = option("none", "none, step (÷10 at --lr-milestones of the epochs) or cosine "
+                                      "(default: %(default)s)", choices=LR_SCHEDULES)
+    lr_milestones: tuple[float, ...] = option((0.5, 0.75), "fractions of the epochs, default 0.5,0.75")
+    loss: str = option("ce", "cross-entropy or squared error on one-hot (default: %(default)s)", choices=LOSSES)
+    seed: int = option(0, "seed of data order, init and feedback (default: %(default)s)")
+    device: str = option("auto", "(default: %(default)s)", choices=DEVICES)
+    feedback_init: str = option("kaiming_uniform", "(default: %(default)s)", choices=FEEDBACK_INITS)
+    feedback_scale: float = option(1.0, "(default: %(default)s)")
+    output_signal: str = option("rule", "whether the output layer's input signal uses the rule (default) or "
+                                        "backprop", choices=OUTPUT_SIGNALS)
+    freeze_hidden: bool = option(False, "depth-utility baseline: train only the output layer, every other layer "
+                                        "frozen at its random init (compare a rule's accuracy with this run's to see "
+                                        "what its hidden layers learned)")
+    rule_options: dict[str, Any] = option(help="an option of the rule, repeatable (e.g. --rule wm --rule-option "
+                                               "decay=0.1); `falign rules` lists each rule's options",
+                                          factory=dict, flag="--rule-option", metavar="KEY=VALUE")
+    diagnostics_every: int = option(0, "record alignment/conservation/loss-decomposition diagnostics every K "
+                                       "steps (0: off)", metavar="K")
+    scale_every: int = option(50, "record loss, logit scale and per-layer weight/activation norms every K steps "
+                                  "to scale.jsonl; summary.json flags a scale runaway (default: %(default)s; 0: off)",
+                              metavar="K")
+    reference_check: bool = option(True, "diagnostics: skip the float64 recomputation of backprop's reference "
+                                         "gradient (a float64 copy of the model per record) that marks an angle "
+                                         "undefined where the reference is rounding noise")
+    checkpoint_every: int = option(0, "checkpoint every K steps (0: at the end)", metavar="K")
+    on_divergence: str = option("stop", "on a NaN/inf loss: stop the run (default) or skip the batch",
+                                choices=ON_DIVERGENCE)
+    eval_batch_size: int = option(1000, "(default: %(default)s)")
+    pipeline_stages: int = option(0, "pipeline mode: cut the model into K stages, one per process (torchrun "
+                                     "--nproc_per_node=K); the model must be a chain of modules (mlp, lenet); a last "
+                                     "partial batch is split into as many equal microbatches as divide it (0: off)",
+                                  metavar="K")
+    pipeline_schedule: str = option("auto", "pipeline schedule: gpipe, 1f1b, zbv (zero-bubble) for bp and the "
+                                            "layer-by-layer rules, unlocked for the direct rules (no backward "
+                                            "messages between stages); auto picks unlocked for a direct rule, else "
+                                            "1f1b", choices=SCHEDULES)
+    microbatches: int = option(0, "microbatches per batch in pipeline mode (0: 2 x --pipeline-stages); "
+                                  "--batch-size must split into M equal microbatches (a last partial batch: into as "
+                                  "many as divide it)", metavar="M")
+    wandb_project: str | None = option(None, "also log to Weights & Biases, project NAME (needs falign[wandb]; "
+                                             "WANDB_MODE=offline logs to disk only)", metavar="NAME")
 
     def __post_init__(self) -> None:
         self._check_types()
-        self.hidden = tuple(int(h) for h in self.hidden)
-        self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
+        for name, (_, hint) in field_types(type(self)).items():  # a list read from JSON: the declared tuple
+            if typing.get_origin(hint) is tuple:
+                item = typing.get_args(hint)[0]
+                setattr(self, name, tuple(item(v) for v in getattr(self, name)))
         self.validate()
 
     def _check_types(self) -> None:
         """Every field has its declared type (a config read from JSON may hold anything)."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            kind = _FIELD_TYPES.get(f.name)
+            kind = field_types(type(self)).get(f.name)
             if kind is None:
                 continue
-            optional, base = kind
+            optional, hint = kind
             if value is None and optional:
                 continue
+            base = typing.get_origin(hint) or hint
             if base is tuple:
                 ok = isinstance(value, (list, tuple)) and all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
@@ -197,10 +236,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["rule_options"] = dict(self.rule_options)
-        d["hidden"] = list(self.hidden)
-        d["lr_milestones"] = list(self.lr_milestones)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}  # JSON's lists
 
     def rule_object(self):
         """The configured rule, with its options."""
@@ -229,19 +265,16 @@ class TrainConfig:
         return self.from_dict({**self.to_dict(), **changes})
 
 
-def _field_types() -> dict[str, tuple[bool, type]]:
-    """``{field: (optional, base type)}`` read off the annotations of :class:`TrainConfig`."""
+@functools.cache
+def field_types(cls: type = TrainConfig) -> dict[str, tuple[bool, Any]]:
+    """``{field: (optional, type)}`` from the config's resolved type hints: ``int | None`` is ``(True, int)``,
+    ``tuple[int, ...]`` is ``(False, tuple[int, ...])``."""
     out = {}
-    for f in dataclasses.fields(TrainConfig):
-        text = str(f.type).replace(" ", "")
-        optional = text.endswith("|None")
-        text = text.removesuffix("|None")
-        base = {"int": int, "float": float, "bool": bool, "str": str}.get(text)
-        if base is None:
-            base = tuple if text.startswith("tuple") else dict if text.startswith("dict") else None
-        if base is not None:
-            out[f.name] = (optional, base)
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        optional = type(None) in args and typing.get_origin(hint) in (types.UnionType, typing.Union)
+        if optional:
+            (hint,) = [a for a in args if a is not type(None)]
+        out[name] = (optional, hint)
     return out
 
-
-_FIELD_TYPES = _field_types()
