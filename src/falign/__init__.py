@@ -22,7 +22,7 @@ from falign.convert import (
 )
 from falign.errors import FalignError, LoadedStateMismatch, StepWorkSkipped
 from falign.rules import available_rules, get_rule
-from falign.steps import attach, step_rules
+from falign.steps import TrainStep, attach, step_rules
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "FalignError",
     "LoadedStateMismatch",
     "StepWorkSkipped",
+    "TrainStep",
     "__version__",
     "attach",
     "available_rules",

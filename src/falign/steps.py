@@ -15,10 +15,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from falign.errors import FalignError
@@ -109,3 +111,57 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer) -> StepHook:
                               f"after each step")
         optimizer = inner
     return StepHook(model, optimizer)
+
+
+class TrainStep:
+    """One optimiser step of a converted model that cannot forget what the rules need: :func:`attach` once (the
+    rules' per-step work after every step), the target given before every forward pass where a rule projects it
+    (:func:`falign.set_target`), gradients zeroed, the loss's backward (in backprop mode when ``backprop``), then
+    the update. The loops of falign's experiments and benchmarks are written with it.
+
+    Args:
+        model: a model returned by :func:`falign.convert`.
+        optimizer: a ``torch.optim.Optimizer`` over its parameters.
+        loss_fn: ``loss_fn(model(x), y)`` is the loss (default: cross-entropy).
+        backprop: run every backward in backprop mode (``B = W``: the reference an experiment compares with).
+
+    Calling it with ``(x, y)`` takes the step and returns the loss (detached). ``loss=`` gives the loss another
+    way (a closure called after the target is set, e.g. a full-batch loss); ``measure=`` is called with the loss
+    after the backward and before the update (the graph is kept for it: e.g. a second, backprop backward).
+
+    Example::
+
+        step = falign.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.01))
+        for x, y in loader:
+            loss = step(x, y)
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, *, backprop: bool = False) -> None:
+        from falign.convert import uses_target
+
+        self.model, self.optimizer = model, optimizer
+        self.loss_fn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        self.backprop = backprop
+        self.uses_target = uses_target(model)
+        self.hook = attach(model, optimizer)
+
+    def __call__(self, x: Tensor | None, y: Tensor, *, loss: Callable[[], Tensor] | None = None,
+                 measure: Callable[[Tensor], None] | None = None) -> Tensor:
+        from falign.convert import set_target
+        from falign.functional import backprop_mode
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.uses_target:
+            set_target(self.model, y)
+        value = loss() if loss is not None else self.loss_fn(self.model(x), y)
+        with backprop_mode() if self.backprop else contextlib.nullcontext():
+            value.backward(retain_graph=measure is not None)
+        if measure is not None:
+            measure(value)
+        self.optimizer.step()
+        return value.detach()
+
+    def remove(self) -> None:
+        """Detach the rules' per-step work from the optimiser (:meth:`StepHook.remove`)."""
+        self.hook.remove()

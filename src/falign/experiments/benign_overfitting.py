@@ -45,7 +45,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import falign
@@ -240,15 +239,10 @@ def _fit_gaussian(rule: str, d: int, separation: float, seed: int, cfg: dict, de
             p.mul_(0.1)  # a small initialisation
     model = falign.convert(net.to(device), rule, seed=seed, example_input=x[:2])
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    falign.attach(model, opt)
-    target = falign.uses_target(model)
+    train_step = falign.TrainStep(model, opt)
     step, fit = 0, 0.0
     for step in range(1, cfg["cap"] + 1):
-        opt.zero_grad(set_to_none=True)
-        if target:
-            falign.set_target(model, y)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        train_step(x, y)
         if step % 50 == 0:
             fit = accuracy(model, x, y)
             if fit >= INTERPOLATED:
@@ -310,17 +304,12 @@ def _fit_images(ctx: Context, rule: str, data: Dataset, noise: float, seed: int,
     model = falign.convert(MLP([x.shape[1], cfg["width"], cfg["width"], ds.num_classes]).to(dev), rule, seed=seed,
                            example_input=x[:2])
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    falign.attach(model, opt)
-    target = falign.uses_target(model)
+    train_step = falign.TrainStep(model, opt)
     g = torch.Generator().manual_seed(seed)
     curve, step, fit = [], 0, 0.0
     for step in range(1, cfg["cap"] + 1):
         idx = torch.randint(0, len(y), (128,), generator=g)
-        opt.zero_grad(set_to_none=True)
-        if target:
-            falign.set_target(model, y[idx])
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
+        train_step(x[idx], y[idx])
         if step % cfg["check"] == 0:
             with torch.no_grad():
                 pred = model(x).argmax(-1)

@@ -24,13 +24,11 @@ shrinks like η, but from a far larger value.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import falign
@@ -39,7 +37,6 @@ from falign.experiments.base import Context, float64_digits, note_scale
 from falign.experiments.flow import sgd_flow
 from falign.experiments.sources import PAPER_DATA
 from falign.experiments.stats import judge, loglog_slope, mean_ci
-from falign.functional import backprop_mode
 from falign.plotting import pyplot, save_figure
 from falign.results import CONTROL, INCONCLUSIVE, PRIMARY, SECONDARY, ExperimentResult, Table, Verdict, combine
 
@@ -137,14 +134,10 @@ def _practical(ctx: Context, seed: int, optimizer: str, backprop: bool = False) 
            "sgd + momentum 0.9": lambda: torch.optim.SGD(params, lr=0.01, momentum=0.9),
            "sgd + weight decay 5e-4": lambda: torch.optim.SGD(params, lr=0.05, weight_decay=5e-4),
            "adam": lambda: torch.optim.Adam(params, lr=1e-3)}[optimizer]()
-    falign.attach(model, opt)
+    train_step = falign.TrainStep(model, opt, backprop=backprop)
     for epoch in range(_practical_epochs(ctx)):
         for xb, yb in batches(x, y, 32, epoch_order(len(y), seed, epoch)):
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
-            with backprop_mode() if backprop else contextlib.nullcontext():
-                loss.backward()
-            opt.step()
+            train_step(xb, yb)
     ctx.tick(1)
     note_scale(ctx, model, x)
     return max(drift(q, ref[k])["relative"] for k, q in conservation(pairs).items())

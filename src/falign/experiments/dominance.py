@@ -213,8 +213,7 @@ def minibatch_run(ctx: Context, rule: str, seed: int, control: bool = False) -> 
     x, y = data.x_train.flatten(1), data.y_train
     model = _convert(rule, [64, p["width"], p["width"], 10], seed, x, torch.float32, control)
     decompose = _Decomposer(model)
-    opt = torch.optim.SGD(model.parameters(), lr=p["lr"])
-    falign.attach(model, opt)
+    train_step = falign.TrainStep(model, torch.optim.SGD(model.parameters(), lr=p["lr"]))
     g = torch.Generator().manual_seed(seed + 11)
     records: list[dict[str, Any]] = []
     stopped = "cap"
@@ -232,9 +231,7 @@ def minibatch_run(ctx: Context, rule: str, seed: int, control: bool = False) -> 
         if step == p["cap"]:
             break
         idx = torch.randint(0, len(y), (p["batch"],), generator=g)
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
+        train_step(x[idx], y[idx])
     ctx.tick(1)
     note_scale(ctx, model, x, y)
     rhos = [r["rho"] for r in records]

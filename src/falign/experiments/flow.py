@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
@@ -12,7 +11,6 @@ from torch import Tensor, nn
 
 import falign
 from falign.diagnostics.law import LayerPair, conservation, drift, find_pairs
-from falign.functional import backprop_mode
 
 
 def loss_of(out: Tensor, y: Tensor, loss: str = "ce") -> Tensor:
@@ -45,17 +43,12 @@ def sgd_flow(model: nn.Module, x: Tensor, y: Tensor, lr: float, horizon: float, 
     ref = conservation(pairs)
     opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.endswith("feedback_weight")],
                           lr=lr, momentum=momentum)
-    falign.attach(model, opt)
+    train_step = falign.TrainStep(model, opt, backprop=backprop)
     steps = max(1, round(horizon / lr))
     history = []
     value = math.nan
     for step in range(steps):
-        opt.zero_grad(set_to_none=True)
-        value_t = full_batch_loss(model, x, y, loss)
-        with backprop_mode() if backprop else contextlib.nullcontext():
-            value_t.backward()
-        opt.step()
-        value = float(value_t.detach())
+        value = float(train_step(None, y, loss=lambda: full_batch_loss(model, x, y, loss)))
         if record_every and (step + 1) % record_every == 0:
             history.append({"step": step + 1, "loss": value,
                             "drift": {k: drift(q, ref[k]) for k, q in conservation(pairs).items()}})

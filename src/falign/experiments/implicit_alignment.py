@@ -27,13 +27,11 @@ same difference for the controls is printed beside it, because a trend alone doe
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import falign
 from falign.data import batches, epoch_order, load_digits
@@ -41,7 +39,6 @@ from falign.diagnostics import find_pairs, pair_quantities
 from falign.experiments.base import Context, note_scale
 from falign.experiments.sources import PAPER_DATA
 from falign.experiments.stats import Estimate, judge, mean_ci
-from falign.functional import backprop_mode
 from falign.models import MLP
 from falign.plotting import pyplot, save_figure
 from falign.results import CONTROL, INCONCLUSIVE, PRIMARY, SECONDARY, ExperimentResult, Table, Verdict, combine
@@ -143,7 +140,7 @@ def _train(ctx: Context, activation: str, backprop: bool, scale: float, seed: in
     model = falign.convert(MLP([x.shape[1], width, width, 10], activation=activation, init_scale=scale), "fa",
                            seed=seed, example_input=x[:2])
     opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.endswith("feedback_weight")], lr=0.05)
-    falign.attach(model, opt)
+    train_step = falign.TrainStep(model, opt, backprop=backprop)
     pairs = find_pairs(model, x[:2])
     q0 = {p.key: float(pair_quantities(p)["q"].sum()) for p in pairs}
     history, step = [], 0
@@ -151,11 +148,7 @@ def _train(ctx: Context, activation: str, backprop: bool, scale: float, seed: in
         for xb, yb in batches(x, y, 32, epoch_order(len(y), seed, epoch)):
             if record and step % 10 == 0:
                 history.append((step, layer_angles(pairs, q0)))
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
-            with backprop_mode() if backprop else contextlib.nullcontext():
-                loss.backward()
-            opt.step()
+            train_step(xb, yb)
             step += 1
         ctx.tick(1)
     final = layer_angles(pairs, q0)

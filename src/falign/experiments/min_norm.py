@@ -101,12 +101,10 @@ def train(rule: str, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int, ca
     net = TwoLayerLinear(d, d, y.shape[1], init_scale=eps).to(torch.float64)
     model = falign.convert(torch.nn.Sequential(net), rule, seed=seed)[0]
     opt = torch.optim.SGD(model.parameters(), lr=LR, weight_decay=weight_decay)
-    falign.attach(model, opt)
+    train_step = falign.TrainStep(model, opt, lambda out, target: 0.5 * (out - target).pow(2).sum() / n)
     prev, stopped, step = None, "cap", 0
     for step in range(1, cap + 1):
-        opt.zero_grad(set_to_none=True)
-        (0.5 * (model(x) - y).pow(2).sum() / n).backward()
-        opt.step()
+        train_step(x, y)
         if step % CHECK == 0:
             with torch.no_grad():
                 now = model.end_to_end().clone()

@@ -114,8 +114,8 @@ class MLPRun:
             set_angles()
         wb_start = _mean([v["angle"] for v in _weight_alignment_all(model).values()])
         opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        falign.attach(model, opt)
-        target = falign.uses_target(model)
+        train_step = falign.TrainStep(model, opt)
+        target = train_step.uses_target
         names = {id(m): n for n, m in model.named_modules()}
         hidden = [names[id(m)] for m in layers[1:-1]] + [names[id(layers[0])]]  # every layer but the output's
         params = {n: p for n, p in model.named_parameters() if not n.endswith("feedback_weight")}
@@ -131,13 +131,9 @@ class MLPRun:
             if self.hold_angle_every and self.feedback_angle is not None and step and step % self.hold_angle_every == 0:
                 set_angles()
             idx = torch.randint(0, len(y), (min(self.batch, len(y)),), generator=g)
-            opt.zero_grad(set_to_none=True)
-            if target:
-                falign.set_target(model, y[idx])
-            loss = F.cross_entropy(model(x[idx]), y[idx])
             check = criterion and (step + 1) % self.check_every == 0
-            if step in when or check:
-                loss.backward(retain_graph=True)
+
+            def measure(loss: Tensor, check: bool = check) -> None:
                 true = backprop_gradients(loss, params)
                 row = {name: angle(params[f"{name}.weight"].grad, true[f"{name}.weight"]) for name in hidden}
                 if check:
@@ -145,9 +141,8 @@ class MLPRun:
                 else:
                     for name in hidden:
                         angles[name].append(row[name])
-            else:
-                loss.backward()
-            opt.step()
+
+            train_step(x[idx], y[idx], measure=measure if step in when or check else None)
             if check:
                 fit_loss, fit_acc = _loss_and_accuracy(model, check_x, check_y, target)
                 losses.append(fit_loss)

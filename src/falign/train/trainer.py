@@ -10,23 +10,20 @@ TensorBoard and the printed table by :mod:`falign.train.logging`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import falign
 from falign.data import Dataset, batches, epoch_order, load_dataset
-from falign.diagnostics import DiagnosticsRecorder, conservation_assumptions, find_pairs, jsonable
+from falign.diagnostics import DiagnosticsRecorder, jsonable
 from falign.diagnostics.scale import ScaleMonitor, find_runaway
 from falign.errors import FalignError
 from falign.models import build_model
@@ -34,6 +31,16 @@ from falign.seeding import rng_state, seed_everything, set_rng_state
 from falign.train.checkpoint import CheckpointError
 from falign.train.config import ConfigError, TrainConfig
 from falign.train.distributed import Distributed
+from falign.train.engines import (  # noqa: F401  (make_optimizer ... freeze_hidden: importable from here too)
+    Engine,
+    evaluate,
+    freeze_hidden,
+    loss_fn,
+    make_engine,
+    make_optimizer,
+    make_scheduler,
+    shard_loss,
+)
 from falign.train.logging import Loggers, run_loggers
 from falign.train.progress import progress_bar
 from falign.train.rundir import RunDir, RunDirError, versions
@@ -66,71 +73,6 @@ def build_run(config: TrainConfig, device: torch.device) -> tuple[Dataset, nn.Mo
                            feedback_scale=config.feedback_scale, seed=config.seed,
                            output_signal=config.output_signal, inplace=True)
     return ds.to(device), model.to(device)
-
-
-def freeze_hidden(model: nn.Module) -> list[str]:
-    """The depth-utility baseline: every parameter outside the output layer stays at its random initial value
-    (``requires_grad`` off, so the optimiser and weight decay leave it alone); only the output layer trains.
-    Returns the frozen parameters' names. The model must have run once (the output layer is found by running)."""
-    out = falign.conversion_report(model).output_layer
-    if out is None:
-        raise RunError("freeze_hidden: the output layer of this model is not known (no converted layer ran)")
-    frozen = [n for n, p in model.named_parameters() if not n.startswith(out + ".")]
-    for name, p in model.named_parameters():
-        if name in frozen:
-            p.requires_grad_(False)
-    return frozen
-
-
-def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-
-def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
-    """Per-epoch schedule: constant, ÷10 at each milestone fraction of the epochs, or cosine."""
-    if config.lr_schedule == "step":
-        milestones = sorted({max(1, round(m * config.epochs)) for m in config.lr_milestones})
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-    if config.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-
-
-def loss_fn(config: TrainConfig, output: Tensor, target: Tensor) -> Tensor:
-    if config.loss == "ce":
-        return F.cross_entropy(output, target)
-    return F.mse_loss(output, F.one_hot(target, output.shape[-1]).to(output.dtype))
-
-
-def shard_loss(config: TrainConfig, output: Tensor, target: Tensor, total: int, world: int) -> Tensor:
-    """This rank's term of the global batch's mean loss, scaled so that DDP's gradient *average* over the
-    ``world`` ranks is the gradient of the global mean: ``Σ_shard loss × world / total``, ``total`` the
-    global batch's number of examples. Every example weighs ``1/total`` however the batch was split (a last
-    batch need not divide by the ranks), and the mean of this value over ranks is the global mean loss. A
-    rank with no example contributes an exact zero that still runs backward, so every rank joins DDP's
-    gradient all-reduce."""
-    n = len(target)
-    if n == 0:
-        return output.sum() * 0.0
-    loss = loss_fn(config, output, target)
-    return loss if n * world == total else loss * (n * world / total)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, config: TrainConfig, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` on ``(x, y)`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    total_loss, correct = 0.0, 0
-    for xb, yb in batches(x, y, config.eval_batch_size):
-        out = model(xb)
-        total_loss += float(loss_fn(config, out, yb)) * len(yb)
-        correct += int((out.argmax(-1) == yb).sum())
-    model.train(was_training)
-    return total_loss / len(y), correct / len(y)
 
 
 @dataclass
@@ -182,17 +124,11 @@ class Trainer:
         self.loggers = Loggers()
         self.state = Progress()
         self._training = False  # the training loop has started (a failure from then on is in summary.json)
-        # built by setup(): data, model (and what the loop calls), optimiser, schedule, diagnostics
+        # built by setup(): data, model, the engine that trains it (falign.train.engines), the lr schedule
         self.dataset: Dataset | None = None
         self.model: nn.Module | None = None
-        self.forward: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.engine: Engine | None = None
         self.scheduler: Any = None
-        self.recorder: DiagnosticsRecorder | None = None
-        self.scale: ScaleMonitor | None = None
-        self.assumptions: dict[str, Any] = {}
-        self.uses_target = False
-        self.pipeline: Any = None  # pipeline mode: this rank's falign.pipeline.Pipeline
         self._saved: dict[str, Any] | None = None  # on resume: the checkpoint, read by _resolve_resume
         self._t0 = time.perf_counter()
 
@@ -203,6 +139,18 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.state.step
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    @property
+    def recorder(self) -> DiagnosticsRecorder | None:
+        return self.engine.recorder if self.engine is not None else None
+
+    @property
+    def scale(self) -> ScaleMonitor | None:
+        return self.engine.scale if self.engine is not None else None
 
     # -- resume --------------------------------------------------------------------------------------
     def _resolve_resume(self) -> None:
@@ -259,10 +207,9 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------------
     def _checkpoint_state(self) -> dict[str, Any]:
+        """The trainer's part of a checkpoint (the engine adds the model's and optimiser's)."""
         s = self.state
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": s.epoch,
             "batch": s.batch,
@@ -276,17 +223,11 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Write ``checkpoint.pt`` atomically (rank 0 only).
-
-        Pipeline mode: rank 0 gathers every stage's weights (under the whole model's keys), optimiser state and
-        random state first; a rank that died makes the gather fail, and nothing is written."""
-        if self.pipeline is not None:
-            state = self._gather_pipeline_state()
-            if self.is_main:
-                self.run_dir.save_checkpoint(state, before_replace=self.on_checkpoint_written)
-            return
-        if self.is_main:
-            self.run_dir.save_checkpoint(self._checkpoint_state(), before_replace=self.on_checkpoint_written)
+        """Write ``checkpoint.pt`` atomically (rank 0 only; every rank calls this: the engine may gather the
+        state of several processes first)."""
+        state = self.engine.state_dict(self._checkpoint_state())
+        if state is not None:
+            self.run_dir.save_checkpoint(state, before_replace=self.on_checkpoint_written)
 
     # -- extension points: they do nothing here; a subclass (or a test) acts at these moments ------------------
     def on_step_end(self) -> None:
@@ -295,23 +236,6 @@ class Trainer:
     def on_checkpoint_written(self) -> None:
         """Called inside every checkpoint write, after the temporary file is complete and before it replaces
         ``checkpoint.pt``."""
-
-    def _gather_pipeline_state(self) -> dict[str, Any] | None:
-        import torch.distributed as dist
-
-        mine = {"model": {k: v.detach().cpu() for k, v in self.pipeline.stage_state().items()},
-                "optimizer": self.optimizer.state_dict(), "rng": rng_state()}
-        parts: list[Any] = [None] * self.dist.world if self.is_main else None
-        dist.gather_object(mine, parts, dst=0)
-        if not self.is_main:
-            return None
-        state = self._checkpoint_state()
-        for part in parts:
-            state["model"].update(part["model"])
-        state["optimizer"] = None
-        state["pipeline"] = {"stages": self.config.pipeline_stages, "cuts": self.pipeline.cuts,
-                             "optimizers": [p["optimizer"] for p in parts], "rng": [p["rng"] for p in parts]}
-        return state
 
     def _load_checkpoint(self, saved: dict[str, Any]) -> None:
         """Restore the run's state from ``saved``; a checkpoint that does not fit this run (entries missing, or
@@ -339,15 +263,7 @@ class Trainer:
                                   f"another run): {why[:300]}") from None
 
     def _restore(self, saved: dict[str, Any]) -> None:
-        self.model.load_state_dict(saved["model"])
-        if self.pipeline is not None:
-            layout = saved.get("pipeline")
-            if layout is None or layout["cuts"] != self.pipeline.cuts:
-                raise RunError(f"--resume {self.out}: the checkpoint was not written by this pipeline layout "
-                               f"(stages cut at {None if layout is None else layout['cuts']}, now "
-                               f"{self.pipeline.cuts})")
-            saved = {**saved, "optimizer": layout["optimizers"][self.dist.rank], "rng": layout["rng"][self.dist.rank]}
-        self.optimizer.load_state_dict(saved["optimizer"])
+        saved = self.engine.load_state_dict(saved)
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state = Progress(saved["epoch"], saved["batch"], saved["step"],
                               defaultdict(float, saved["epoch_sums"]), saved["elapsed"])
@@ -361,70 +277,11 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Build data, model (+ DDP wrapper), optimiser, scheduler, diagnostics; step 0 state."""
+        """Build data, model, the engine that trains it (optimiser, per-step work, diagnostics), the schedule."""
         cfg = self.config
         self.dataset, self.model = build_run(cfg, self.device)
-        if cfg.pipeline_stages:
-            self._setup_pipeline()
-            return
-        self.uses_target = falign.uses_target(self.model)
-        unpaired: dict[str, str] = {}
-        if self.uses_target:
-            falign.set_target(self.model, self.dataset.y_train[:2])
-        # one forward pass first: it makes every feedback matrix a direct rule sizes from the output, so the
-        # optimiser and the DDP wrapper see the final parameters
-        pairs = find_pairs(self.model, self.dataset.x_train[:2], not_applicable=unpaired)
-        if cfg.freeze_hidden:
-            freeze_hidden(self.model)
-        self.forward = self.dist.wrap(self.model)
-        self.optimizer = make_optimizer(cfg, self.model)
-        self.scheduler = make_scheduler(cfg, self.optimizer)
-        falign.attach(self.model, self.optimizer)  # the rules' per-step work after every step
-        reduce = self.dist.average if self.dist.world > 1 else None  # one process: the float64 reference check too
-        self.recorder = DiagnosticsRecorder(self.model, reduce=reduce) if cfg.diagnostics_every else None
-        self.scale = ScaleMonitor(self.model, cfg.scale_every) if cfg.scale_every else None
-        self.assumptions = conservation_assumptions(
-            pairs, cfg.rule_object(), optimizer=cfg.optimizer,
-            momentum=cfg.momentum if cfg.optimizer == "sgd" else 0.0, weight_decay=cfg.weight_decay,
-            single_lr=cfg.lr_schedule == "none", not_applicable=unpaired)
-
-    def _setup_pipeline(self) -> None:
-        """Pipeline mode: this rank's stage of the model, its optimiser and per-step work (falign.pipeline)."""
-        from falign.pipeline import Pipeline
-
-        cfg = self.config
-        self.pipeline = Pipeline(self.model, cfg.pipeline_stages, schedule=cfg.pipeline_schedule,
-                                 n_microbatches=cfg.microbatches or None, loss_fn=partial(loss_fn, cfg),
-                                 example=self.dataset.x_train[:2], device=self.device)
-        self.forward = self.model
-        self.optimizer = make_optimizer(cfg, self.pipeline.module)
-        self.scheduler = make_scheduler(cfg, self.optimizer)
-        falign.attach(self.pipeline.module, self.optimizer)
-        self.assumptions = {"applies": False, "why": "not checked in pipeline mode (a stage sees only its own layers)"}
-
-    def _pipeline_step(self, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
-        import torch.distributed as dist
-
-        self.optimizer.zero_grad(set_to_none=True)
-        try:
-            loss, correct = self.pipeline.step(x, y)
-            # the last stage knows the loss; every rank takes the same decision on it (one small all-reduce)
-            values = torch.zeros(2, dtype=torch.float64)
-            if loss is not None:
-                values[0], values[1] = float(loss), float(correct)
-            dist.all_reduce(values)
-        except RuntimeError as err:
-            if "closed" in str(err).lower() or "connection" in str(err).lower():
-                raise RunError(f"pipeline mode: the process of another stage stopped at step {self.state.step} "
-                               f"({str(err).splitlines()[0][:200]}); the last complete checkpoint is kept, continue "
-                               f"with --resume {self.out}") from None
-            raise
-        value = float(values[0])
-        if not math.isfinite(value):
-            return value, torch.zeros((), dtype=torch.int64)
-        self.optimizer.step()
-        self.pipeline.after_step()
-        return value, torch.tensor(int(values[1]))
+        self.engine = make_engine(cfg, self.model, self.dataset, self.dist, self.device, self.out)
+        self.scheduler = make_scheduler(cfg, self.engine.optimizer)
 
     def train_step(self, x: Tensor, y: Tensor, total: int | None = None) -> tuple[float, Tensor]:
         """One optimiser step on this rank's shard ``(x, y)`` of a global batch of ``total`` examples
@@ -433,46 +290,18 @@ class Trainer:
 
         On a diagnostics step the recorder runs the forward pass, the rule's backward and one extra
         backward in backprop mode, and the measurements go to ``metrics.jsonl`` before the update.
-        A non-finite loss skips the update (the caller decides what happens next).
+        A non-finite loss skips the update (the caller decides what happens next). The step itself is the
+        engine's (:mod:`falign.train.engines`); its measurements are logged here.
         """
-        if self.pipeline is not None:
-            return self._pipeline_step(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
         total = len(y) * self.dist.world if total is None else total
-        every = self.config.diagnostics_every
-        watch = self.scale.watch(self.state.step) if self.scale is not None else contextlib.nullcontext()
-        with watch:
-            if self.recorder is not None and self.state.step % every == 0:
-                check = partial(self._float64_loss, x, y, total) if self.config.reference_check else None
-                loss, output, record = self.recorder.step(partial(self._forward_loss, x, y, total), x, check)
-                self.run_dir.log({"event": "diagnostics", "step": self.state.step, "epoch": self.state.epoch + 1,
-                                  **jsonable(record)})
-                self.loggers.diagnostics(record, self.state.step)
-            else:
-                loss, output = self._forward_loss(x, y, total)
-                loss.backward()
-        # the mean over ranks of the shards' terms is the global batch's mean loss (the step's one host sync)
-        value = float(self.dist.mean(loss.detach()))
-        if self.scale is not None and self.scale.due(self.state.step):
-            row = self.scale.record(self.state.step, value, output)
-            self.run_dir.log({"epoch": self.state.epoch + 1, **jsonable(row)}, "scale.jsonl")
-        if not math.isfinite(value):
-            return value, torch.zeros((), dtype=torch.int64)
-        self.optimizer.step()
-        return value, (output.detach().argmax(-1) == y).sum()
-
-    def _float64_loss(self, x: Tensor, y: Tensor, total: int, model64: nn.Module) -> Tensor:
-        """The batch's loss through a float64 copy of the model (the recorder's reference check)."""
-        if self.uses_target:
-            falign.set_target(model64, y)
-        out = model64(x.double() if x.is_floating_point() else x)
-        return shard_loss(self.config, out, y, total, self.dist.world)
-
-    def _forward_loss(self, x: Tensor, y: Tensor, total: int) -> tuple[Tensor, Tensor]:
-        if self.uses_target:
-            falign.set_target(self.model, y)
-        out = self.forward(x)
-        return shard_loss(self.config, out, y, total, self.dist.world), out
+        result = self.engine.step(x, y, total, self.state.step)
+        if result.record is not None:
+            self.run_dir.log({"event": "diagnostics", "step": self.state.step, "epoch": self.state.epoch + 1,
+                              **jsonable(result.record)})
+            self.loggers.diagnostics(result.record, self.state.step)
+        if result.scale_row is not None:
+            self.run_dir.log({"epoch": self.state.epoch + 1, **jsonable(result.scale_row)}, "scale.jsonl")
+        return result.loss, result.correct
 
     def run(self) -> dict[str, Any]:
         """Train to the end (or from the checkpoint to the end); returns the summary.
@@ -486,14 +315,6 @@ class Trainer:
         self.device = self.dist.device
         self.run_dir = RunDir(self.out, main=self.dist.is_main)
         try:
-            if self.config.pipeline_stages:
-                if self.dist.world != self.config.pipeline_stages:
-                    raise RunError(f"--pipeline-stages {self.config.pipeline_stages} runs one stage per process, "
-                                   f"but {self.dist.world} processes were started (torchrun "
-                                   f"--nproc_per_node={self.config.pipeline_stages})")
-            elif self.config.batch_size % self.dist.world:
-                raise RunError(f"--batch-size {self.config.batch_size} (the global batch) must be divisible by "
-                               f"the {self.dist.world} processes")
             if self.is_main:
                 self.run_dir.check(resume=self.resume, overwrite=self.overwrite)
             if self.resume:
@@ -510,7 +331,8 @@ class Trainer:
         finally:
             self.run_dir.release()
             self.loggers.close()
-            self.forward = self.model  # the DDP wrapper goes before its process group
+            if self.engine is not None:
+                self.engine.close()
             self.dist.close()
 
     def _record_failure(self, err: BaseException) -> None:
@@ -561,8 +383,7 @@ class Trainer:
                 for x, y in batches(self.dataset.x_train, self.dataset.y_train, cfg.batch_size, order, s.batch,
                                     drop_last=cfg.drop_last):
                     total = len(y)  # the global batch (a last one may be smaller, and not divide by the ranks)
-                    if self.pipeline is None:
-                        x, y = self.dist.shard(x, y)
+                    x, y = self.engine.shard(x, y)
                     loss_value, correct = self.train_step(x, y, total)
                     if not math.isfinite(loss_value):
                         if cfg.on_divergence == "stop":
@@ -608,19 +429,11 @@ class Trainer:
         return summary
 
     def _end_epoch(self, bar) -> None:
-        cfg, s = self.config, self.state
-        if self.pipeline is not None:
-            self.pipeline.close()
-            test_loss, test_acc = self.pipeline.evaluate(self.dataset.x_test, self.dataset.y_test,
-                                                         cfg.eval_batch_size)
-        else:
-            test_loss, test_acc = evaluate(self.model, cfg, self.dataset.x_test, self.dataset.y_test)
+        s = self.state
+        test_loss, test_acc = self.engine.evaluate(self.dataset.x_test, self.dataset.y_test)
         val = {}
         if self.dataset.y_val is not None:
-            if self.pipeline is not None:
-                val_loss, val_acc = self.pipeline.evaluate(self.dataset.x_val, self.dataset.y_val, cfg.eval_batch_size)
-            else:
-                val_loss, val_acc = evaluate(self.model, cfg, self.dataset.x_val, self.dataset.y_val)
+            val_loss, val_acc = self.engine.evaluate(self.dataset.x_val, self.dataset.y_val)
             val = {"val_loss": val_loss, "val_acc": val_acc}
         loss_sum, correct, seen, skipped = self.dist.all_sum(
             [s.sums["loss"], s.sums["correct"], s.sums["seen"], s.sums["skipped"]])
@@ -671,7 +484,7 @@ class Trainer:
             "world_size": self.dist.world,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "conversion": [vars(r) for r in falign.conversion_report(self.model).layers],
-            "conservation_assumptions": self.assumptions,
+            "conservation_assumptions": self.engine.assumptions if self.engine is not None else {},
             "resumes": self.run_dir.rows_of("resumes.jsonl") if self.is_main else [],
         }
 
