@@ -5,7 +5,7 @@ program does (issue 27: bad inputs refused with a clear error, legal uses workin
 
 Only ``falign`` is imported, so ``PYTHONPATH`` decides which checkout is measured. Every case runs in a fresh
 temporary folder (its working directory is ``<tmp>/cwd``, a victim file lives in ``<tmp>/outside``), in-process
-through ``falign.cli.main`` or the API, or in a subprocess where it needs one (torchrun, ulimit). Nothing
+through ``falign.app.cli.main`` or the API, or in a subprocess where it needs one (torchrun, ulimit). Nothing
 expensive runs: benchmark and reproduce work is replaced by a guard that stops the command the moment it
 *starts* working (a refusal must come before that), and training runs are a few dozen examples.
 
@@ -13,7 +13,7 @@ Each case expects one of:
 
 - ``refuse`` (bad input). Outcomes: ``clear error`` (command line: rc != 0 with a message and no traceback; API: a
   FalignError, or a ValueError/TypeError/RuntimeError raised by falign's own code, with a message; and nothing
-  written outside the intended folder); ``traceback`` (any exception escaping ``falign.cli.main``, an unexpected
+  written outside the intended folder); ``traceback`` (any exception escaping ``falign.app.cli.main``, an unexpected
   exception from the API, a traceback printed, a crash); ``silent`` (accepted: rc 0, or the work started);
   ``data loss`` (a user file modified or deleted, something written outside the intended folder, or a folder of
   user files claimed for output); ``wrong`` (a clear error that left a claimed folder behind with no record of
@@ -141,7 +141,7 @@ def _capture(res: Res, call: Callable[[], None]) -> Res:
 
 def cli(args: list[str] | Callable[[Ctx], list[str]]) -> Callable[[Ctx], Res]:
     def run(ctx: Ctx) -> Res:
-        from falign.cli import main
+        from falign.app.cli import main
 
         argv = [str(a) for a in (args(ctx) if callable(args) else args)]
         res = Res()
@@ -209,21 +209,21 @@ class Guards:
             except Exception:
                 return None
 
-        speed, arch = mod("falign.bench.speed"), mod("falign.bench.architectures")
+        speed, arch = mod("falign.app.bench.speed"), mod("falign.app.bench.architectures")
         for attr in ("bench_model",):
             self.patch(speed, attr, self._guard(f"bench speed {attr}"))
         for attr in ("run_benchmark", "train_once", "time_steps", "make_tasks"):
             self.patch(arch, attr, self._guard(f"bench architectures {attr}"))
-        pipe = mod("falign.bench.pipeline")
+        pipe = mod("falign.app.bench.pipeline")
         if pipe is not None and hasattr(pipe, "subprocess"):
             fake = types.SimpleNamespace(**{k: getattr(subprocess, k) for k in dir(subprocess)
                                             if not k.startswith("_")})
             fake.run = fake.Popen = fake.call = fake.check_call = self._guard("bench pipeline processes")
             self.patch(pipe, "subprocess", fake)
-        trainer = mod("falign.train.trainer")
+        trainer = mod("falign.app.train.trainer")
         if trainer is not None:
             self.patch(trainer.Trainer, "run", self._guard("Trainer.run (bench accuracy training)"))
-        experiments = mod("falign.experiments")
+        experiments = mod("falign.app.experiments")
         for name, module in (getattr(experiments, "EXPERIMENTS", None) or {}).items():
             self.patch(module, "run", self._guard(f"reproduce experiment {name}"))
 
@@ -344,7 +344,7 @@ def fixture(name: str) -> Path:
     """A finished tiny run (``run``) or one with diagnostics (``diag``), built once."""
     if name in _FIXTURES:
         return _FIXTURES[name]
-    from falign.cli import main
+    from falign.app.cli import main
 
     assert _BASE_DIR is not None
     path = _BASE_DIR / f"fixture-{name}"
@@ -1741,14 +1741,14 @@ case("api-angle-ints", "ok", "diagnostics.angle of integer tensors",
      check=value_is(lambda v: abs(v - 90) < 1e-6, "90"))
 case("api-angle-shapes", "refuse", "diagnostics.angle(3 elements, 4 elements)",
      api(_angle("torch.ones(3)", "torch.ones(4)")))
-case("api-load-checkpoint-missing", "refuse", "falign.train.load_checkpoint('/nonexistent.pt')",
-     api(lambda c: __import__("falign.train", fromlist=["load_checkpoint"]).load_checkpoint("/nonexistent.pt")))
+case("api-load-checkpoint-missing", "refuse", "falign.app.train.load_checkpoint('/nonexistent.pt')",
+     api(lambda c: __import__("falign.app.train", fromlist=["load_checkpoint"]).load_checkpoint("/nonexistent.pt")))
 case("api-set-target-fa", "safe", "falign.set_target on an fa model (which does not use targets)",
      api(lambda c: __import__("falign").set_target(__import__("falign").convert(mlp(), "fa"), batch()[1])))
 case("api-step-rules-plain", "safe", "falign.step_rules on a plain model",
      api(lambda c: __import__("falign").step_rules(mlp())))
 case("api-trainconfig-lr-nan", "refuse", "TrainConfig(lr=nan).validate()",
-     api(lambda c: __import__("falign.train", fromlist=["TrainConfig"]).TrainConfig(lr=math.nan).validate()))
+     api(lambda c: __import__("falign.app.train", fromlist=["TrainConfig"]).TrainConfig(lr=math.nan).validate()))
 
 
 # ==== main ====================================================================================================

@@ -1,7 +1,7 @@
 """Overhead of the live diagnostics: training time with diagnostics every K steps against none.
 
 Each measurement trains the same model from the same initialisation for ``--steps`` SGD steps through
-:class:`falign.train.Trainer`'s own ``train_step`` (the code path of ``falign train
+:class:`falign.app.train.Trainer`'s own ``train_step`` (the code path of ``falign train
 --diagnostics-every K``); configurations are interleaved and repeated, and the table reports the
 median time of each and its ratio to no diagnostics, measured in the same run.
 
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from falign.train import TrainConfig, Trainer
+from falign.app.train import TrainConfig, Trainer
 
 SETUPS = {
     # name: (config fields, batch shape); data comes from the dataset the config names

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 import falign
+from falign.app.experiments.base import float64_digits
+from falign.app.experiments.flow import sgd_flow
 from falign.diagnostics import backprop_gradients, gradient_alignment
-from falign.experiments.base import float64_digits
-from falign.experiments.flow import sgd_flow
 from falign.models import MLP, LeNet5
 
 DT = torch.float64

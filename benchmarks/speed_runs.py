@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from falign.bench import speed
+from falign.app.bench import speed
 
 
 def main() -> None:

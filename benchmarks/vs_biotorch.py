@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 import falign
-from falign.bench.speed import MODELS, batch_of
+from falign.app.bench.speed import MODELS, batch_of
 
 try:
     from biotorch.module.biomodule import BioModule

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import falign
-from falign.bench.accuracy import update_docs
+from falign.app.bench.accuracy import update_docs
 from falign.data import load_digits
 from falign.diagnostics import weight_alignment
 from falign.models import MLP

@@ -1,4 +1,4 @@
-"""FA and backprop side by side from Python: two runs with falign.train, one figure.
+"""FA and backprop side by side from Python: two runs with falign.app.train, one figure.
 
 Run:  python examples/fa_vs_bp.py [--epochs 30] [--out runs/fa-vs-bp]
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from falign.report.plots import plot_runs
-from falign.train import TrainConfig, train
+from falign.app.report.plots import plot_runs
+from falign.app.train import TrainConfig, train
 
 
 def main(epochs: int = 30, out: str = "runs/fa-vs-bp") -> list[Path]:

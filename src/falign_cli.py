@@ -1,8 +1,8 @@
 """The ``falign`` command's entry point.
 
 ``falign``, ``falign --help`` and ``falign --version`` answer from here without importing torch (the
-``falign`` package imports it, which takes seconds); every command goes on to :func:`falign.cli.main`.
-This module is also where the command list and its one-line descriptions are declared (``falign.cli``
+``falign`` package imports it, which takes seconds); every command goes on to :func:`falign.app.cli.main`.
+This module is also where the command list and its one-line descriptions are declared (``falign.app.cli``
 builds its parser from them).
 """
 
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         parser.parse_args(args[:1])  # prints the help or the version and exits 0
-    from falign.cli import main as run
+    from falign.app.cli import main as run
 
     return run(args)
 

@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
-from falign.bench import accuracy
-from falign.cli import main
+from falign.app.bench import accuracy
+from falign.app.cli import main
 from falign.errors import FalignError
 
 FIELDS = ["rule", "seed", "epochs", "status", "final error %", "best-epoch error %", "seconds", "run"]

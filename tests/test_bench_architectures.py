@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from falign.bench import architectures as arch
-from falign.cli import main
+from falign.app.bench import architectures as arch
+from falign.app.cli import main
 from falign.models.sequence import CharLM, PatchViT, RowRNN
 
 

@@ -16,9 +16,9 @@ import torch.distributed as dist
 from torch import nn
 
 import falign
-from falign.cli import main
+from falign.app.cli import main
+from falign.app.train import TrainConfig, train
 from falign.errors import FalignError
-from falign.train import TrainConfig, train
 
 SMALL = ["--hidden", "8", "--epochs", "1", "--no-progress"]
 
@@ -275,8 +275,8 @@ def test_bench_values_are_refused_before_any_work(tmp_path, capsys, argv, messag
 
 
 def test_bench_speed_replaces_its_own_earlier_json(tmp_path):
-    from falign.bench.speed import _is_speed_json
-    from falign.outdir import check_file
+    from falign.app.bench.speed import _is_speed_json
+    from falign.app.outdir import check_file
 
     earlier = tmp_path / "speed.json"
     earlier.write_text(json.dumps({"machine": "m", "torch": "t", "rows": []}))

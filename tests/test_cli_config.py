@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from falign.cli import main
+from falign.app.cli import main
 
 
 def _config(run):
@@ -69,8 +69,8 @@ def test_every_choice_of_falign_train_is_the_config_fields_own():
     command line would refuse is refused by the config too (a config.json does not bypass the check)."""
     import dataclasses
 
-    from falign.cli import build_parser
-    from falign.train.config import ConfigError, TrainConfig
+    from falign.app.cli import build_parser
+    from falign.app.train.config import ConfigError, TrainConfig
 
     train = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
     flags = {a.dest: a for a in train._actions}
@@ -87,8 +87,8 @@ def test_every_config_field_is_a_flag_and_every_flag_a_field():
     and the only other flags are the command's own (--config, --out, --resume, --overwrite, --no-progress)."""
     import dataclasses
 
-    from falign.cli import build_parser
-    from falign.train.config import TrainConfig
+    from falign.app.cli import build_parser
+    from falign.app.train.config import TrainConfig
 
     train = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
     dests = [a.dest for a in train._actions if a.dest != "help"]
@@ -108,8 +108,8 @@ def test_adding_an_option_is_one_field(tmp_path):
     import argparse
     import dataclasses
 
-    from falign.cli import add_config_flags
-    from falign.train.config import ConfigError, TrainConfig, option
+    from falign.app.cli import add_config_flags
+    from falign.app.train.config import ConfigError, TrainConfig, option
 
     @dataclasses.dataclass
     class Extended(TrainConfig):

@@ -1,5 +1,5 @@
 """`falign --help` and `falign --version` answer without importing torch (the package imports it: seconds);
-every command still reaches falign.cli."""
+every command still reaches falign.app.cli."""
 
 from __future__ import annotations
 
@@ -30,13 +30,13 @@ def test_help_and_version_do_not_import_torch():
 
 
 def test_a_command_goes_on_to_the_full_cli():
-    """The control: a command does import torch (it runs falign.cli)."""
+    """The control: a command does import torch (it runs falign.app.cli)."""
     result = _run(["rules"])
     assert "fa " in result.stdout and result.stdout.strip().endswith("TORCH-IMPORTED")
 
 
 def test_the_full_parser_lists_the_same_commands_and_version():
-    from falign.cli import build_parser
+    from falign.app.cli import build_parser
 
     parser = build_parser()
     text = parser.format_help()
@@ -49,7 +49,7 @@ def test_the_full_parser_lists_the_same_commands_and_version():
 
 def test_progress_off_a_terminal_is_ten_plain_lines(capsys):
     """pytest's captured stderr is not a terminal: no tqdm frames, one line per 10% (resumed bars count on)."""
-    from falign.train.progress import progress_bar
+    from falign.app.train.progress import progress_bar
 
     bar = progress_bar(1000, "demo")
     for _ in range(1000):
@@ -65,9 +65,9 @@ def test_progress_off_a_terminal_is_ten_plain_lines(capsys):
 
 def test_reproduce_progress_is_weighted_by_measured_cost():
     """At the quick size the bar's total is the measured seconds; a costly experiment's unit weighs more."""
-    from falign.experiments import QUICK_SECONDS, unit_costs
+    from falign.app.experiments import QUICK_SECONDS, unit_costs
 
     units = {"conservation": 30, "multiclass": 200}
     cost = unit_costs(units)
     assert sum(cost[n] * units[n] for n in units) == QUICK_SECONDS["conservation"] + QUICK_SECONDS["multiclass"]
-    assert set(QUICK_SECONDS) == set(__import__("falign.experiments", fromlist=["ORDER"]).ORDER)
+    assert set(QUICK_SECONDS) == set(__import__("falign.app.experiments", fromlist=["ORDER"]).ORDER)

@@ -1,6 +1,6 @@
 """CONTRIBUTING.md's recipe for a learning rule, followed by a test: a toy rule written as the recipe says (one
 FeedbackRule subclass, one registry line, one reference entry) passes the whole rule triad and trains through
-``falign.convert`` and ``falign.train`` with nothing else changed."""
+``falign.convert`` and ``falign.app.train`` with nothing else changed."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_the_recipe_rule_passes_the_triad(toy_rule):
 
 
 def test_the_recipe_rule_trains_through_falign_train(toy_rule, tmp_path):
-    from falign.train import TrainConfig, train
+    from falign.app.train import TrainConfig, train
 
     summary = train(TrainConfig(rule=toy_rule, hidden=(16,), epochs=1), tmp_path / "run", progress=False)
     assert summary["status"] == "completed" and summary["rule"] == toy_rule

@@ -160,8 +160,8 @@ def test_same_seed_same_feedback_and_different_seed_differs(rule):
 
 @pytest.mark.parametrize("rule", falign.available_rules())
 def test_same_seed_identical_training(rule):
-    from falign.train import TrainConfig, build_run
-    from falign.train.trainer import make_optimizer
+    from falign.app.train import TrainConfig, build_run
+    from falign.app.train.trainer import make_optimizer
 
     def run():
         cfg = TrainConfig(rule=rule, hidden=(16,), epochs=1)

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from falign.app.experiments.sources import catalog
 from falign.data import DatasetError, load_dataset, load_idx_dataset, read_idx
 from falign.data.idx import FILES
-from falign.experiments.sources import catalog
 from tests.test_data import write_idx, write_tiny_mnist
 
 CIFAR10 = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import falign
+from falign.app.experiments.flow import sgd_flow
 from falign.data import load_digits
 from falign.diagnostics import (
     DiagnosticsRecorder,
@@ -23,7 +24,6 @@ from falign.diagnostics import (
     loss_decomposition,
     weight_alignment,
 )
-from falign.experiments.flow import sgd_flow
 from falign.functional import backprop_mode
 from tests.conftest import with_target
 
@@ -229,8 +229,8 @@ def test_decomposition_dominance_logic():
 
 # ---- recorder in training, plots -----------------------------------------------------------------
 def test_training_with_diagnostics_writes_rows_and_plots(tmp_path):
-    from falign.report.plots import plot_run
-    from falign.train import TrainConfig, read_metrics, train
+    from falign.app.report.plots import plot_run
+    from falign.app.train import TrainConfig, read_metrics, train
 
     out = tmp_path / "run"
     cfg = TrainConfig(rule="fa", epochs=2, hidden=(32, 32), momentum=0.0, diagnostics_every=10)
@@ -251,7 +251,7 @@ def test_training_with_diagnostics_writes_rows_and_plots(tmp_path):
 
 
 def test_diagnostics_do_not_change_training(tmp_path):
-    from falign.train import TrainConfig, load_checkpoint, train
+    from falign.app.train import TrainConfig, load_checkpoint, train
 
     for rule in falign.available_rules():
         base = TrainConfig(rule=rule, epochs=1, hidden=(16,))
@@ -264,7 +264,7 @@ def test_diagnostics_do_not_change_training(tmp_path):
 
 
 def test_cli_plot_without_diagnostics_is_clear(tmp_path, capsys):
-    from falign.cli import main
+    from falign.app.cli import main
 
     assert main(["train", "--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress"]) == 0
     assert main(["plot", str(tmp_path / "r")]) == 0  # the scale records are always there: scale.png alone
@@ -278,7 +278,7 @@ def test_cli_plot_without_diagnostics_is_clear(tmp_path, capsys):
 def test_tensorboard_events_when_installed(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from falign.train import TrainConfig, train
+    from falign.app.train import TrainConfig, train
 
     train(TrainConfig(epochs=1, hidden=(16,), diagnostics_every=20), tmp_path, progress=False)
     acc = EventAccumulator(str(tmp_path / "tensorboard"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import falign
-from falign.train import load_checkpoint, read_metrics
+from falign.app.train import load_checkpoint, read_metrics
 
 FAULTS = Path(__file__).parent / "workers" / "faults.py"  # falign with the faults its environment names
 ARGS = ["--data", "synthetic", "--train-subset", "384", "--hidden", "32,32", "--epochs", "2", "--batch-size", "64",

@@ -43,7 +43,7 @@ def test_every_python_block_runs(page):
 
 @pytest.mark.parametrize("page", [p for p in PAGES if commands(p)], ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_command_is_accepted_by_the_parser(page):
-    from falign.cli import build_parser
+    from falign.app.cli import build_parser
 
     for command in commands(page):
         argv = shlex.split(command)[1:]
@@ -57,7 +57,7 @@ def test_every_command_is_accepted_by_the_parser(page):
 
 def test_the_parser_check_can_fail():
     """The control: a command with an option falign does not have is refused."""
-    from falign.cli import build_parser
+    from falign.app.cli import build_parser
 
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["train", "--no-such-option"])

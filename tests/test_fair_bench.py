@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from falign.bench import accuracy
-from falign.cli import main
+from falign.app.bench import accuracy
+from falign.app.cli import main
+from falign.app.train import TrainConfig, load_checkpoint, read_metrics, train
 from falign.data import batches, hold_out, load_dataset, load_digits, resize_images
 from falign.data.idx import FILES
 from falign.errors import FalignError
 from falign.models.cnn import LeNet5
-from falign.train import TrainConfig, load_checkpoint, read_metrics, train
 from tests.test_data import write_idx
 
 
@@ -68,13 +68,13 @@ def test_freeze_hidden_trains_the_output_layer_alone(tmp_path):
     train(cfg.replace(epochs=1, freeze_hidden=False), tmp_path / "g", progress=False)  # same init, all trained
     frozen = load_checkpoint(tmp_path / "f" / "checkpoint.pt")["model"]
     free = load_checkpoint(tmp_path / "g" / "checkpoint.pt")["model"]
-    from falign.train.trainer import build_run
+    from falign.app.train.trainer import build_run
     _, init = build_run(cfg, torch.device("cpu"))
     start = init.state_dict()
     for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
         assert torch.equal(frozen[k], start[k]) and not torch.equal(free[k], start[k]), k
     assert not torch.equal(frozen["fc3.weight"], start["fc3.weight"])
-    from falign.train import ConfigError
+    from falign.app.train import ConfigError
     with pytest.raises(ConfigError, match="no rule to diagnose"):
         TrainConfig(freeze_hidden=True, diagnostics_every=5)
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import falign
+from falign.app.train import TrainConfig, train
 from falign.diagnostics import DiagnosticsRecorder
 from falign.diagnostics.reference import choose_reference, effective_rank
 from falign.diagnostics.scale import find_runaway, logit_scale
-from falign.train import TrainConfig, train
 
 
 # ---- scale runaway: the pure rule ------------------------------------------------------------------------------
@@ -175,9 +175,9 @@ def test_recorder_reports_the_rank_of_each_error_signal():
 
 # ---- the reproduction's scale check ----------------------------------------------------------------------------
 def test_scale_check_of_the_reproduction_fires_on_a_runaway_and_shows_in_the_findings():
-    from falign.experiments.base import final_logit_scale, scale_check
-    from falign.report.report import findings_markdown
-    from falign.results import SUPPORTED, ExperimentResult, Verdict
+    from falign.app.experiments.base import final_logit_scale, scale_check
+    from falign.app.report.report import findings_markdown
+    from falign.app.results import SUPPORTED, ExperimentResult, Verdict
 
     assert scale_check([]) == ""
     calm = scale_check([3.0, 12.5, 7.0])
@@ -196,7 +196,7 @@ def test_scale_check_of_the_reproduction_fires_on_a_runaway_and_shows_in_the_fin
 
 
 def test_summary_digest_counts_undefined_references_per_layer(tmp_path):
-    from falign.train.trainer import _diagnostics_digest
+    from falign.app.train.trainer import _diagnostics_digest
 
     rows = [{"event": "epoch"},
             {"event": "diagnostics", "reference": {"a": {"used": "undefined"}, "b": {"used": "float32"}},
@@ -214,7 +214,7 @@ def test_summary_digest_counts_undefined_references_per_layer(tmp_path):
 
 
 def test_the_reference_check_can_be_switched_off(tmp_path):
-    from falign.train import read_metrics
+    from falign.app.train import read_metrics
 
     train(TrainConfig(rule="fa", epochs=1, hidden=(16,), diagnostics_every=20, reference_check=False),
           tmp_path / "r", progress=False)

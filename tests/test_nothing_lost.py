@@ -21,12 +21,12 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import falign
-from falign.cli import main
+from falign.app.cli import main
+from falign.app.train import RunError, TrainConfig, Trainer
 from falign.diagnostics import conservation_assumptions, find_pairs
 from falign.models import MLP
 from falign.nn import FALinear, FeedbackLayer
 from falign.rules import Feedback, Signal
-from falign.train import RunError, TrainConfig, Trainer
 from tests.conftest import with_target
 from tests.rule_reference import REFERENCE
 
@@ -77,7 +77,7 @@ def test_overwrite_replaces_a_run_and_only_its_files(tmp_path):
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
     assert not (run / "plots").exists()  # a run's own plots went with it
     (run / "mine.txt").write_text("x")  # a user file inside a run directory blocks --overwrite
-    with pytest.raises(falign.outdir.OutputError, match=r"mine\.txt"):
+    with pytest.raises(falign.app.outdir.OutputError, match=r"mine\.txt"):
         Trainer(TrainConfig(hidden=(8,), epochs=1), run, progress=False, overwrite=True).run()
     assert (run / "mine.txt").exists() and (run / "checkpoint.pt").exists()
 
@@ -87,7 +87,7 @@ def test_a_run_written_before_markers_is_resumed_but_never_overwritten(tmp_path)
     quick_run(run)
     (run / ".falign").unlink()
     before = (run / "checkpoint.pt").read_bytes()
-    with pytest.raises(falign.outdir.OutputError, match=r"no \.falign marker"):  # its files are not known falign's
+    with pytest.raises(falign.app.outdir.OutputError, match=r"no \.falign marker"):  # its files are not known falign's
         Trainer(TrainConfig(hidden=(8,), epochs=1), run, progress=False, overwrite=True).run()
     assert (run / "checkpoint.pt").read_bytes() == before
     Trainer(TrainConfig(), run, progress=False, resume=True, changes={"epochs": 2}).run()  # named by --resume
@@ -119,7 +119,7 @@ def test_a_run_that_fails_to_start_leaves_nothing_and_the_retry_works(tmp_path, 
 
 
 def test_bench_speed_checks_its_json_path_before_running(tmp_path, capsys, monkeypatch):
-    from falign.bench import speed
+    from falign.app.bench import speed
 
     def never(*args, **kwargs):
         raise AssertionError("the benchmark ran before its output path was checked")

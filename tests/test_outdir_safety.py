@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from falign import outdir
-from falign.cli import main
+from falign.app import outdir
+from falign.app.cli import main
+from falign.app.outdir import OutputDir
+from falign.app.train import TrainConfig, Trainer
 from falign.errors import FalignError
-from falign.outdir import OutputDir
-from falign.train import TrainConfig, Trainer
 
 PRECIOUS = b"the user's own bytes\n"
 TRAIN = ["train", "--epochs", "1", "--hidden", "8", "--no-progress"]
@@ -290,7 +290,7 @@ def test_bench_accuracy_writes_docs_only_when_asked(repo_like_folder, capsys):
 
 
 def test_bench_architectures_writes_docs_only_when_asked(repo_like_folder, capsys, monkeypatch):
-    from falign.bench import architectures
+    from falign.app.bench import architectures
 
     monkeypatch.setattr(architectures, "run_benchmark", lambda *args: [])
     monkeypatch.setattr(architectures, "markdown", lambda *args: "section")
@@ -299,7 +299,7 @@ def test_bench_architectures_writes_docs_only_when_asked(repo_like_folder, capsy
 
 
 def test_bench_pipeline_writes_docs_only_when_asked(repo_like_folder, capsys, monkeypatch):
-    from falign.bench import pipeline
+    from falign.app.bench import pipeline
 
     def workers(cmd, **kwargs):
         Path(cmd[cmd.index("--results") + 1]).write_text("[]")
@@ -316,7 +316,7 @@ def test_bench_pipeline_writes_docs_only_when_asked(repo_like_folder, capsys, mo
 
 def test_an_older_versions_temporary_file_is_falign_s(tmp_path):
     """Temporary files of a crash under an older falign (mkstemp's [a-z0-9_] names) do not block --overwrite."""
-    from falign.outdir import OutputDir
+    from falign.app.outdir import OutputDir
 
     run = tmp_path / "run"
     quick_run(run)

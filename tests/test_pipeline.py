@@ -1,4 +1,4 @@
-"""Pipeline mode (falign.pipeline): the cut, the checks, and 2- and 3-process training that equals one process
+"""Pipeline mode (falign.app.pipeline): the cut, the checks, and 2- and 3-process training that equals one process
 with the same microbatching, bit for bit, for every rule and schedule."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 import falign
+from falign.app.pipeline import PipelineError, chain, microbatches, plan, plan_cuts
+from falign.app.train import TrainConfig, load_checkpoint
+from falign.app.train.config import ConfigError
 from falign.models.cnn import LeNet5
-from falign.pipeline import PipelineError, chain, microbatches, plan, plan_cuts
-from falign.train import TrainConfig, load_checkpoint
-from falign.train.config import ConfigError
 
 WORKER = Path(__file__).parent / "workers" / "pipeline_equal.py"
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -104,7 +104,7 @@ def test_config_checks_pipeline_flags():
 
 
 def test_pipeline_needs_a_process_group_of_as_many_ranks():
-    from falign.pipeline import Pipeline
+    from falign.app.pipeline import Pipeline
 
     with pytest.raises(PipelineError, match="needs a process group"):
         Pipeline(mlp("fa"), 2, example=torch.randn(2, 8))
@@ -224,7 +224,7 @@ def test_train_refuses_a_model_it_cannot_cut_and_a_wrong_process_count(tmp_path)
 
 # -- falign bench pipeline -------------------------------------------------------------------------------
 def test_cost_model_formulas():
-    from falign.bench.pipeline import model_step, scaled
+    from falign.app.bench.pipeline import model_step, scaled
 
     f, b, c = [1.0, 1.0], [2.0, 2.0], 0.5
     assert model_step("gpipe", f, b, 4, c) == pytest.approx((4 + 1) * 3 + 2 * 0.5)  # bubble (K-1)/(M+K-1)

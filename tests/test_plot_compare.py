@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from falign.cli import main
+from falign.app.cli import main
+from falign.app.report.plots import plot_runs, run_label
+from falign.app.train import TrainConfig, train
 from falign.errors import FalignError
-from falign.report.plots import plot_runs, run_label
-from falign.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

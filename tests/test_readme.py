@@ -31,11 +31,11 @@ def test_readme_python_example_runs():
 
 
 def test_readme_findings_are_a_pasted_findings_md():
-    """The README's summary of `falign reproduce` is findings.md of a run, pasted by falign.report.readme:
+    """The README's summary of `falign reproduce` is findings.md of a run, pasted by falign.app.report.readme:
     a table with one row per experiment and one primary-verdict line per experiment, consistent with it."""
-    from falign.experiments import EXPERIMENTS
-    from falign.report.readme import block_text
-    from falign.results import STATUSES
+    from falign.app.experiments import EXPERIMENTS
+    from falign.app.report.readme import block_text
+    from falign.app.results import STATUSES
 
     text = (ROOT / "README.md").read_text()
     for block in ("nofmnist", "fmnist"):
@@ -48,7 +48,7 @@ def test_readme_findings_are_a_pasted_findings_md():
 
 
 def test_paste_findings_replaces_only_its_block():
-    from falign.report.readme import paste
+    from falign.app.report.readme import paste
 
     readme = "a\n<!-- findings:x -->\nold\n<!-- /findings:x -->\nb\n<!-- findings:y -->\nkeep\n<!-- /findings:y -->\n"
     new = paste(readme, "new table\n", "x")

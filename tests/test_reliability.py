@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import falign
-from falign.cli import main
-from falign.train import (
+from falign.app.cli import main
+from falign.app.train import (
     CheckpointError,
     DivergenceError,
     RunError,
@@ -160,7 +160,7 @@ def test_skip_batch_policy_skips_only_bad_batches(tmp_path):
 def test_bad_cli_input_gets_a_clear_message(tmp_path, capsys, argv, message):
     """In-process (an exception other than argparse's exit fails the test); the subprocess test below checks
     one of them as a user's shell sees it."""
-    from falign.cli import main
+    from falign.app.cli import main
 
     try:
         rc = main(["train", *argv, "--out", str(tmp_path / "r"), "--no-progress"])
@@ -189,7 +189,7 @@ def test_bad_dataset_files_via_cli(tmp_path):
 
 
 def test_unknown_config_keys_are_listed():
-    from falign.train import ConfigError
+    from falign.app.train import ConfigError
 
     with pytest.raises(ConfigError, match=r"unknown config key.*learning_rate, optimiser"):
         TrainConfig.from_dict({"learning_rate": 0.1, "optimiser": "sgd"})

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from falign.experiments import reproduce
+from falign.app.experiments import reproduce
 from tests.test_reproduce import _html_checks
 
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")

@@ -12,17 +12,17 @@ import pytest
 import torch
 
 import falign
-from falign.experiments import (
+from falign.app.experiments import (
     EXPERIMENTS,
     dominance,
     min_norm,
     multiclass,
     reproduce,
 )
-from falign.experiments.runs import feedback_at_angle
-from falign.experiments.stats import judge, loglog_slope, mean_ci, power, slope_ci, spearman, within_strata_slope
-from falign.report.report import format_value
-from falign.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Verdict, combine
+from falign.app.experiments.runs import feedback_at_angle
+from falign.app.experiments.stats import judge, loglog_slope, mean_ci, power, slope_ci, spearman, within_strata_slope
+from falign.app.report.report import format_value
+from falign.app.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Verdict, combine
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def test_dominance_and_min_norm_declare_one_primary_and_a_control(tiny_report):
 
 
 def test_cli_reproduce_only_and_errors(tmp_path, capsys):
-    from falign.cli import main
+    from falign.app.cli import main
 
     assert main(["reproduce", "--size", "tiny", "--only", "min_norm", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -223,7 +223,7 @@ def test_cli_reproduce_only_and_errors(tmp_path, capsys):
 
 def test_training_runs_use_the_contexts_device(monkeypatch):
     """multiclass and benign_overfitting pass ctx.device to every run (checked on the CPU by recording it)."""
-    from falign.experiments import runs
+    from falign.app.experiments import runs
 
     seen = []
     original = runs.MLPRun.run
@@ -278,8 +278,8 @@ def test_the_html_report_opens_with_the_verdicts(tiny_report):
 def test_html_report_folds_long_tables_and_flags_a_broken_control(tmp_path):
     """Constructed results: a 30-row table is folded, a 5-row one is not; a control that did NOT fail as built to is
     shown in red (the negative case of the check above); indices render as sub/superscripts."""
-    from falign.report.report import write_report
-    from falign.results import ExperimentResult, Table, Verdict
+    from falign.app.report.report import write_report
+    from falign.app.results import ExperimentResult, Table, Verdict
 
     long = Table("long", ["seed", "‖W_{l+1}‖"], [{"seed": i, "‖W_{l+1}‖": i / 3} for i in range(30)], "per seed")
     short = Table("short", ["x"], [{"x": 1}], "one row")

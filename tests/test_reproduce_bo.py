@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 
+from falign.app.experiments import benign_overfitting as bo
+from falign.app.experiments.base import Context
+from falign.app.experiments.stats import Estimate
+from falign.app.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 from falign.data import load_digits, subsample_train
-from falign.experiments import benign_overfitting as bo
-from falign.experiments.base import Context
-from falign.experiments.stats import Estimate
-from falign.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 
 
 def _crossed(rng, seeds, examples, sd_seed, sd_example, sd_noise, mean=0.0):

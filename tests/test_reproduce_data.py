@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from falign.app.experiments import reproduce
+from falign.app.experiments.sources import catalog
 from falign.data import DatasetError, many_class_subset
 from falign.data.images import image_folder, tiny_imagenet
-from falign.experiments import reproduce
-from falign.experiments.sources import catalog
 from tests.test_data import write_tiny_mnist
 
 Image = pytest.importorskip("PIL.Image", reason="the [images] extra (Pillow) is part of the test extra")

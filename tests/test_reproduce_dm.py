@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from falign.experiments import dominance, min_norm
-from falign.experiments.base import Context
-from falign.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
+from falign.app.experiments import dominance, min_norm
+from falign.app.experiments.base import Context
+from falign.app.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 
 
 # ---- dominance ------------------------------------------------------------------------------------------

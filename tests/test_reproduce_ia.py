@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 import falign
+from falign.app.experiments import conservation, implicit_alignment
+from falign.app.results import CONTROL, INCONCLUSIVE, NOT_SUPPORTED, PRIMARY, SECONDARY, SUPPORTED, combine
 from falign.diagnostics import find_pairs, pair_quantities
-from falign.experiments import conservation, implicit_alignment
 from falign.functional import backprop_mode
 from falign.models import MLP
-from falign.results import CONTROL, INCONCLUSIVE, NOT_SUPPORTED, PRIMARY, SECONDARY, SUPPORTED, combine
 
 
 # ---- implicit_alignment ---------------------------------------------------------------------------------------

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import falign
+from falign.app.experiments import multiclass
+from falign.app.experiments.base import Context
+from falign.app.experiments.runs import MLPRun, feedback_at_angle
+from falign.app.experiments.stats import spearman
+from falign.app.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, combine
 from falign.data import many_class_subset
-from falign.experiments import multiclass
-from falign.experiments.base import Context
-from falign.experiments.runs import MLPRun, feedback_at_angle
-from falign.experiments.stats import spearman
-from falign.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, combine
 
 
 def _acc(slopes: list[float], thetas=(0, 75), base: float = 0.45, wobble=(0.0, 0.002, -0.001, 0.001, -0.002)):

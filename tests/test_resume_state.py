@@ -127,8 +127,8 @@ class _Killed(BaseException):
 
 def _crashed_and_reference(args: list[str], tmp_path, monkeypatch):
     """``falign train args`` run through (``ref``), and again stopped after step 40 (``crashed``)."""
-    from falign.cli import main
-    from falign.train import Trainer
+    from falign.app.cli import main
+    from falign.app.train import Trainer
 
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
     assert main([*args, "--out", str(ref)]) == 0
@@ -158,8 +158,8 @@ CLI_MODELS = {"mlp": ["--hidden", "16", "--epochs", "3", "--checkpoint-every", "
 def test_falign_train_resume_is_bit_identical(tmp_path, monkeypatch, rule, model):
     """A run killed mid-epoch (after its step-35 checkpoint, at step 40) and resumed with ``falign train --resume``
     ends with the metrics and weights of the run that was never interrupted."""
-    from falign.cli import main
-    from falign.train import load_checkpoint
+    from falign.app.cli import main
+    from falign.app.train import load_checkpoint
 
     args = ["train", "--rule", rule, *CLI_MODELS[model], "--batch-size", "32", "--diagnostics-every", "10",
             "--no-progress"]
@@ -176,9 +176,9 @@ def test_falign_train_resume_is_bit_identical(tmp_path, monkeypatch, rule, model
 def test_falign_train_resume_check_fails_when_a_rule_state_is_not_restored(tmp_path, monkeypatch):
     """The negative control of the test above: brsf made to forget its redraw counter on load (the state a resume can
     lose) ends with other weights than the uninterrupted run, and the comparison sees it."""
-    from falign.cli import main
+    from falign.app.cli import main
+    from falign.app.train import load_checkpoint
     from falign.rules.brsf import BatchwiseRandomSignFeedback
-    from falign.train import load_checkpoint
 
     args = ["train", "--rule", "brsf", *CLI_MODELS["mlp"], "--batch-size", "32", "--no-progress"]
     ref, crashed = _crashed_and_reference(args, tmp_path, monkeypatch)

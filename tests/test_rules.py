@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import falign
+from falign.app.train import TrainConfig, train
 from falign.models import MLP
 from falign.rules import RULES, Feedback, FeedbackInit, Law, Signal, get_rule, mirror_step
-from falign.train import TrainConfig, train
 from tests.rule_reference import REFERENCE
 
 

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 import falign
+from falign.app.train import load_checkpoint, read_metrics
 from falign.convert import ConversionError
 from falign.errors import StepWorkSkipped
-from falign.train import load_checkpoint, read_metrics
 
 # 195 = 3 × 64 + 3: the last global batch of each epoch has 3 examples, fewer than 4 ranks (one gets none)
 ARGS = ["--data", "synthetic", "--train-subset", "195", "--hidden", "16,16", "--epochs", "2", "--batch-size", "64",

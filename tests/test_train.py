@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import falign
-from falign.cli import main
-from falign.train import ConfigError, RunError, TrainConfig, Trainer, load_checkpoint, read_metrics, train
+from falign.app.cli import main
+from falign.app.train import ConfigError, RunError, TrainConfig, Trainer, load_checkpoint, read_metrics, train
 
 
 def test_run_directory_contents(tmp_path):

@@ -1,5 +1,5 @@
 """``falign train --wandb-project``: the run's scalars in Weights & Biases through the same logging seam as
-TensorBoard (falign.train.logging), the W&B run continued on --resume, and a clear error without the package."""
+TensorBoard (falign.app.train.logging), the W&B run continued on --resume, and a clear error without the package."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from falign.cli import main
+from falign.app.cli import main
+from falign.app.train import TrainConfig
+from falign.app.train.config import ConfigError
+from falign.app.train.rundir import read_metrics
 from falign.diagnostics import record_scalars
-from falign.train import TrainConfig
-from falign.train.config import ConfigError
-from falign.train.rundir import read_metrics
 
 TINY = ["--epochs", "2", "--hidden", "16", "--diagnostics-every", "20", "--no-progress"]
 
@@ -42,7 +42,7 @@ def fake_wandb(monkeypatch):
     module = types.ModuleType("wandb")
     module.init = lambda **kw: runs.append(FakeRun(**kw)) or runs[-1]  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "wandb", module)
-    monkeypatch.setattr("falign.train.config.wandb_installed", lambda: True)
+    monkeypatch.setattr("falign.app.train.config.wandb_installed", lambda: True)
     return runs
 
 
@@ -83,7 +83,7 @@ def test_without_the_flag_no_wandb_run(tmp_path, fake_wandb):
 
 
 def test_a_missing_wandb_package_is_named_before_training(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("falign.train.config.wandb_installed", lambda: False)
+    monkeypatch.setattr("falign.app.train.config.wandb_installed", lambda: False)
     with pytest.raises(ConfigError, match=r"pip install 'falign\[wandb\]'"):
         TrainConfig(wandb_project="proj")
     assert main(["train", "--out", str(tmp_path / "run"), "--wandb-project", "proj", *TINY]) == 1

@@ -297,7 +297,7 @@ class ErrorTap:
 
     def close(self) -> ErrorSession | None:
         """Close the innermost session without tapping an output, and return it: a pipeline stage whose output
-        is not the model's fills in ``session.error`` itself (:mod:`falign.pipeline`)."""
+        is not the model's fills in ``session.error`` itself (:mod:`falign.app.pipeline`)."""
         return self._open.pop() if self._open else None
 
     def abort(self) -> None:

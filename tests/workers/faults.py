@@ -11,7 +11,7 @@ The faults come from environment variables that only this file reads:
 - ``FALIGN_TEST_KILL_RANK=r``: only on rank r (default: every rank).
 
 Under ``torchrun --max-restarts`` only the first attempt is killed. They act through the trainer's extension points
-(:meth:`falign.train.Trainer.on_step_end`, :meth:`~falign.train.Trainer.on_checkpoint_written`).
+(:meth:`falign.app.train.Trainer.on_step_end`, :meth:`~falign.app.train.Trainer.on_checkpoint_written`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _due(variable: str, trainer) -> bool:
 
 def install() -> None:
     """Make every Trainer of this process kill it where the environment says."""
-    from falign.train import Trainer
+    from falign.app.train import Trainer
 
     def on_step_end(trainer) -> None:
         if _due("FALIGN_TEST_KILL_AT_STEP", trainer):

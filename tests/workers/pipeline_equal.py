@@ -1,7 +1,7 @@
 """Run under torchrun: for each case "rule:schedule:model[:feedback seed of the pipelined copy[:flags]]" (flags:
 "bf16": both under torch.autocast; "partial": the batches have 12, 6 and 7 examples, as last partial batches that 4
 microbatches do not divide), train 3 steps pipelined and on one process with the same microbatching
-(falign.pipeline.accumulate), and print one JSON line per rank with the largest difference between this rank's
+(falign.app.pipeline.accumulate), and print one JSON line per rank with the largest difference between this rank's
 parameters and the single-process ones."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import falign
+from falign.app.pipeline import Pipeline, accumulate
 from falign.models.cnn import LeNet5
-from falign.pipeline import Pipeline, accumulate
 
 
 def build(kind: str, rule: str, seed: int = 3) -> nn.Module:

@@ -258,7 +258,7 @@ class FeedbackLayer(nn.Module):
         """Under a direct rule, the signal this layer's backward sends its input ``x`` (of shape ``x_shape``):
         ``q D`` with ``q`` the output error of ``session`` (or its target), exactly as the backward computes
         it. A pipeline stage computes its output's signal with the next stage's first layer
-        (:mod:`falign.pipeline`), so no backward message travels between stages."""
+        (:mod:`falign.app.pipeline`), so no backward message travels between stages."""
         feedback = self._feedback()
         return FF._project(self._projected(session, feedback.shape[0]), feedback, torch.Size(x_shape),
                            self.direct_mode)

@@ -4,8 +4,8 @@ A run directory holds ``config.json`` (resolved config), ``versions.json``, ``me
 JSON row per epoch, plus diagnostics rows; deterministic for a seed), ``timing.jsonl`` (wall-clock time
 per epoch), ``checkpoint.pt`` (latest: model with feedback weights, optimiser, scheduler, RNG states,
 data position, written atomically) and ``summary.json``. The folder and its files are handled by
-:class:`~falign.train.rundir.RunDir`, data parallelism by :class:`~falign.train.distributed.Distributed`,
-TensorBoard and the printed table by :mod:`falign.train.logging`.
+:class:`~falign.app.train.rundir.RunDir`, data parallelism by :class:`~falign.app.train.distributed.Distributed`,
+TensorBoard and the printed table by :mod:`falign.app.train.logging`.
 """
 
 from __future__ import annotations
@@ -22,16 +22,10 @@ import torch
 from torch import Tensor, nn
 
 import falign
-from falign.data import Dataset, batches, epoch_order, load_dataset
-from falign.diagnostics import DiagnosticsRecorder, jsonable
-from falign.diagnostics.scale import ScaleMonitor, find_runaway
-from falign.errors import FalignError
-from falign.models import build_model
-from falign.seeding import rng_state, seed_everything, set_rng_state
-from falign.train.checkpoint import CheckpointError
-from falign.train.config import ConfigError, TrainConfig
-from falign.train.distributed import Distributed
-from falign.train.engines import (  # noqa: F401  (make_optimizer ... freeze_hidden: importable from here too)
+from falign.app.train.checkpoint import CheckpointError
+from falign.app.train.config import ConfigError, TrainConfig
+from falign.app.train.distributed import Distributed
+from falign.app.train.engines import (  # noqa: F401  (make_optimizer ... freeze_hidden: importable from here too)
     Engine,
     evaluate,
     freeze_hidden,
@@ -41,9 +35,15 @@ from falign.train.engines import (  # noqa: F401  (make_optimizer ... freeze_hid
     make_scheduler,
     shard_loss,
 )
-from falign.train.logging import Loggers, run_loggers
-from falign.train.progress import progress_bar
-from falign.train.rundir import RunDir, RunDirError, versions
+from falign.app.train.logging import Loggers, run_loggers
+from falign.app.train.progress import progress_bar
+from falign.app.train.rundir import RunDir, RunDirError, versions
+from falign.data import Dataset, batches, epoch_order, load_dataset
+from falign.diagnostics import DiagnosticsRecorder, jsonable
+from falign.diagnostics.scale import ScaleMonitor, find_runaway
+from falign.errors import FalignError
+from falign.models import build_model
+from falign.seeding import rng_state, seed_everything, set_rng_state
 
 RunError = RunDirError
 """A run directory cannot be used as asked (exists, locked, unreadable checkpoint, conflicting resume...)."""
@@ -94,14 +94,14 @@ class Trainer:
         out: run directory (default ``runs/<rule>-<model>-<data>-<time>``).
         progress: show a progress bar.
         overwrite: replace an existing run directory: only the files a falign run writes are deleted, and a
-            folder holding anything else is refused (:mod:`falign.outdir`).
+            folder holding anything else is refused (:mod:`falign.app.outdir`).
         resume: continue the run in ``out`` from its latest checkpoint.
         changes: on resume, config fields given again (e.g. by command-line flags): fields in
             :data:`RESUMABLE` may change (recorded in ``resumes.jsonl`` and ``summary.json``); any other
             field must equal the saved value, else :class:`RunError`.
 
     Data-parallel: started by ``torchrun --nproc_per_node=N -m falign train ...`` (``WORLD_SIZE`` > 1):
-    see :mod:`falign.train.distributed`; ``--batch-size`` is the global batch, each rank trains on an
+    see :mod:`falign.app.train.distributed`; ``--batch-size`` is the global batch, each rank trains on an
     equal slice of it, and only rank 0 writes metrics, diagnostics and checkpoints.
     """
 
@@ -124,7 +124,7 @@ class Trainer:
         self.loggers = Loggers()
         self.state = Progress()
         self._training = False  # the training loop has started (a failure from then on is in summary.json)
-        # built by setup(): data, model, the engine that trains it (falign.train.engines), the lr schedule
+        # built by setup(): data, model, the engine that trains it (falign.app.train.engines), the lr schedule
         self.dataset: Dataset | None = None
         self.model: nn.Module | None = None
         self.engine: Engine | None = None
@@ -291,7 +291,7 @@ class Trainer:
         On a diagnostics step the recorder runs the forward pass, the rule's backward and one extra
         backward in backprop mode, and the measurements go to ``metrics.jsonl`` before the update.
         A non-finite loss skips the update (the caller decides what happens next). The step itself is the
-        engine's (:mod:`falign.train.engines`); its measurements are logged here.
+        engine's (:mod:`falign.app.train.engines`); its measurements are logged here.
         """
         total = len(y) * self.dist.world if total is None else total
         result = self.engine.step(x, y, total, self.state.step)

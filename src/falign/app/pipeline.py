@@ -284,7 +284,7 @@ class Pipeline:
         dist.init_process_group("gloo")
         model = falign.convert(nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512),
                                              nn.ReLU(), nn.Linear(512, 10)), "dfa", seed=0)  # same seed everywhere
-        pipe = falign.pipeline.Pipeline(model, 2, example=x[:2])       # dfa: the unlocked schedule
+        pipe = falign.app.pipeline.Pipeline(model, 2, example=x[:2])       # dfa: the unlocked schedule
         opt = torch.optim.SGD(pipe.parameters(), lr=0.01)
         falign.attach(pipe.module, opt)
         for x, y in batches:                                           # every rank iterates the same batches

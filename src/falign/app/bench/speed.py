@@ -39,10 +39,10 @@ import torch
 from torch import nn
 
 import falign
+from falign.app.outdir import atomic_write, check_file
 from falign.errors import FalignError
 from falign.models import MLP, LeNet5
 from falign.models.resnet import resnet20, resnet56
-from falign.outdir import atomic_write, check_file
 
 FORMS = ["kp:form=offset"]  # variants with a rule option: "rule:key=value"
 TARGETS = {"fa": 1.02, "kp": 1.05, "kp:form=offset": 1.05, "usf": 1.08, "frsf": 1.08, "brsf": 1.10, "wm": 1.25,

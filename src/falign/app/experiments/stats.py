@@ -167,7 +167,7 @@ def judge(est: Estimate, claim: str, what: str, min_effect: float, direction: in
     interval: supported when they lie beyond 0 in the predicted direction, not supported when they fall
     short of ``min_effect``. ``role``: ``primary``, ``secondary`` or ``control``.
     """
-    from falign.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Verdict
+    from falign.app.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Verdict
 
     role = "control" if control else role
     sign = "> 0" if direction > 0 else "< 0"

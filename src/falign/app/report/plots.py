@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from falign.app.plotting import pyplot, save_figure
 from falign.errors import FalignError
-from falign.plotting import pyplot, save_figure
 
 
 def _series(rows: Sequence[dict[str, Any]], path: Sequence[str]) -> dict[str, tuple[list[int], list[float]]]:
@@ -151,8 +151,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None,
     Lines of ``metrics.jsonl`` that are not JSON (a torn last line after a kill) are skipped and reported
     through ``warn``. ``out`` must be a new folder, an empty one or one that holds falign plots.
     """
-    from falign.outdir import OutputDir
-    from falign.train.rundir import read_metrics
+    from falign.app.outdir import OutputDir
+    from falign.app.train.rundir import read_metrics
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -215,7 +215,7 @@ LINE_STYLES = ("-", "--", ":", "-.")
 def _metrics_rows(run_dir: Path, warn: Callable[[str], None]) -> list[dict[str, Any]]:
     """Every row of a run's ``metrics.jsonl``; lines that are not JSON (a torn last line after a kill) are skipped
     and reported through ``warn``."""
-    from falign.train.rundir import read_metrics
+    from falign.app.train.rundir import read_metrics
 
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
@@ -278,7 +278,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None,
     """``falign plot RUN [RUN ...]``: one run's figures (:func:`plot_run`), or for several runs
     ``compare.png`` (:func:`plot_comparison`) in ``out`` (default: ``compare`` beside the first run) and each
     run's own figures in a sub-folder named after it."""
-    from falign.outdir import OutputDir
+    from falign.app.outdir import OutputDir
 
     if len(run_dirs) == 1:
         return plot_run(run_dirs[0], out, warn)

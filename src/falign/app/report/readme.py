@@ -1,7 +1,7 @@
 """Paste a run's ``findings.md`` into the README, between its two findings markers, so the README's summary is
 what ``falign reproduce`` printed and never written by hand::
 
-    python -m falign.report.readme runs/reproduce/findings.md README.md [--block nofmnist]
+    python -m falign.app.report.readme runs/reproduce/findings.md README.md [--block nofmnist]
 """
 
 from __future__ import annotations

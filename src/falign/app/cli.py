@@ -61,14 +61,14 @@ class _MergeDict(argparse.Action):
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """One flag per field of ``config_class`` (a dataclass declared with :func:`falign.train.config.option`):
+    """One flag per field of ``config_class`` (a dataclass declared with :func:`falign.app.train.config.option`):
     ``--field-name`` (or the field's ``flag``), its default, help, choices and metavar from the field, its
     parser from the field's type (``int``, ``float``, ``str``, ``tuple[int, ...]`` and ``tuple[float, ...]``
     as comma-separated lists, a ``dict`` as repeated ``KEY=VALUE``). A bool that defaults to False is a switch
     (``--drop-last``); one that defaults to True is switched off (``--no-reference-check``)."""
     import dataclasses
 
-    from falign.train.config import field_types
+    from falign.app.train.config import field_types
 
     kinds = field_types(config_class)
     defaults = config_class()
@@ -97,7 +97,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
 
 
 def _add_train(sub) -> None:
-    from falign.train.config import TrainConfig
+    from falign.app.train.config import TrainConfig
 
     p = sub.add_parser("train", help=COMMANDS["train"], epilog=TRAIN_EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -143,8 +143,8 @@ def _elastic(args: argparse.Namespace) -> None:
     """Under ``torchrun --max-restarts=N``: a restarted worker continues the run in ``--out`` from its last
     checkpoint (or starts it afresh when the failure came before the first one); the first attempt needs
     ``--out`` so that a restart finds the run."""
+    from falign.app.train.trainer import elastic_restart
     from falign.errors import FalignError
-    from falign.train.trainer import elastic_restart
 
     restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
     if args.resume or not (restarts_allowed or elastic_restart()):
@@ -163,8 +163,8 @@ def _elastic(args: argparse.Namespace) -> None:
 def _with_config_file(args: argparse.Namespace) -> argparse.Namespace:
     """``--config FILE``: the file's values become the defaults, then the command line is parsed again (so an
     option given there wins)."""
+    from falign.app.train import TrainConfig
     from falign.errors import FalignError
-    from falign.train import TrainConfig
 
     path = Path(args.config)
     try:
@@ -190,8 +190,8 @@ def _with_config_file(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from falign.app.train import TrainConfig, Trainer
     from falign.errors import FalignError
-    from falign.train import TrainConfig, Trainer
 
     if args.config is not None:
         args = _with_config_file(args)
@@ -214,8 +214,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(TrainConfig(**fields), args.out, progress=not args.no_progress, overwrite=args.overwrite)
     summary = trainer.run()
     if trainer.is_main:
-        from falign.train import read_metrics
-        from falign.train.logging import summary_table
+        from falign.app.train import read_metrics
+        from falign.app.train.logging import summary_table
 
         rows = [r for r in read_metrics(trainer.out / "metrics.jsonl") if r.get("event") == "epoch"]
         print(summary_table(summary, rows, trainer.out))
@@ -267,7 +267,7 @@ def _add_plot(sub) -> None:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from falign.report.plots import plot_runs
+    from falign.app.report.plots import plot_runs
 
     def warn(text: str) -> None:
         print(f"falign plot: {text}", file=sys.stderr)
@@ -286,7 +286,7 @@ REPRODUCE_EXAMPLE = """examples:
 
 
 def _add_reproduce(sub) -> None:
-    from falign.experiments import EXPERIMENTS
+    from falign.app.experiments import EXPERIMENTS
 
     p = sub.add_parser("reproduce", help=COMMANDS["reproduce"], epilog=REPRODUCE_EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -312,7 +312,7 @@ def _add_reproduce(sub) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from falign.experiments import reproduce
+    from falign.app.experiments import reproduce
 
     size = args.size or ("full" if args.full else "quick")
     only = None
@@ -348,7 +348,7 @@ BENCH_EXAMPLE = """examples:
 
 
 def _add_bench(sub) -> None:
-    from falign.bench import accuracy, speed
+    from falign.app.bench import accuracy, speed
 
     p = sub.add_parser("bench", help=COMMANDS["bench"], epilog=BENCH_EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -361,12 +361,12 @@ def _add_bench(sub) -> None:
     ap = kinds.add_parser("accuracy", help="accuracy vs BioTorch's published table", description=accuracy.__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     accuracy.build_parser(ap).set_defaults(func=lambda a: accuracy.run(a) or 0)
-    from falign.bench import architectures
+    from falign.app.bench import architectures
 
     arch = kinds.add_parser("architectures", help="attention and recurrent models: accuracy and step time per rule",
                             description=architectures.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     architectures.build_parser(arch).set_defaults(func=lambda a: architectures.run(a) or 0)
-    from falign.bench import pipeline
+    from falign.app.bench import pipeline
 
     pipe = kinds.add_parser("pipeline", help="pipeline stages: dfa's unlocked schedule vs bp's GPipe/1F1B/zero-bubble",
                             description=pipeline.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from falign.results import (
+from falign.app.results import (
     CONTROL,
     PRIMARY,
     SECONDARY,

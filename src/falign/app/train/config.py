@@ -10,15 +10,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from falign.app.pipeline import SCHEDULES
+from falign.app.train.logging import wandb_installed
 from falign.convert import OUTPUT_SIGNALS
 from falign.data import DATASETS
 from falign.errors import FalignError
 from falign.models import MODELS
 from falign.models.mlp import ACTIVATIONS
-from falign.pipeline import SCHEDULES
 from falign.rules import FEEDBACK_INITS, RULES, get_rule
 from falign.seeding import MAX_SEED
-from falign.train.logging import wandb_installed
 
 BUNDLED = ("digits", "synthetic")
 """Datasets made in-process (no ``data_dir``)."""
@@ -40,7 +40,7 @@ def option(default: Any = None, help: str = "", *, choices: Any = None, metavar:
     """A :class:`TrainConfig` field declared once: its default, the ``falign train`` flag's help (a
     ``%(default)s`` in it shows the default), ``choices`` (a tuple, or a registry whose keys are the names;
     checked by :meth:`TrainConfig.validate`, offered by the command line), and where the flag differs from the
-    field's name, ``flag``. The command line is generated from these fields (:func:`falign.cli.add_config_flags`):
+    field's name, ``flag``. The command line is generated from these fields (:func:`falign.app.cli.add_config_flags`):
     a bool that defaults to True becomes ``--no-<name>``, a tuple a comma-separated list."""
     metadata = {"help": help, "choices": choices, "metavar": metavar, "flag": flag}
     metadata = {k: v for k, v in metadata.items() if v is not None}

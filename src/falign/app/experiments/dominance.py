@@ -14,7 +14,7 @@ worst record of the worst rule,
     m = min over fa, dfa, usf and over every record up to the fit of (1 + ρ),
 
 and the effect is ``m − c`` (``c = 0.1``): dominance at *every* record of *every* rule predicts ``m − c > 0``.
-Judged by :func:`~falign.experiments.stats.judge` over seeds: supported when the 95% interval of ``m − c`` lies
+Judged by :func:`~falign.app.experiments.stats.judge` over seeds: supported when the 95% interval of ``m − c`` lies
 above 0; not supported when it lies below the smallest effect of interest, 0.1 (a worst record at
 ``1 + ρ = 0.2``, the hidden layers cancelling at most 80% of the output term).
 
@@ -53,19 +53,19 @@ import torch
 import torch.nn.functional as F
 
 import falign
+from falign.app.experiments.base import Context, float64_digits, note_scale
+from falign.app.experiments.flow import loss_of
+from falign.app.experiments.runs import feedback_at_angle
+from falign.app.experiments.sources import PAPER_DATA
+from falign.app.experiments.stats import judge, mean_ci
+from falign.app.plotting import pyplot, save_figure
+from falign.app.results import INCONCLUSIVE, ExperimentResult, Table, Verdict, combine
 from falign.convert import conversion_report
 from falign.data import load_digits
 from falign.diagnostics import DiagnosticsRecorder
 from falign.diagnostics.alignment import backprop_gradients
 from falign.diagnostics.decomposition import loss_decomposition
-from falign.experiments.base import Context, float64_digits, note_scale
-from falign.experiments.flow import loss_of
-from falign.experiments.runs import feedback_at_angle
-from falign.experiments.sources import PAPER_DATA
-from falign.experiments.stats import judge, mean_ci
 from falign.models import MLP
-from falign.plotting import pyplot, save_figure
-from falign.results import INCONCLUSIVE, ExperimentResult, Table, Verdict, combine
 
 NAME = "dominance"
 TITLE = "Alignment dominance and exponential convergence"

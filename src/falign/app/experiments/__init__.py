@@ -1,7 +1,7 @@
 """The paper's experiments (Robertson & Koyejo, ICML 2024), one module each, and ``reproduce``.
 
 Each module has ``NAME``, ``TITLE``, ``HYPOTHESIS``, ``units(ctx)`` (progress units), ``run(ctx)`` returning an
-:class:`~falign.results.ExperimentResult`, and verdict functions that turn its numbers into verdicts
+:class:`~falign.app.results.ExperimentResult`, and verdict functions that turn its numbers into verdicts
 (supported / not supported / inconclusive, with the reason), tested on constructed inputs.
 """
 
@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
+from falign.app.experiments.base import Context, scale_check
+from falign.app.results import ExperimentResult
 from falign.errors import FalignError
-from falign.experiments.base import Context, scale_check
-from falign.results import ExperimentResult
 
 ORDER = ("conservation", "implicit_alignment", "dominance", "multiclass", "benign_overfitting", "min_norm")
-EXPERIMENTS: dict[str, ModuleType] = {name: importlib.import_module(f"falign.experiments.{name}") for name in ORDER}
+EXPERIMENTS: dict[str, ModuleType] = {name: importlib.import_module(f"falign.app.experiments.{name}") for name in ORDER}
 # Seconds each experiment took at the quick size with 3 seeds (`falign reproduce`, Fashion-MNIST hidden, this
 # project's 2-core CPU, 2026-12-04): the progress bar weighs each experiment's units by its cost per unit, so its
 # estimate of the time left does not swing as cheap and costly experiments follow each other.
@@ -41,11 +41,11 @@ def reproduce(out: str | Path, *, only: Sequence[str] | None = None, size: str =
               data_dir: str | Path | None = None) -> tuple[list[ExperimentResult], dict[str, Path]]:
     """Run the experiments (all, or ``only``) into ``out`` and write the report; returns the results and
     the report's paths. Every dataset (``data_dir``) is found and checked before any training starts."""
-    from falign.experiments.sources import catalog
-    from falign.outdir import OutputDir
-    from falign.report.report import write_report
-    from falign.train.progress import progress_bar
-    from falign.train.rundir import versions
+    from falign.app.experiments.sources import catalog
+    from falign.app.outdir import OutputDir
+    from falign.app.report.report import write_report
+    from falign.app.train.progress import progress_bar
+    from falign.app.train.rundir import versions
 
     if only is not None and not list(only):
         raise FalignError("no experiment selected (only= is empty)")

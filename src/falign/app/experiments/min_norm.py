@@ -8,7 +8,7 @@ proportion to ε, for fa as for bp, whatever the ratio d/n.
 **Primary test** (declared before the run): for fa, on problems at several ratios d/n (n fixed, d = 2n, 4n, 8n at
 the quick size) and every seed, the log–log slope of the relative distance against ε (each run trained until its
 end-to-end map stops moving, cap reported). The effect is the slope, averaged over the (seed, d/n) problems, with
-a t interval over them; the theory predicts 1. Judged by :func:`~falign.experiments.stats.judge`: supported when
+a t interval over them; the theory predicts 1. Judged by :func:`~falign.app.experiments.stats.judge`: supported when
 the interval lies above 0, not supported when it lies below the smallest effect of interest, 0.5 (a distance
 falling no faster than √ε); inconclusive when a run hit the cap.
 
@@ -30,12 +30,12 @@ from typing import Any
 import torch
 
 import falign
-from falign.experiments.base import Context
-from falign.experiments.sources import PAPER_DATA
-from falign.experiments.stats import judge, loglog_slope, mean_ci
+from falign.app.experiments.base import Context
+from falign.app.experiments.sources import PAPER_DATA
+from falign.app.experiments.stats import judge, loglog_slope, mean_ci
+from falign.app.plotting import pyplot, save_figure
+from falign.app.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, ExperimentResult, Table, Verdict, combine
 from falign.models import TwoLayerLinear
-from falign.plotting import pyplot, save_figure
-from falign.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, ExperimentResult, Table, Verdict, combine
 
 NAME = "min_norm"
 TITLE = "Minimum-norm solutions of two-layer linear networks"

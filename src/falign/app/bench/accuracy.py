@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from falign.app.outdir import OutputDir, check_file
+from falign.app.train import DivergenceError, TrainConfig, Trainer, read_metrics
+from falign.app.train.progress import progress_bar
 from falign.errors import FalignError
-from falign.outdir import OutputDir, check_file
-from falign.train import DivergenceError, TrainConfig, Trainer, read_metrics
-from falign.train.progress import progress_bar
 
 RULES = ["bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "wm"]
 BASELINE = "frozen-hidden"  # depth utility: LeNet with everything but the output layer frozen at random init
@@ -470,7 +470,7 @@ def _read_tuning(paths: list[str]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from falign.bench.speed import bench_device, names
+    from falign.app.bench.speed import bench_device, names
 
     rules = names(args.rules, [*RULES, BASELINE], "rules")
     if args.device != "auto":

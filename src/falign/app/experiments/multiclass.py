@@ -48,14 +48,14 @@ from typing import Any
 import numpy as np
 
 import falign
+from falign.app.experiments.base import Context
+from falign.app.experiments.runs import MLPRun
+from falign.app.experiments.sources import PAPER_DATA
+from falign.app.experiments.stats import Estimate, judge, mean_ci, slope_ci, within_strata_slope
+from falign.app.plotting import pyplot, save_figure
+from falign.app.results import INCONCLUSIVE, ExperimentResult, Table, Verdict, combine
 from falign.data import Dataset, load_digits, many_class_subset
 from falign.data.base import standardize
-from falign.experiments.base import Context
-from falign.experiments.runs import MLPRun
-from falign.experiments.sources import PAPER_DATA
-from falign.experiments.stats import Estimate, judge, mean_ci, slope_ci, within_strata_slope
-from falign.plotting import pyplot, save_figure
-from falign.results import INCONCLUSIVE, ExperimentResult, Table, Verdict, combine
 
 NAME = "multiclass"
 TITLE = "Multi-class performance and alignment"

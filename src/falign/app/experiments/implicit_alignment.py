@@ -13,7 +13,7 @@ and from a small initialisation (``Q(0) ≈ 0``) it is forced below 90° as the 
 whose feedback is used, ``|θ_measured − θ_pred|``; per seed the largest over layers and scales. The effect is
 the headroom ``5° − largest error`` (a tolerance of 5°: half of the ~10° by which the init scale moved the top
 layer's final angle in earlier runs), mean over seeds with a t interval, judged by
-:func:`~falign.experiments.stats.judge`: *supported* when it lies above 0 (every error provably under 5°), *not
+:func:`~falign.app.experiments.stats.judge`: *supported* when it lies above 0 (every error provably under 5°), *not
 supported* below the smallest effect of interest 1° (every error provably over 4°). Precondition: every ``fa`` run
 trained (test accuracy ≥ twice chance).
 
@@ -34,14 +34,14 @@ import numpy as np
 import torch
 
 import falign
+from falign.app.experiments.base import Context, note_scale
+from falign.app.experiments.sources import PAPER_DATA
+from falign.app.experiments.stats import Estimate, judge, mean_ci
+from falign.app.plotting import pyplot, save_figure
+from falign.app.results import CONTROL, INCONCLUSIVE, PRIMARY, SECONDARY, ExperimentResult, Table, Verdict, combine
 from falign.data import batches, epoch_order, load_digits
 from falign.diagnostics import find_pairs, pair_quantities
-from falign.experiments.base import Context, note_scale
-from falign.experiments.sources import PAPER_DATA
-from falign.experiments.stats import Estimate, judge, mean_ci
 from falign.models import MLP
-from falign.plotting import pyplot, save_figure
-from falign.results import CONTROL, INCONCLUSIVE, PRIMARY, SECONDARY, ExperimentResult, Table, Verdict, combine
 
 NAME = "implicit_alignment"
 TITLE = "Implicit alignment from small initialisation"

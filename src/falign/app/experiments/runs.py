@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import falign
+from falign.app.experiments.base import final_logit_scale
 from falign.data import Dataset
 from falign.diagnostics import angle, backprop_gradients, weight_alignment
-from falign.experiments.base import final_logit_scale
 from falign.models import MLP
 from falign.nn import FeedbackLayer
 

@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import falign
-from falign.bench import accuracy
-from falign.bench.speed import bench_device, names, state_bytes, step_peak_bytes, sync
+from falign.app.bench import accuracy
+from falign.app.bench.speed import bench_device, names, state_bytes, step_peak_bytes, sync
+from falign.app.outdir import check_file
+from falign.app.train.progress import progress_bar
 from falign.errors import FalignError
 from falign.models.sequence import CharLM, PatchViT, RowRNN
-from falign.outdir import check_file
-from falign.train.progress import progress_bar
 
 MODELS = ("vit", "row-lstm", "row-gru", "char-lm")
 BEGIN, END = "<!-- architectures:begin -->", "<!-- architectures:end -->"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from falign.experiments.sources import Catalog
+from falign.app.experiments.sources import Catalog
 
 SIZES = ("tiny", "quick", "full")
 
@@ -20,7 +20,7 @@ class Context:
 
     ``size``: ``tiny`` (the test suite), ``quick`` (the default: minutes on a laptop CPU) or ``full``.
     ``seeds``: how many seeds every repeated measurement uses (at least 3 for intervals). ``catalog``: the
-    datasets found on this machine (:func:`falign.experiments.sources.catalog`). ``tick`` advances the bar.
+    datasets found on this machine (:func:`falign.app.experiments.sources.catalog`). ``tick`` advances the bar.
     """
 
     out: Path

@@ -2,7 +2,7 @@
 
 ``falign bench pipeline`` starts K = 2 processes of one thread each (``torch.distributed.run``, gloo) and, for a
 deep MLP (784 → 8 × 1024 → 10, batch 128) and a CNN (four 3×3 convolutions and two Linear layers on 28×28
-inputs, batch 64), trains with each schedule on the same cut (:func:`falign.pipeline.plan`), M = 4
+inputs, batch 64), trains with each schedule on the same cut (:func:`falign.app.pipeline.plan`), M = 4
 microbatches, SGD:
 
 - **step time**: the mean of 10 steps between two barriers, repeated (median and range reported);
@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from falign.pipeline import LAYER_SCHEDULES
+from falign.app.pipeline import LAYER_SCHEDULES
 
 VARIANTS = (("bp", "gpipe"), ("bp", "1f1b"), ("bp", "zbv"), ("dfa", "unlocked"), ("drtp", "unlocked"))
 MODELS = {"mlp": 128, "cnn": 64}
@@ -178,7 +178,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     import falign
-    from falign.pipeline import Pipeline
+    from falign.app.pipeline import Pipeline
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -375,14 +375,14 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    from falign.bench.accuracy import update_docs
+    from falign.app.bench.accuracy import update_docs
+    from falign.app.outdir import OutputDir, check_file
     from falign.errors import FalignError
-    from falign.outdir import OutputDir, check_file
 
     if args.worker:
         worker(args)
         return
-    from falign.bench.speed import names
+    from falign.app.bench.speed import names
 
     models = names(args.models, list(MODELS), "models")
     for name, value, low in (("--microbatches", args.microbatches, 1), ("--steps", args.steps, 1),

@@ -1,9 +1,9 @@
 """Run directories: resolved config, versions, ``metrics.jsonl``, checkpoints, ``summary.json``, and the
 folder's claim and lock (:class:`RunDir`).
 
-Every file is written atomically (:func:`falign.outdir.atomic_write`: temporary file in the same folder,
+Every file is written atomically (:func:`falign.app.outdir.atomic_write`: temporary file in the same folder,
 ``fsync``, ``rename``) so a crash never leaves a half-written file in place of a good one; ``.jsonl`` rows
-and the lock are opened without following links (:func:`falign.outdir.open_append`).
+and the lock are opened without following links (:func:`falign.app.outdir.open_append`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from falign.app.outdir import MARKER, OutputDir, append_text, atomic_write, legacy_run, open_append
+from falign.app.train.checkpoint import load_checkpoint
 from falign.errors import FalignError
-from falign.outdir import MARKER, OutputDir, append_text, atomic_write, legacy_run, open_append
-from falign.train.checkpoint import load_checkpoint
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -133,7 +133,7 @@ class RunDir:
 
     def abandon(self) -> None:
         """Undo the claim of a new run that failed before its first training step: its files, marker and lock
-        go, and the folders the claim created (:meth:`falign.outdir.OutputDir.abandon`)."""
+        go, and the folders the claim created (:meth:`falign.app.outdir.OutputDir.abandon`)."""
         self.release()
         if self.claimed:
             self.folder.abandon()

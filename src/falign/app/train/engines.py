@@ -1,8 +1,8 @@
-"""How a run trains: one engine per way of training, behind one protocol that :class:`~falign.train.Trainer`'s
+"""How a run trains: one engine per way of training, behind one protocol that :class:`~falign.app.train.Trainer`'s
 loop calls.
 
 - :class:`LocalEngine`: one process, or data-parallel (DDP: each rank trains on a slice of the global batch);
-- :class:`PipelineEngine`: pipeline stages, one per process (:mod:`falign.pipeline`: PyTorch's schedules, or the
+- :class:`PipelineEngine`: pipeline stages, one per process (:mod:`falign.app.pipeline`: PyTorch's schedules, or the
   unlocked schedule of the direct rules).
 
 The trainer owns the run (its folder, the loop over epochs and batches, the schedule, logs, checkpoints); an
@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import falign
+from falign.app.train.config import TrainConfig
+from falign.app.train.distributed import Distributed
+from falign.app.train.rundir import RunDirError
 from falign.data import Dataset, batches
 from falign.diagnostics import DiagnosticsRecorder, conservation_assumptions, find_pairs
 from falign.diagnostics.scale import ScaleMonitor
 from falign.seeding import rng_state
-from falign.train.config import TrainConfig
-from falign.train.distributed import Distributed
-from falign.train.rundir import RunDirError
 
 
 # -- what every engine shares -------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ class LocalEngine:
 
 # -- pipeline stages ------------------------------------------------------------------------------------------
 class PipelineEngine:
-    """One stage of the model per process (:class:`falign.pipeline.Pipeline`): this rank's optimiser and per-step
+    """One stage of the model per process (:class:`falign.app.pipeline.Pipeline`): this rank's optimiser and per-step
     work; rank 0 gathers every stage's state into one checkpoint. No diagnostics (a stage sees only its layers).
     ``run_dir``: the run's folder, named in the error a stopped stage leaves."""
 
@@ -247,7 +247,7 @@ class PipelineEngine:
 
     def __init__(self, config: TrainConfig, model: nn.Module, dataset: Dataset, dist: Distributed,
                  device: torch.device, run_dir: Path) -> None:
-        from falign.pipeline import Pipeline
+        from falign.app.pipeline import Pipeline
 
         if dist.world != config.pipeline_stages:
             raise RunDirError(f"--pipeline-stages {config.pipeline_stages} runs one stage per process, but "

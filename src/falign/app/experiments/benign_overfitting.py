@@ -11,7 +11,7 @@ when neither is here, digits' 1,347 training examples and 450 test images, over 
 set that small resolves less per run). 20% symmetric label noise and a clean-label baseline per seed, an MLP
 2×256 under each rule, the same optimiser for every rule. A rule's *noise cost* is Δ = (test error with noise)
 − (test error without). The test is FA's non-inferiority to backprop, through
-:func:`~falign.experiments.stats.judge`:
+:func:`~falign.app.experiments.stats.judge`:
 
     effect = 2 points − (Δ_FA − Δ_BP),   predicted > 0,   smallest effect of interest 2 points
     (the effect when FA's noise cost equals backprop's).
@@ -48,14 +48,14 @@ import torch
 from torch import nn
 
 import falign
+from falign.app.experiments.base import Context, final_logit_scale, note_scale
+from falign.app.experiments.runs import accuracy
+from falign.app.experiments.sources import PAPER_DATA
+from falign.app.experiments.stats import LEVEL, Estimate, judge, mean_ci
+from falign.app.plotting import pyplot, save_figure
+from falign.app.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, ExperimentResult, Table, Verdict, combine
 from falign.data import Dataset, add_label_noise, load_digits, subsample_train
-from falign.experiments.base import Context, final_logit_scale, note_scale
-from falign.experiments.runs import accuracy
-from falign.experiments.sources import PAPER_DATA
-from falign.experiments.stats import LEVEL, Estimate, judge, mean_ci
 from falign.models import MLP
-from falign.plotting import pyplot, save_figure
-from falign.results import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, ExperimentResult, Table, Verdict, combine
 
 NAME = "benign_overfitting"
 TITLE = "Benign overfitting with label noise"
@@ -138,7 +138,7 @@ def regime(excess: Estimate, halfway: float) -> str:
 def noise_cost_verdict(diff: Estimate, not_fitted: list[str], claim: str, role: str = "primary",
                        names: tuple[str, str] = ("FA", "BP")) -> Verdict:
     """Non-inferiority of a learner's noise cost: ``effect = 2 points − diff`` (``diff`` = Δ_learner − Δ_BP)
-    judged by :func:`~falign.experiments.stats.judge` with smallest effect of interest 2 points (supported when
+    judged by :func:`~falign.app.experiments.stats.judge` with smallest effect of interest 2 points (supported when
     ``diff``'s interval ends below 2 points; not supported when it starts above 0 and reaches past 2); inconclusive
     when ``not_fitted`` names runs that did not interpolate."""
     what = f"2 − (Δ_{names[0]} − Δ_{names[1]})"

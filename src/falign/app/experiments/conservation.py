@@ -7,7 +7,7 @@ nothing conserves drifts by the same amount at every η, slope ≈ 0.
 
 **Primary test** (the FA-family rules only: ``fa``, ``usf``, ``dfa``'s last hidden layer): per seed, the smallest
 slope over those rules' fits; mean over seeds with a t interval, judged by
-:func:`~falign.experiments.stats.judge` against the margin 0.8 — the effect is ``slope − 0.8``, *supported* when
+:func:`~falign.app.experiments.stats.judge` against the margin 0.8 — the effect is ``slope − 0.8``, *supported* when
 its interval lies above 0 (the drift shrinks at least like η^0.8), *not supported* when it lies below the
 smallest effect of interest 0.2 (the slope provably under the law's 1, e.g. a drift that does not shrink).
 
@@ -32,13 +32,13 @@ import torch
 from torch import nn
 
 import falign
+from falign.app.experiments.base import Context, float64_digits, note_scale
+from falign.app.experiments.flow import sgd_flow
+from falign.app.experiments.sources import PAPER_DATA
+from falign.app.experiments.stats import judge, loglog_slope, mean_ci
+from falign.app.plotting import pyplot, save_figure
+from falign.app.results import CONTROL, INCONCLUSIVE, PRIMARY, SECONDARY, ExperimentResult, Table, Verdict, combine
 from falign.diagnostics.law import conservation, drift, find_pairs
-from falign.experiments.base import Context, float64_digits, note_scale
-from falign.experiments.flow import sgd_flow
-from falign.experiments.sources import PAPER_DATA
-from falign.experiments.stats import judge, loglog_slope, mean_ci
-from falign.plotting import pyplot, save_figure
-from falign.results import CONTROL, INCONCLUSIVE, PRIMARY, SECONDARY, ExperimentResult, Table, Verdict, combine
 
 NAME = "conservation"
 TITLE = "Conservation law under SGD"

@@ -1,9 +1,9 @@
 """Training: config, trainer, run directories, checkpoints."""
 
-from falign.train.checkpoint import CheckpointError, load_checkpoint
-from falign.train.config import ConfigError, TrainConfig
-from falign.train.rundir import read_metrics
-from falign.train.trainer import DivergenceError, RunError, Trainer, build_run, evaluate, train
+from falign.app.train.checkpoint import CheckpointError, load_checkpoint
+from falign.app.train.config import ConfigError, TrainConfig
+from falign.app.train.rundir import read_metrics
+from falign.app.train.trainer import DivergenceError, RunError, Trainer, build_run, evaluate, train
 
 __all__ = [
     "CheckpointError",
