@@ -533,127 +533,226 @@ def _transported(w: Tensor, fb: Tensor | None, route: tuple[Any, Any]) -> tuple[
     return (fb if fn is None else fn(w)), None
 
 
-def _direction_backward(spec, d, x2, h0, c0, out, d_out, d_hn, d_cn, p, wants, need_x):
-    """Recompute one direction's gates, run its backward through time, and return
-    ``(dx, dh0, dc0, grads of its eight inputs)``."""
-    mode, sizes = spec.mode, spec.sizes
-    lstm, gru = mode == "LSTM", mode == "GRU"
-    w_ih, w_hh, b_ih, b_hh, w_hr, fb_ih, fb_hh, fb_hr = p
-    routes = spec.routes[d]
-    total, hidden = out.shape
-    gates = w_hh.shape[0]
-    c = gates // (4 if lstm else 3 if gru else 1)
-    n0 = sizes[0]
-    order = list(range(len(sizes) - 1, -1, -1)) if d == 1 else list(range(len(sizes)))
-    hprev = _previous_segments(out, h0, sizes, order)
-    raw = None
-    # -- the gates, recomputed for all steps at once (into work buffers kept between steps) ------------------
-    def work(name: str, *shape: int) -> Tensor:
-        return _work_buffer(spec, (d, name), shape, out)
+class _Cell:
+    """One cell type's part of the backward through time of one direction (driven by :func:`_direction_backward`):
+    :meth:`gates` recomputes the gates of every step at once from the saved states, :meth:`factors` their local
+    derivatives' factors, :meth:`start` splits the work buffers by step, then :meth:`step_back` takes one step back:
+    from ``g_h = dh + d_out`` (the loss's gradient reaching ``h_t``, through time and from the output) to the gates'
+    error ``delta`` (rows of ``dx``) and what reaches ``h_{t-1}`` besides ``delta · B_hh`` (``across``, or ``None``).
+    Work tensors come from ``work(name, *shape)``. The base class is the plain RNN (tanh or ReLU)."""
 
-    bias = None
-    if b_ih is not None:
-        bias = b_ih if gru else b_ih + b_hh
-    pre = work("pre", total, gates)
-    torch.addmm(bias, x2, w_ih.t(), out=pre) if bias is not None else torch.mm(x2, w_ih.t(), out=pre)
-    hw = work("hw", total, gates) if gru else pre  # LSTM/RNN: W_hh h_{t-1} is added to x W_ihᵀ + b in place
-    for rows, h in hprev:
-        if gru:
-            torch.addmm(b_hh, h, w_hh.t(), out=hw[rows]) if b_hh is not None else torch.mm(h, w_hh.t(), out=hw[rows])
-        else:
-            hw[rows].addmm_(h, w_hh.t())
-    if lstm:
-        acts = work("acts", total, gates)
+    n_gates = 1
+    separate_hh = False  # whether W_hh h + b_hh is kept apart from x W_ihᵀ + b (the GRU's reset gate reads it)
+
+    def __init__(self, mode: str, c: int, sizes: list[int], order: list[int], work: Any) -> None:
+        self.mode, self.c, self.sizes, self.order, self.work = mode, c, sizes, order, work
+
+    def gates(self, pre: Tensor, hw: Tensor, out: Tensor, c0: Tensor | None, hprev: list) -> None:
+        self.slope = 1 - out * out if self.mode == "RNN_TANH" else (out > 0).to(out.dtype)
+
+    def factors(self, pre: Tensor, hprev: list, c0: Tensor | None) -> None:
+        pass
+
+    def transport_projection(self, w_hr: Tensor | None, fb_hr: Tensor | None, routes: dict, spec: Any,
+                             n0: int) -> None:
+        pass
+
+    def start(self, dx: Tensor, dhw: Tensor, d_cn: Tensor | None, out: Tensor, n0: int) -> None:
+        self.DX, self.SLOPE = dx.split(self.sizes), self.slope.split(self.sizes)
+
+    def step_back(self, t: int, m: int, dh: Tensor, d_out: Tensor) -> tuple[Tensor, Tensor | None]:
+        return torch.mul(dh + d_out, self.SLOPE[t], out=self.DX[t]), None
+
+    def final_dc(self) -> Tensor | None:
+        return None
+
+    def projection_grads(self, grads: list, wants: Any, spec: Any, rows_of: Tensor, n0: int) -> None:
+        pass
+
+
+class _LSTMCell(_Cell):
+    """``i, f, g, o`` gates; ``c_t = f c_{t-1} + i g``, ``h_t = o tanh(c_t)`` (then ``W_hr`` with ``proj_size``)."""
+
+    n_gates = 4
+
+    def gates(self, pre: Tensor, hw: Tensor, out: Tensor, c0: Tensor | None, hprev: list) -> None:
+        c, work, total = self.c, self.work, pre.shape[0]
+        assert c0 is not None, "an LSTM has an initial cell state"
+        acts = self.acts = work("acts", total, 4 * c)
         torch.sigmoid(pre, out=acts)
         torch.tanh(pre[:, 2 * c:3 * c], out=acts[:, 2 * c:3 * c])
-        i, f, g, o = acts.chunk(4, 1)
-        c_all = torch.mul(i, g, out=work("c", total, c))
-        steps_c, steps_f = c_all.split(sizes), f.split(sizes)
+        self.i, self.f, self.g, self.o = acts.chunk(4, 1)
+        c_all = self.c_all = torch.mul(self.i, self.g, out=work("c", total, c))
+        steps_c, steps_f = c_all.split(self.sizes), self.f.split(self.sizes)
         prev = None
-        for t in order:
-            steps_c[t].addcmul_(steps_f[t], _previous(steps_c, c0, prev, sizes[t]))
+        for t in self.order:
+            steps_c[t].addcmul_(steps_f[t], _previous(steps_c, c0, prev, self.sizes[t]))
             prev = t
-        tanh_c = torch.tanh(c_all, out=work("tanh_c", total, c))
-        raw = o * tanh_c if w_hr is not None else None
-    elif gru:
-        rz = torch.add(pre[:, :2 * c], hw[:, :2 * c], out=work("rz", total, 2 * c)).sigmoid_()
-        r, z = rz[:, :c], rz[:, c:]
-        hn_all = hw[:, 2 * c:]
-        n = torch.addcmul(pre[:, 2 * c:], r, hn_all, out=work("n", total, c)).tanh_()
-    # -- the local derivatives' factors, for all steps at once --------------------------------------------
-    if lstm:
-        to_c = torch.mul(tanh_c, tanh_c, out=work("to_c", total, c)).neg_().add_(1).mul_(o)
+        self.tanh_c = torch.tanh(c_all, out=work("tanh_c", total, c))
+        self.raw: Tensor | None = None  # o tanh(c): the state before the projection W_hr (set when there is one)
+
+    def factors(self, pre: Tensor, hprev: list, c0: Tensor | None) -> None:
+        c, work, total = self.c, self.work, pre.shape[0]
+        assert c0 is not None, "an LSTM has an initial cell state"
+        i, g, o, acts, tanh_c = self.i, self.g, self.o, self.acts, self.tanh_c
+        self.to_c = torch.mul(tanh_c, tanh_c, out=work("to_c", total, c)).neg_().add_(1).mul_(o)
         slope = torch.mul(acts, acts, out=pre).neg_().add_(acts)  # σ' = a − a² of the i, f, o gates
-        p_igf = work("p_igf", total, 3, c)
+        p_igf = self.p_igf = work("p_igf", total, 3, c)
         torch.mul(g, slope[:, :c], out=p_igf[:, 0])
-        for rows, cprev in _previous_segments(c_all, c0, sizes, order):
+        for rows, cprev in _previous_segments(self.c_all, c0, self.sizes, self.order):
             torch.mul(cprev, slope[rows, c:2 * c], out=p_igf[rows, 1])
         torch.mul(g, g, out=p_igf[:, 2]).neg_().add_(1).mul_(i)
-        p_o = torch.mul(tanh_c, slope[:, 3 * c:], out=work("p_o", total, c))
-    elif gru:
-        p_x, p_h = work("p_x", total, 3, c), work("p_h", total, 3, c)
+        self.p_o = torch.mul(tanh_c, slope[:, 3 * c:], out=work("p_o", total, c))
+
+    def transport_projection(self, w_hr: Tensor | None, fb_hr: Tensor | None, routes: dict, spec: Any,
+                             n0: int) -> None:
+        self.fb_hr, self.signal_hr = fb_hr, None
+        if w_hr is None:
+            return
+        self.hr_learns = routes["hr"][1] is None  # a layer-by-layer B (learned with W's gradient where it learns)
+        self.raw = self.o * self.tanh_c
+        self.b_hr, self.direct_hr = _transported(w_hr, fb_hr, routes["hr"])
+        if self.direct_hr is not None:
+            assert fb_hr is not None, "a direct route has its D"
+            self.signal_hr = _direct_signal(self.direct_hr, fb_hr, n0, self.c, spec)
+
+    def start(self, dx: Tensor, dhw: Tensor, d_cn: Tensor | None, out: Tensor, n0: int) -> None:
+        sizes, c, total = self.sizes, self.c, dx.shape[0]
+        self.dc = d_cn.clone() if d_cn is not None else out.new_zeros(n0, c)
+        self.n0 = n0
+        self.DX = dx.split(sizes)
+        self.TO_C, self.P_IGF, self.P_O = self.to_c.split(sizes), self.p_igf.split(sizes), self.p_o.split(sizes)
+        self.F = self.f.split(sizes)
+        self.DX_IGF, self.DX_O = dx[:, :3 * c].view(total, 3, c).split(sizes), dx[:, 3 * c:].split(sizes)
+        self.gh_all = out.new_empty(total, out.shape[1]) if self.raw is not None else None
+        self.GH = self.gh_all.split(sizes) if self.gh_all is not None else None
+
+    def step_back(self, t: int, m: int, dh: Tensor, d_out: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.GH is not None:  # through the projection: the state before it receives g_h B_hr (or e D_hr)
+            g_h = torch.add(dh, d_out, out=self.GH[t])
+            if self.signal_hr is not None:
+                g_raw = self.signal_hr[:m]
+            else:
+                assert self.b_hr is not None, "a layer-by-layer route has its B"
+                g_raw = g_h.mm(self.b_hr)
+        else:
+            g_raw = dh + d_out
+        dc_m = self.dc if m == self.n0 else self.dc[:m]
+        gc = torch.addcmul(dc_m, g_raw, self.TO_C[t])
+        torch.mul(gc.unsqueeze(1), self.P_IGF[t], out=self.DX_IGF[t])
+        torch.mul(g_raw, self.P_O[t], out=self.DX_O[t])
+        torch.mul(gc, self.F[t], out=dc_m)
+        return self.DX[t], None
+
+    def final_dc(self) -> Tensor | None:
+        return self.dc
+
+    def projection_grads(self, grads: list, wants: Any, spec: Any, rows_of: Tensor, n0: int) -> None:
+        raw = self.raw
+        if self.gh_all is None or raw is None or not (wants[W_HR] or wants[FB_HR]):
+            return
+        grads[W_HR] = self.gh_all.t().mm(raw)
+        if wants[FB_HR]:
+            if self.direct_hr is not None:
+                assert self.fb_hr is not None, "a direct route has its D"
+                grads[FB_HR] = _direct_grad(self.direct_hr, self.fb_hr, raw, rows_of, n0, spec)
+            elif self.hr_learns:
+                grads[FB_HR] = grads[W_HR]
+
+
+class _GRUCell(_Cell):
+    """``r, z, n`` gates; ``n_t = tanh(x W_inᵀ + b_in + r (W_hn h_{t-1} + b_hn))``, ``h_t = (1 − z) n + z h_{t-1}``."""
+
+    n_gates = 3
+    separate_hh = True
+
+    def gates(self, pre: Tensor, hw: Tensor, out: Tensor, c0: Tensor | None, hprev: list) -> None:
+        c, work, total = self.c, self.work, pre.shape[0]
+        rz = torch.add(pre[:, :2 * c], hw[:, :2 * c], out=work("rz", total, 2 * c)).sigmoid_()
+        self.r, self.z = rz[:, :c], rz[:, c:]
+        self.hn_all = hw[:, 2 * c:]
+        self.n = torch.addcmul(pre[:, 2 * c:], self.r, self.hn_all, out=work("n", total, c)).tanh_()
+
+    def factors(self, pre: Tensor, hprev: list, c0: Tensor | None) -> None:
+        c, work, total = self.c, self.work, pre.shape[0]
+        r, z, n = self.r, self.z, self.n
+        p_x, p_h = self.p_x, self.p_h = work("p_x", total, 3, c), work("p_h", total, 3, c)
         u = torch.mul(n, n, out=p_x[:, 2]).neg_().add_(1).mul_(1 - z)  # (1 − z)(1 − n²)
-        torch.mul(r, r, out=p_x[:, 0]).neg_().add_(r).mul_(hn_all).mul_(u)  # r(1 − r) h_n (1 − z)(1 − n²)
+        torch.mul(r, r, out=p_x[:, 0]).neg_().add_(r).mul_(self.hn_all).mul_(u)  # r(1 − r) h_n (1 − z)(1 − n²)
         v = p_x[:, 1]
         for rows, h in hprev:
             torch.sub(h, n[rows], out=v[rows])
         v.mul_(z).mul_(1 - z)
         p_h[:, :2].copy_(p_x[:, :2])
         torch.mul(u, r, out=p_h[:, 2])
-    else:
-        slope = 1 - out * out if mode == "RNN_TANH" else (out > 0).to(out.dtype)
-    # -- backward through time ------------------------------------------------------------------------------
+
+    def start(self, dx: Tensor, dhw: Tensor, d_cn: Tensor | None, out: Tensor, n0: int) -> None:
+        sizes, c, total = self.sizes, self.c, dx.shape[0]
+        self.P_X, self.P_H, self.Z = self.p_x.split(sizes), self.p_h.split(sizes), self.z.split(sizes)
+        self.DX3, self.DHW3 = dx.view(total, 3, c).split(sizes), dhw.view(total, 3, c).split(sizes)
+        self.DHW = dhw.split(sizes)
+
+    def step_back(self, t: int, m: int, dh: Tensor, d_out: Tensor) -> tuple[Tensor, Tensor | None]:
+        g_h = dh + d_out
+        g3 = g_h.unsqueeze(1)
+        torch.mul(g3, self.P_X[t], out=self.DX3[t])
+        torch.mul(g3, self.P_H[t], out=self.DHW3[t])
+        return self.DHW[t], g_h * self.Z[t]
+
+
+_CELLS: dict[str, type[_Cell]] = {"RNN_TANH": _Cell, "RNN_RELU": _Cell, "LSTM": _LSTMCell, "GRU": _GRUCell}
+
+
+def _direction_backward(spec, d, x2, h0, c0, out, d_out, d_hn, d_cn, p, wants, need_x):
+    """Recompute one direction's gates, run its backward through time with the rule's matrices (the cell's part:
+    :class:`_Cell`), and return ``(dx, dh0, dc0, grads of its eight inputs)``."""
+    sizes = spec.sizes
+    w_ih, w_hh, b_ih, b_hh, w_hr, fb_ih, fb_hh, fb_hr = p
+    routes = spec.routes[d]
+    total, hidden = out.shape
+    gates = w_hh.shape[0]
+    n0 = sizes[0]
+    order = list(range(len(sizes) - 1, -1, -1)) if d == 1 else list(range(len(sizes)))
+    hprev = _previous_segments(out, h0, sizes, order)
+
+    def work(name: str, *shape: int) -> Tensor:  # work buffers kept between steps
+        return _work_buffer(spec, (d, name), shape, out)
+
+    cell = _CELLS[spec.mode](spec.mode, gates // _CELLS[spec.mode].n_gates, sizes, order, work)
+    # -- the gates, recomputed for all steps at once --------------------------------------------------------------
+    bias = None
+    if b_ih is not None:
+        bias = b_ih if cell.separate_hh else b_ih + b_hh
+    pre = work("pre", total, gates)
+    torch.addmm(bias, x2, w_ih.t(), out=pre) if bias is not None else torch.mm(x2, w_ih.t(), out=pre)
+    hw = work("hw", total, gates) if cell.separate_hh else pre  # else W_hh h_{t-1} is added to x W_ihᵀ + b in place
+    for rows, h in hprev:
+        if cell.separate_hh:
+            torch.addmm(b_hh, h, w_hh.t(), out=hw[rows]) if b_hh is not None else torch.mm(h, w_hh.t(), out=hw[rows])
+        else:
+            hw[rows].addmm_(h, w_hh.t())
+    cell.gates(pre, hw, out, c0, hprev)
+    cell.factors(pre, hprev, c0)
+    # -- backward through time ------------------------------------------------------------------------------------
     b_hh_, direct_hh = _transported(w_hh, fb_hh, routes["hh"])
     signal_hh = _direct_signal(direct_hh, fb_hh, n0, hidden, spec) if direct_hh is not None else None
-    signal_hr = None
-    if raw is not None:
-        b_hr_, direct_hr = _transported(w_hr, fb_hr, routes["hr"])
-        signal_hr = _direct_signal(direct_hr, fb_hr, n0, c, spec) if direct_hr is not None else None
+    cell.transport_projection(w_hr, fb_hr, routes, spec, n0)
     dh = d_hn.clone() if d_hn is not None else out.new_zeros(n0, hidden)
     dx = work("dx", total, gates)
-    dhw = work("dhw", total, gates) if gru else dx
-    gh_all = out.new_empty(total, hidden) if (lstm and raw is not None) else None
-    D_OUT, DX = d_out.split(sizes), dx.split(sizes)
-    if lstm:
-        dc = d_cn.clone() if d_cn is not None else out.new_zeros(n0, c)
-        TO_C, P_IGF, P_O, F_ = to_c.split(sizes), p_igf.split(sizes), p_o.split(sizes), f.split(sizes)
-        DX_IGF, DX_O = dx[:, :3 * c].view(total, 3, c).split(sizes), dx[:, 3 * c:].split(sizes)
-        GH = gh_all.split(sizes) if gh_all is not None else None
-    elif gru:
-        P_X, P_H, Z = p_x.split(sizes), p_h.split(sizes), z.split(sizes)
-        DX3, DHW3, DHW = dx.view(total, 3, c).split(sizes), dhw.view(total, 3, c).split(sizes), dhw.split(sizes)
-    else:
-        SLOPE = slope.split(sizes)
+    dhw = work("dhw", total, gates) if cell.separate_hh else dx
+    cell.start(dx, dhw, d_cn, out, n0)
+    D_OUT = d_out.split(sizes)
     for t in reversed(order):
         m = sizes[t]
         dh_m = dh if m == n0 else dh[:m]
-        if gh_all is not None:
-            g_h = torch.add(dh_m, D_OUT[t], out=GH[t])
-            g_raw = signal_hr[:m] if signal_hr is not None else g_h.mm(b_hr_)
-        else:
-            g_raw = g_h = dh_m + D_OUT[t]
-        across = None
-        if lstm:
-            dc_m = dc if m == n0 else dc[:m]
-            gc = torch.addcmul(dc_m, g_raw, TO_C[t])
-            torch.mul(gc.unsqueeze(1), P_IGF[t], out=DX_IGF[t])
-            torch.mul(g_raw, P_O[t], out=DX_O[t])
-            torch.mul(gc, F_[t], out=dc_m)
-            delta = DX[t]
-        elif gru:
-            g3 = g_h.unsqueeze(1)
-            torch.mul(g3, P_X[t], out=DX3[t])
-            torch.mul(g3, P_H[t], out=DHW3[t])
-            delta, across = DHW[t], g_h * Z[t]
-        else:
-            delta = torch.mul(g_h, SLOPE[t], out=DX[t])
+        delta, across = cell.step_back(t, m, dh_m, D_OUT[t])
         if signal_hh is not None:
             dh_m.copy_(signal_hh[:m] if across is None else across + signal_hh[:m])
         elif across is None:
             torch.mm(delta, b_hh_, out=dh_m)
         else:
             torch.addmm(across, delta, b_hh_, out=dh_m)
-    # -- gradients ---------------------------------------------------------------------------------------------
+    # -- gradients --------------------------------------------------------------------------------------------------
     grads: list[Tensor | None] = [None] * PER_DIRECTION
     if wants[W_IH] or wants[FB_IH]:
         grads[W_IH] = dx.t().mm(x2)
@@ -662,7 +761,7 @@ def _direction_backward(spec, d, x2, h0, c0, out, d_out, d_hn, d_cn, p, wants, n
     if wants[W_HH] or wants[FB_HH]:
         grads[W_HH] = sum(dhw[rows].t().mm(h) for rows, h in hprev)
     if wants[B_HH]:
-        grads[B_HH] = dhw.sum(0) if gru else grads[B_IH] if grads[B_IH] is not None else dx.sum(0)
+        grads[B_HH] = dhw.sum(0) if cell.separate_hh else grads[B_IH] if grads[B_IH] is not None else dx.sum(0)
     # the feedback's own gradient: W's for learned B (kp); ∂⟨e D, input⟩/∂D for a learned D (dkp), none in
     # backprop mode (as for the Linear layers)
     rows_of = torch.cat([torch.arange(s, device=out.device) for s in sizes])
@@ -672,13 +771,7 @@ def _direction_backward(spec, d, x2, h0, c0, out, d_out, d_hn, d_cn, p, wants, n
             grads[FB_HH] = _direct_grad(direct_hh, fb_hh, states, rows_of, n0, spec)
         elif routes["hh"][1] is None:
             grads[FB_HH] = grads[W_HH]
-    if gh_all is not None and (wants[W_HR] or wants[FB_HR]):
-        grads[W_HR] = gh_all.t().mm(raw)
-        if wants[FB_HR]:
-            if direct_hr is not None:
-                grads[FB_HR] = _direct_grad(direct_hr, fb_hr, raw, rows_of, n0, spec)
-            elif routes["hr"][1] is None:
-                grads[FB_HR] = grads[W_HR]
+    cell.projection_grads(grads, wants, spec, rows_of, n0)
     b_ih_, direct_ih = _transported(w_ih, fb_ih, routes["ih"])
     signal_x = None
     if need_x:
@@ -691,9 +784,7 @@ def _direction_backward(spec, d, x2, h0, c0, out, d_out, d_hn, d_cn, p, wants, n
     for k in (W_IH, W_HH, W_HR):
         if not wants[k]:
             grads[k] = None
-    dh0 = dh
-    dc0 = dc if lstm else None
-    return signal_x, dh0, dc0, grads
+    return signal_x, dh, cell.final_dc(), grads
 
 
 def _direct_input(direct, d: Tensor, spec: _LayerSpec, width: int) -> Tensor:
