@@ -110,6 +110,21 @@ def test_pipeline_needs_a_process_group_of_as_many_ranks():
         Pipeline(mlp("fa"), 2, example=torch.randn(2, 8))
 
 
+def test_pipeline_is_the_class_of_its_schedule(monkeypatch):
+    """``Pipeline(...)`` builds the class of the schedule it plans (PyTorch's schedules for fa, the unlocked one
+    for dfa); a subclass asked to run the other schedule is refused."""
+    from falign.app import pipeline
+
+    built = []
+    monkeypatch.setattr(pipeline.Pipeline, "__init__", lambda self, *a, **k: built.append(type(self)))
+    pipeline.Pipeline(mlp("fa"), 2, example=torch.randn(2, 8))
+    pipeline.Pipeline(mlp("dfa"), 2, example=torch.randn(2, 8))
+    assert built == [pipeline.TorchSchedulePipeline, pipeline.UnlockedPipeline]
+    monkeypatch.undo()
+    with pytest.raises(PipelineError, match="UnlockedPipeline does not run the 1f1b schedule"):
+        pipeline.UnlockedPipeline(mlp("fa"), 2, example=torch.randn(2, 8))
+
+
 # -- same updates ----------------------------------------------------------------------------------------
 def _cases(output: str) -> dict[tuple[str, int], dict]:
     rows = [json.loads(m) for m in re.findall(r'\{"case"[^}]*\}', output)]  # two ranks' lines may interleave

@@ -265,6 +265,10 @@ def plan(model: nn.Module, stages: int, schedule: str = "auto", example: Tensor 
 class Pipeline:
     """This rank's part of a model cut into ``stages`` pipeline stages (see the module docstring).
 
+    ``Pipeline(...)`` returns the class of its schedule: :class:`TorchSchedulePipeline` (PyTorch's GPipe, 1F1B and
+    zero-bubble schedules, for bp and the layer-by-layer rules) or :class:`UnlockedPipeline` (the direct rules'
+    unlocked schedule); what they share (the cut, messages, evaluation, state) is here.
+
     Args:
         model: a converted model (:func:`falign.convert`) that is a chain of modules; built identically on
             every rank (same seed), as ``falign train`` does. Each rank runs and trains only its stage.
@@ -295,13 +299,28 @@ class Pipeline:
         pipe.close()
     """
 
+    _layout: Layout | None = None
+
+    def __new__(cls, model: nn.Module, stages: int, *, schedule: str = "auto", example: Tensor,
+                device: torch.device | str = "cpu", **_: Any) -> Pipeline:
+        if cls is not Pipeline:
+            return super().__new__(cls)
+        layout = plan(model, stages, schedule, example.to(torch.device(device)))  # every check that needs no process
+        kind = UnlockedPipeline if layout.schedule == "unlocked" else TorchSchedulePipeline
+        obj = super().__new__(kind)
+        obj._layout = layout
+        return obj
+
     def __init__(self, model: nn.Module, stages: int, *, schedule: str = "auto", n_microbatches: int | None = None,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy, example: Tensor,
                  device: torch.device | str = "cpu") -> None:
         import torch.distributed as dist
 
         self.device, self.loss_fn, self.model = torch.device(device), loss_fn, model
-        layout = plan(model, stages, schedule, example.to(self.device))  # every check that needs no process
+        layout = self._layout or plan(model, stages, schedule, example.to(self.device))
+        if isinstance(self, UnlockedPipeline) != (layout.schedule == "unlocked"):
+            raise PipelineError(f"{type(self).__name__} does not run the {layout.schedule} schedule; Pipeline(...) "
+                                f"picks the class of the schedule")
         if not dist.is_initialized():
             raise PipelineError("pipeline mode needs a process group: start it with torchrun --nproc_per_node=K")
         self.rank, world = dist.get_rank(), dist.get_world_size()
@@ -326,25 +345,11 @@ class Pipeline:
         self.bytes_sent = 0
         self._shapes: dict[tuple[int, int], torch.Size] = {}
         self._sends: list[Any] = []
-        self._feedback_handle = None
-        if self.schedule_name == "unlocked":
-            self._setup_unlocked()
-        else:  # built at the first step of each batch size, when the microbatch size is known
-            self._schedules: dict[int, tuple[Any, int, list[int]]] = {}
+        self._feedback_handle: Any = None
+        self._setup()
 
-    # -- set-up -----------------------------------------------------------------------------------------
-    def _setup_unlocked(self) -> None:
-        import torch.distributed as dist
-
-        rules = {layer.rule.signal for layer in falign.feedback_layers(self.model) if layer.rule.direct}
-        self.needs_error = any(s is not falign.rules.Signal.TARGET for s in rules)
-        self.error_group = dist.new_group(backend="gloo" if self.device.type == "cpu" else None)
-        c = self.rank
-        self.next_first = self.chunks[c + 1][0] if c + 1 < len(self.chunks) else None
-        first = self.chunks[c][0]
-        # a learned D (dkp) changes with every step: its current value goes to the stage before after each step
-        self.send_feedback = c > 0 and isinstance(first, FeedbackLayer) and first.rule.feedback_is_parameter
-        self.recv_feedback = self.next_first is not None and self.next_first.rule.feedback_is_parameter
+    def _setup(self) -> None:
+        """What the schedule needs before its first step."""
 
     def parameters(self):
         """This rank's parameters."""
@@ -394,11 +399,91 @@ class Pipeline:
         read ``y`` too). Returns ``(mean loss, number correct)`` on the rank holding the last stage, else
         ``(None, None)``.
         """
-        if self.schedule_name == "unlocked":
-            return self._unlocked_step(x, y)
-        return self._torch_step(x, y)
+        raise NotImplementedError
 
-    def _torch_step(self, x: Tensor, y: Tensor):
+    def after_step(self) -> None:
+        """Call after each optimiser step (the unlocked schedule's dkp stages exchange their ``D`` here)."""
+
+    @property
+    def _last_rank(self) -> int:
+        return self.stages - 1
+
+    def close(self) -> None:
+        """Wait for this rank's messages still in flight (call when training ends, before other communication)."""
+        if self._feedback_handle is not None:
+            self._feedback_handle.wait()
+            self._feedback_handle = None
+        self._wait_sends()
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor, batch_size: int,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> tuple[float, float]:
+        """Mean loss and accuracy of the pipelined model on ``(x, y)`` in eval mode, on every rank."""
+        import torch.distributed as dist
+
+        loss_fn = loss_fn or self.loss_fn
+        was = self.module.training
+        self.module.train(False)
+        total, correct = 0.0, 0
+        dtype = torch.get_default_dtype()
+        try:
+            for i in range(0, len(y), batch_size):
+                h = x[i: i + batch_size].to(self.device)
+                yb = y[i: i + batch_size].to(self.device)
+                for c in range(len(self.chunks)):
+                    owner = self._owner(c)
+                    prev = self._owner(c - 1) if c > 0 else owner
+                    if owner == self.rank:
+                        if prev != self.rank:
+                            h = self._recv(prev, None, dtype)
+                        h = self.chunks[c](h)
+                        nxt = self._owner(c + 1) if c + 1 < len(self.chunks) else self.rank
+                        if nxt != self.rank:
+                            self._send(h, nxt, header=True)
+                            self._wait_sends()
+                if self.is_last:
+                    total += float(loss_fn(h, yb)) * len(yb)
+                    correct += int((h.argmax(-1) == yb).sum())
+        finally:
+            self.module.train(was)
+        sums = torch.tensor([total, correct], dtype=torch.float64)
+        dist.all_reduce(sums)
+        return float(sums[0]) / len(y), float(sums[1]) / len(y)
+
+    def _owner(self, chunk: int) -> int:
+        if self.schedule_name == "zbv":
+            return chunk if chunk < self.stages else 2 * self.stages - 1 - chunk
+        return chunk
+
+    # -- state ------------------------------------------------------------------------------------------
+    def stage_state(self) -> dict[str, Tensor]:
+        """This rank's entries of the model's ``state_dict`` (the full model's keys)."""
+        out: dict[str, Tensor] = {}
+        for i in self.mine:
+            for name, link in zip(self.chunk_names[i], self.chunks[i]):
+                for k, v in link.state_dict().items():
+                    out[f"{name}.{k}"] = v
+        return out
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each chunk: its rank, first and last module names and forward cost share."""
+        total = sum(self.costs)
+        bounds = [*self.cuts, len(self.links)]
+        return [{"chunk": i, "rank": self._owner(i), "modules": f"{names[0]} … {names[-1]}",
+                 "cost_share": round(sum(self.costs[a:b]) / total, 3)}
+                for i, (names, a, b) in enumerate(zip(self.chunk_names, bounds[:-1], bounds[1:]))]
+
+
+class TorchSchedulePipeline(Pipeline):
+    """Pipeline stages under PyTorch's schedules (``torch.distributed.pipelining``: GPipe, 1F1B, zero-bubble ZBV),
+    built at the first step of each batch size, when the microbatch size is known. For bp and the layer-by-layer
+    rules (their backward passes a gradient from stage to stage)."""
+
+    def _setup(self) -> None:
+        self._schedules: dict[int, tuple[Any, int, list[int]]] = {}
+
+    def step(self, x: Tensor, y: Tensor) -> tuple[Tensor | None, Tensor | None]:
         from torch.distributed import pipelining as pp
 
         n = x.shape[0]
@@ -442,7 +527,25 @@ class Pipeline:
         loss = torch.stack([v.detach() for v in losses]).mean()
         return loss, (out.detach().argmax(-1) == y.to(out.device)).sum()
 
-    def _unlocked_step(self, x: Tensor, y: Tensor):
+
+class UnlockedPipeline(Pipeline):
+    """The direct rules' unlocked schedule: every stage takes its error signal ``e D`` from the output error
+    broadcast by the last stage, so no backward message travels from stage to stage."""
+
+    def _setup(self) -> None:
+        import torch.distributed as dist
+
+        rules = {layer.rule.signal for layer in falign.feedback_layers(self.model) if layer.rule.direct}
+        self.needs_error = any(s is not falign.rules.Signal.TARGET for s in rules)
+        self.error_group = dist.new_group(backend="gloo" if self.device.type == "cpu" else None)
+        c = self.rank
+        self.next_first = self.chunks[c + 1][0] if c + 1 < len(self.chunks) else None
+        first = self.chunks[c][0]
+        # a learned D (dkp) changes with every step: its current value goes to the stage before after each step
+        self.send_feedback = c > 0 and isinstance(first, FeedbackLayer) and first.rule.feedback_is_parameter
+        self.recv_feedback = self.next_first is not None and self.next_first.rule.feedback_is_parameter
+
+    def step(self, x: Tensor, y: Tensor) -> tuple[Tensor | None, Tensor | None]:
         import torch.distributed as dist
 
         c = self.rank
@@ -512,14 +615,8 @@ class Pipeline:
             return None, None
         return torch.stack(losses).mean(), torch.stack(correct).sum()
 
-    @property
-    def _last_rank(self) -> int:
-        return self.stages - 1
-
     def after_step(self) -> None:
-        """Call after each optimiser step: dkp's stages send their first layer's new ``D`` to the stage before."""
-        if self.schedule_name != "unlocked":
-            return
+        """dkp's stages send their first layer's new ``D`` to the stage before."""
         import torch.distributed as dist
 
         if self.send_feedback:
@@ -529,69 +626,3 @@ class Pipeline:
             self._wait_sends()
         if self.recv_feedback:
             self._feedback_handle = dist.irecv(self.next_first.feedback_weight.data, self.rank + 1)
-
-    def close(self) -> None:
-        """Wait for this rank's messages still in flight (call when training ends, before other communication)."""
-        if getattr(self, "_feedback_handle", None) is not None:
-            self._feedback_handle.wait()
-            self._feedback_handle = None
-        self._wait_sends()
-
-    # -- evaluation -------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, x: Tensor, y: Tensor, batch_size: int,
-                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> tuple[float, float]:
-        """Mean loss and accuracy of the pipelined model on ``(x, y)`` in eval mode, on every rank."""
-        import torch.distributed as dist
-
-        loss_fn = loss_fn or self.loss_fn
-        was = self.module.training
-        self.module.train(False)
-        total, correct = 0.0, 0
-        dtype = torch.get_default_dtype()
-        try:
-            for i in range(0, len(y), batch_size):
-                h = x[i: i + batch_size].to(self.device)
-                yb = y[i: i + batch_size].to(self.device)
-                for c in range(len(self.chunks)):
-                    owner = self._owner(c)
-                    prev = self._owner(c - 1) if c > 0 else owner
-                    if owner == self.rank:
-                        if prev != self.rank:
-                            h = self._recv(prev, None, dtype)
-                        h = self.chunks[c](h)
-                        nxt = self._owner(c + 1) if c + 1 < len(self.chunks) else self.rank
-                        if nxt != self.rank:
-                            self._send(h, nxt, header=True)
-                            self._wait_sends()
-                if self.is_last:
-                    total += float(loss_fn(h, yb)) * len(yb)
-                    correct += int((h.argmax(-1) == yb).sum())
-        finally:
-            self.module.train(was)
-        sums = torch.tensor([total, correct], dtype=torch.float64)
-        dist.all_reduce(sums)
-        return float(sums[0]) / len(y), float(sums[1]) / len(y)
-
-    def _owner(self, chunk: int) -> int:
-        if self.schedule_name == "zbv":
-            return chunk if chunk < self.stages else 2 * self.stages - 1 - chunk
-        return chunk
-
-    # -- state ------------------------------------------------------------------------------------------
-    def stage_state(self) -> dict[str, Tensor]:
-        """This rank's entries of the model's ``state_dict`` (the full model's keys)."""
-        out: dict[str, Tensor] = {}
-        for i in self.mine:
-            for name, link in zip(self.chunk_names[i], self.chunks[i]):
-                for k, v in link.state_dict().items():
-                    out[f"{name}.{k}"] = v
-        return out
-
-    def describe(self) -> list[dict[str, Any]]:
-        """Each chunk: its rank, first and last module names and forward cost share."""
-        total = sum(self.costs)
-        bounds = [*self.cuts, len(self.links)]
-        return [{"chunk": i, "rank": self._owner(i), "modules": f"{names[0]} … {names[-1]}",
-                 "cost_share": round(sum(self.costs[a:b]) / total, 3)}
-                for i, (names, a, b) in enumerate(zip(self.chunk_names, bounds[:-1], bounds[1:]))]
