@@ -24,23 +24,13 @@ from pathlib import Path
 import pytest
 
 from falign.app import outdir
-from falign.app.cli import main
 from falign.app.outdir import OutputDir
 from falign.app.train import TrainConfig, Trainer
 from falign.errors import FalignError
+from tests.helpers import cli, quick_run
 
 PRECIOUS = b"the user's own bytes\n"
 TRAIN = ["train", "--epochs", "1", "--hidden", "8", "--no-progress"]
-
-
-def cli(args: list[str], capsys) -> tuple[int, str]:
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
-def quick_run(out: Path, **changes) -> dict:
-    return Trainer(TrainConfig(hidden=(8,), epochs=1, **changes), out, progress=False).run()
 
 
 def victim(tmp_path: Path, name: str = "victim") -> Path:
