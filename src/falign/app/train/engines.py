@@ -144,8 +144,7 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None:
-        """The end of training (also after a failure): wait for what is in flight, let go of process-group
-        wrappers."""
+        """The end of training (also after a failure): let go of process-group wrappers."""
         ...
 
 
@@ -322,7 +321,8 @@ class PipelineEngine:
         return mine
 
     def close(self) -> None:
-        self.pipeline.close()
+        """Nothing to let go of: the messages of a finished epoch were waited for before its evaluation, and after a
+        failure a message to a stage that died must not be waited for."""
 
 
 def make_engine(config: TrainConfig, model: nn.Module, dataset: Dataset, dist: Distributed, device: torch.device,

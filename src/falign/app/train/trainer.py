@@ -289,7 +289,7 @@ class Trainer:
         shard's number of correct predictions.
 
         On a diagnostics step the recorder runs the forward pass, the rule's backward and one extra
-        backward in backprop mode, and the measurements go to ``metrics.jsonl`` before the update.
+        backward in backprop mode before the update; the record goes to ``metrics.jsonl`` after the step.
         A non-finite loss skips the update (the caller decides what happens next). The step itself is the
         engine's (:mod:`falign.app.train.engines`); its measurements are logged here.
         """
