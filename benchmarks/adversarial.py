@@ -1,5 +1,5 @@
 """Adversarial and odd-but-legal inputs to falign's command line and API, each judged against what a correct
-program does (issue 27: bad inputs refused with a clear error, legal uses working, no user file touched).
+program does (bad inputs refused with a clear error, legal uses working, no user file touched).
 
     PYTHONPATH=src python benchmarks/adversarial.py --out results.csv [--only PATTERN] [--keep]
 
@@ -559,7 +559,7 @@ def value_is(pred: Callable[[object], bool], what: str) -> Callable[[Ctx, Res], 
     return check
 
 
-# ---- 1. folders of user files, links, failures after the claim (issue 27 items 1-3) -------------------------
+# ---- 1. folders of user files, links, failures after the claim -------------------------
 def _user_run_files(ctx: Ctx) -> None:
     proj = ctx.cwd / "proj"
     proj.mkdir()
@@ -750,7 +750,7 @@ case("dl-bench-docs-in-cwd", "ok", "bench accuracy --summarize F run from a fold
      protect=("cwd/docs/benchmarks.md",))
 
 
-# ---- 2. resume and checkpoints (issue 27 item 8) --------------------------------------------------------------
+# ---- 2. resume and checkpoints --------------------------------------------------------------
 def RESUME(*extra: str) -> Callable[[Ctx], list[str]]:
     return lambda c: ["train", "--resume", c.p("cwd/run"), "--no-progress", *extra]
 
@@ -895,7 +895,7 @@ case("resume-more-epochs", "ok", "train --resume RUN --epochs 2 (a legal continu
      check=lambda c, r: None if json.loads((c.cwd / "run" / "summary.json").read_text()).get("epochs_completed") == 2
      else "summary does not say 2 epochs")
 
-# ---- 3. data files (issue 27 items 7, 9) ----------------------------------------------------------------------
+# ---- 3. data files ----------------------------------------------------------------------
 MNIST = lambda *extra: (lambda c: ["train", *TINY_DATA, "--data", "mnist", "--data-dir", c.p("mnist"),  # noqa: E731
                                    *extra])
 
@@ -1129,7 +1129,7 @@ case("repro-data-file", "refuse", "reproduce --data-dir FILE",
      cli(lambda c: ["reproduce", "--only", "min_norm", "--no-progress", "--data-dir", c.p("f.txt"), "--out", "rep"]),
      setup=_a_file("f.txt"), guard=True)
 
-# ---- 4. train flags (issue 27 item 10 and a sweep) -------------------------------------------------------------
+# ---- 4. train flags (and a sweep) -------------------------------------------------------------
 for _opt in ("steps=1.5", "steps=true", "steps=0", "steps=-1", "decay=1", "decay=-0.1", "every=0", "lr=abc",
              "noise_std=NaN", "batch_size=0", "bogus=1", "steps=[1]"):
     case(f"train-wm-option-{_opt.replace('=', '-').replace('[1]', 'list').lower()}",
@@ -1227,7 +1227,7 @@ case("train-ok-skip-batch", "ok", "train --lr 1e6 --on-divergence skip-batch (od
 case("train-diverge-clear", "refuse", "train --lr 1e30 (diverges: stops with the step and the rule)",
      cli(T("--lr", "1e30", "--train-subset", "256")))
 
-# ---- 5. data-parallel (issue 27 item 4) --------------------------------------------------------------------------
+# ---- 5. data-parallel --------------------------------------------------------------------------
 _DP = "--epochs 1 --data digits --train-subset {n} --batch-size 32 --hidden 16 --momentum 0 --no-progress"
 
 
@@ -1382,7 +1382,7 @@ case("cli-no-command", "refuse", "falign (no command)", cli([]))
 case("cli-unknown-command", "refuse", "falign fly", cli(["fly"]))
 
 
-# ---- 7. API (issue 27 items 5, 6, 11, 12 and misuse) -------------------------------------------------------------
+# ---- 7. API (and misuse) -------------------------------------------------------------
 def mlp(width: int = 16):
     import torch
     from torch import nn

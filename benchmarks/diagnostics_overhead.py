@@ -7,7 +7,7 @@ median time of each and its ratio to no diagnostics, measured in the same run.
 
 Run:  python benchmarks/diagnostics_overhead.py
       python benchmarks/diagnostics_overhead.py --every 50,10,1 --steps 200 --repeats 5
-Target (issue 3): every 50 steps costs at most 5% extra.
+Target: every 50 steps costs at most 5% extra.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`falign bench speed` several times: each variant's median ratio to plain PyTorch and its range over the runs,
-against the CPU targets (issue 12). Prints a Markdown table (pasted into docs/benchmarks.md).
+against the CPU targets. Prints a Markdown table (pasted into docs/benchmarks.md).
 
 Run:  python benchmarks/speed_runs.py                  # 3 runs of: falign bench speed --repeats 100 --warmup 10
       python benchmarks/speed_runs.py --runs 5 --models mlp

@@ -19,7 +19,7 @@ Setup (BioTorch's layers import only torch; its other requirements are not neede
 3. Known BioTorch failures, probed and recorded: inputs with more than 2 dimensions, padding modes
    other than zeros, ``padding='same'``, Conv1d.
 
-Targets (issue 5): falign at most 0.9x BioTorch's time for every rule, at most 1.05x plain backprop
+Targets: falign at most 0.9x BioTorch's time for every rule, at most 1.05x plain backprop
 (brsf 1.15x).
 """
 

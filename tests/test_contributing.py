@@ -9,8 +9,8 @@ import torch
 
 import falign
 from falign.rules import RULES, Feedback, FeedbackRule, Law, Signal
-
-from . import rule_reference, test_rule_triad
+from tests import rule_reference
+from tests.core import test_rule_triad
 
 
 class SparseFeedbackAlignment(FeedbackRule):

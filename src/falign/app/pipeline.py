@@ -25,7 +25,7 @@ Schedules:
 
 Same updates: one :meth:`Pipeline.step` leaves in each parameter's ``.grad`` the mean over microbatches of the
 microbatch gradients, as :func:`accumulate` does on one process; with the same optimiser the weights are
-bit-identical to single-process training with the same microbatching (``tests/test_pipeline.py``).
+bit-identical to single-process training with the same microbatching (``tests/app/test_pipeline.py``).
 A batch that ``M`` does not divide (a last partial batch) is split into as many equal microbatches as divide it
 (:func:`split_count`; under ``1f1b`` with fewer microbatches than stages it runs GPipe's order), so the update is
 still the batch's mean gradient and a pipelined run trains on every example, as a single-process run does.

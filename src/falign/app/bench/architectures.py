@@ -44,7 +44,7 @@ from falign.models.sequence import CharLM, PatchViT, RowRNN
 
 MODELS = ("vit", "row-lstm", "row-gru", "char-lm")
 BEGIN, END = "<!-- architectures:begin -->", "<!-- architectures:end -->"
-TARGET = 1.10  # issue 11: fa's step time on each new layer, × plain PyTorch
+TARGET = 1.10  # the target for fa's step time on each new layer, × plain PyTorch
 
 
 # ---- tasks -----------------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def markdown(rows: list[dict], machine: str, repeats: int, seconds: float, comma
              f"per-step work) over {repeats} round-robin steps, × the unconverted PyTorch model (median of "
              f"{rows[0].get('timing_runs', 1)} timing runs, and their range); memory beyond: "
              "(state + step peak) − (PyTorch's) − the feedback matrices, MiB (≤ 0: no memory beyond backprop's "
-             f"plus the feedback). Target for fa: ≤ {TARGET}× (issue 11).", ""]
+             f"plus the feedback). Target for fa: ≤ {TARGET}×.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         sub = [r for r in rows if r["model"] == model]
         lines += [f"### {model} — {sub[0]['data']}, {sub[0]['steps']} steps", "",

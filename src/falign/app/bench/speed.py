@@ -15,7 +15,7 @@ Run:  falign bench speed                      # both models, every rule, CPU (= 
       falign bench speed --repeats 300 --device cuda --json out.json
       falign bench speed --device cuda --models gpu   # the sizes a GPU user trains: ResNet-20/56 at batch 128
                                               # and 256, a 4096-wide MLP at batch 1024, a ViT at batch 256
-Targets on the CPU (issue 12), step time as a multiple of plain PyTorch's: fa at most 1.02x (it does
+Targets on the CPU, step time as a multiple of plain PyTorch's: fa at most 1.02x (it does
 backprop's matrix products and nothing else); kp 1.05x; usf and frsf 1.08x; brsf 1.10x (its per-step redraw
 is the cost); wm 1.25x at its defaults (or a mirror schedule: --rule-option every=k); dfa 1.05x. On a GPU at
 realistic sizes (--models gpu) the target is 1.03x for every rule but wm. The "met" column compares with the
@@ -51,7 +51,7 @@ MODELS = {
     "mlp": (lambda: MLP([784, 1024, 1024, 10]), (784,), 128),
     "lenet": (lambda: LeNet5(1, 10, 28), (1, 28, 28), 64),
     "deconv": (lambda: _deconv(), (1, 28, 28), 64),
-    # the sizes a GPU user trains (issue 12): CIFAR-shaped ResNets, a wide MLP, a Vision Transformer
+    # the sizes a GPU user trains: CIFAR-shaped ResNets, a wide MLP, a Vision Transformer
     "resnet20-b128": (lambda: resnet20(10, 3), (3, 32, 32), 128),
     "resnet20-b256": (lambda: resnet20(10, 3), (3, 32, 32), 256),
     "resnet56-b128": (lambda: resnet56(10, 3), (3, 32, 32), 128),

@@ -21,7 +21,7 @@ from falign.app.train import TrainConfig, load_checkpoint
 from falign.app.train.config import ConfigError
 from falign.models.cnn import LeNet5
 
-WORKER = Path(__file__).parent / "workers" / "pipeline_equal.py"
+WORKER = Path(__file__).parents[1] / "workers" / "pipeline_equal.py"
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
@@ -173,7 +173,7 @@ ARGS = ["--data", "synthetic", "--train-subset", "256", "--hidden", "32,32,32", 
 
 def train(nproc: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """``falign train`` under torchrun; with ``env``, through tests/workers/faults.py (the faults it names)."""
-    entry = [str(Path(__file__).parent / "workers" / "faults.py")] if env else ["-m", "falign"]
+    entry = [str(Path(__file__).parents[1] / "workers" / "faults.py")] if env else ["-m", "falign"]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", *entry, "train", *args], capture_output=True,
                           text=True, env={**ENV, **(env or {})}, timeout=600)

@@ -1,4 +1,4 @@
-"""Output folders that cannot destroy user files (issue 27, items 1-3).
+"""Output folders that cannot destroy user files.
 
 1. A folder is falign's only if its ``.falign`` marker says so: user files with falign's names are never replaced.
 2. Links inside an output folder are never followed: a victim file outside keeps its bytes.

@@ -2,7 +2,7 @@
 
 - On the pinned CPU torch the fused path is taken (a test fails if it silently is not).
 - Fused equals the Python backward through time (itself checked against a naive unrolled reference in
-  tests/test_recurrent.py, whose LSTM cases now run fused too) with B ≠ W, for every layer-by-layer rule and the
+  tests/core/test_recurrent.py, whose LSTM cases now run fused too) with B ≠ W, for every layer-by-layer rule and the
   layer options: layers, directions, batch_first, bias, initial states, gradients into h_n / c_n only.
 - What the fused ops cannot express (proj_size, packed input, direct rules, float64) takes the Python path.
 - A changed schema falls back to the Python path with one warning; the cuDNN ops (the CUDA path, checked on a

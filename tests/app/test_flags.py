@@ -1,4 +1,4 @@
-"""Diagnostics that flag a run that is not what it seems (issue 22): scale runaway, reference validity, effective
+"""Diagnostics that flag a run that is not what it seems: scale runaway, reference validity, effective
 rank of error signals, depth utility. Each flag has a case where it must fire and one where it must stay silent."""
 
 from __future__ import annotations

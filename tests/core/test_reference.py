@@ -1,6 +1,6 @@
 """DFA's own cases against naive references with explicit deltas: padding modes of a conv layer whose
 ``D`` covers the unpadded input, a hidden input signal, sequence inputs. (Every rule's MLP and CNN against
-its formula: tests/test_rule_triad.py.)"""
+its formula: tests/core/test_rule_triad.py.)"""
 
 from __future__ import annotations
 

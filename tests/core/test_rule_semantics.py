@@ -102,7 +102,7 @@ def test_input_gradients_leave_brsf_state_unchanged():
 
 
 def test_the_python_guide_documents_input_gradients_and_backprop_mode():
-    guide = (Path(__file__).parents[1] / "docs" / "guides" / "python.md").read_text()
+    guide = (Path(__file__).parents[2] / "docs" / "guides" / "python.md").read_text()
     assert "input gradients" in guide and "backprop_mode()" in guide
 
 

@@ -1,4 +1,4 @@
-"""Issue 27, items 8, 10 and 11: inputs that used to end in a traceback or be accepted silently get one clear
+"""Inputs that used to end in a traceback or be accepted silently get one clear
 error (before any output folder is claimed, where they can be checked), and third-party seams (accelerate's
 optimiser wrapper, a user's DDP wrapper, ``torch.jit.trace``, forward hooks) work or say what to do."""
 

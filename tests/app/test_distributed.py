@@ -13,7 +13,7 @@ import torch
 import falign
 from falign.app.train import load_checkpoint, read_metrics
 
-FAULTS = Path(__file__).parent / "workers" / "faults.py"  # falign with the faults its environment names
+FAULTS = Path(__file__).parents[1] / "workers" / "faults.py"  # falign with the faults its environment names
 ARGS = ["--data", "synthetic", "--train-subset", "384", "--hidden", "32,32", "--epochs", "2", "--batch-size", "64",
         "--lr", "0.05", "--no-progress"]
 

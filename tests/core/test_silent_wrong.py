@@ -1,4 +1,4 @@
-"""Silent wrong results that now are right or loud (issue 27, items 4, 5, 6, 12).
+"""Silent wrong results that now are right or loud.
 
 - data-parallel training uses the global batch also for a last batch that does not divide by the ranks;
 - a per-step rule whose weights change behind its back (``.data`` writes, ``torch.func.functional_call``)

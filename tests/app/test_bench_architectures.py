@@ -79,7 +79,7 @@ def test_image_models_fall_back_to_digits_without_fashion_mnist(tmp_path, monkey
 
 def test_image_models_use_fashion_mnist_where_it_is(tmp_path, monkeypatch):
     """The same call reads Fashion-MNIST from the default folder when it is there (tiny IDX files here)."""
-    from tests.test_data import write_tiny_mnist
+    from tests.core.test_data import write_tiny_mnist
 
     write_tiny_mnist(tmp_path, gz=True)
     monkeypatch.setenv("FALIGN_FASHION_MNIST_DIR", str(tmp_path))

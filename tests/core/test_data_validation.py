@@ -1,4 +1,4 @@
-"""Bad data is an error naming the file and the value before any training (issue 27, items 7 and 9).
+"""Bad data is an error naming the file and the value before any training.
 
 Each loader (CIFAR pickles, IDX files, image folders, Tiny-ImageNet) refuses labels outside the format's
 range, floats where the format holds integers, empty splits, fewer than two training classes, test labels
@@ -22,7 +22,7 @@ import pytest
 from falign.app.experiments.sources import catalog
 from falign.data import DatasetError, load_dataset, load_idx_dataset, read_idx
 from falign.data.idx import FILES
-from tests.test_data import write_idx, write_tiny_mnist
+from tests.core.test_data import write_idx, write_tiny_mnist
 
 CIFAR10 = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
 

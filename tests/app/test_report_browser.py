@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from falign.app.experiments import reproduce
-from tests.test_reproduce import _html_checks
+from tests.app.test_reproduce import _html_checks
 
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
 

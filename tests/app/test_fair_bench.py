@@ -1,4 +1,4 @@
-"""Fair comparisons (issue 22): a validation split, BioTorch's input options, per-rule lr chosen without the test
+"""Fair comparisons: a validation split, BioTorch's input options, per-rule lr chosen without the test
 set, and the depth-utility baseline."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from falign.data import batches, hold_out, load_dataset, load_digits, resize_ima
 from falign.data.idx import FILES
 from falign.errors import FalignError
 from falign.models.cnn import LeNet5
-from tests.test_data import write_idx
+from tests.core.test_data import write_idx
 
 
 def test_hold_out_is_disjoint_seed_independent_and_clean():

@@ -181,7 +181,7 @@ def test_within_strata_slope_ignores_per_stratum_offsets():
     assert not pooled_only.excludes_zero
 
 
-# ---- multiclass: its verdicts are tested in tests/test_reproduce_mc.py ----------------------------------
+# ---- multiclass: its verdicts are tested in tests/app/test_reproduce_mc.py ----------------------------------
 @pytest.mark.parametrize("theta", [0.0, 30.0, 75.0, 90.0, 180.0])
 def test_feedback_at_angle_is_exact(theta):
     torch.manual_seed(0)
@@ -197,7 +197,7 @@ def test_feedback_at_angle_is_exact(theta):
     assert b is layer.feedback_weight
 
 
-# ---- dominance, min_norm (their tests: tests/test_reproduce_dm.py) ------------------------------------------
+# ---- dominance, min_norm (their tests: tests/app/test_reproduce_dm.py) ------------------------------------------
 def test_dominance_and_min_norm_declare_one_primary_and_a_control(tiny_report):
     _, results, _ = tiny_report
     for name in (dominance.NAME, min_norm.NAME):

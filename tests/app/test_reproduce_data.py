@@ -13,7 +13,7 @@ from falign.app.experiments import reproduce
 from falign.app.experiments.sources import catalog
 from falign.data import DatasetError, many_class_subset
 from falign.data.images import image_folder, tiny_imagenet
-from tests.test_data import write_tiny_mnist
+from tests.core.test_data import write_tiny_mnist
 
 Image = pytest.importorskip("PIL.Image", reason="the [images] extra (Pillow) is part of the test extra")
 

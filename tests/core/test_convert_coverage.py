@@ -225,5 +225,5 @@ def test_jit_trace_records_the_forward_and_warns_that_its_backward_is_backprop()
                 warnings.filterwarnings("ignore", category=category)
             traced = torch.jit.trace(model, x)
     torch.testing.assert_close(traced(x), model(x))
-    guide = (Path(__file__).parents[1] / "docs" / "guides" / "python.md").read_text()
+    guide = (Path(__file__).parents[2] / "docs" / "guides" / "python.md").read_text()
     assert "torch.jit.trace" in guide

@@ -34,7 +34,7 @@ def falign_cli(args: list[str], env: dict | None = None) -> subprocess.Completed
                           env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}, timeout=300)
 
 
-FAULTS = Path(__file__).parent / "workers" / "faults.py"
+FAULTS = Path(__file__).parents[1] / "workers" / "faults.py"
 
 
 def faulty_cli(args: list[str], env: dict) -> subprocess.CompletedProcess:

@@ -175,7 +175,7 @@ def test_angle_is_exact_at_0_and_180_degrees(seed, c, dtype):
     assert math.isnan(angle(a, torch.zeros_like(a)))
 
 
-# -- found by the adversarial pass of issue 26 -----------------------------------------------------------------
+# -- found by an adversarial pass ----------------------------------------------------------------------------
 def _steps(model, opt, x, y, n: int = 3) -> None:
     for _ in range(n):
         opt.zero_grad()

@@ -1,4 +1,4 @@
-"""A model's state carries what its rule needs to continue exactly (issue 26): train k steps, save model and
+"""A model's state carries what its rule needs to continue exactly: train k steps, save model and
 optimiser with torch.save, load (weights_only=True) into a model converted with another seed and initialisation,
 continue — bit-identical to the uninterrupted run, for every registered rule, in a plain loop."""
 
