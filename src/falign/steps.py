@@ -23,7 +23,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from falign.convert import set_target, uses_target
 from falign.errors import FalignError
+from falign.functional import backprop_mode
 from falign.nn.layers import FeedbackLayer
 from falign.rules.base import FeedbackRule
 
@@ -138,8 +140,6 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, *, backprop: bool = False) -> None:
-        from falign.convert import uses_target
-
         self.model, self.optimizer = model, optimizer
         self.loss_fn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
         self.backprop = backprop
@@ -148,9 +148,6 @@ class TrainStep:
 
     def __call__(self, x: Tensor | None, y: Tensor, *, loss: Callable[[], Tensor] | None = None,
                  measure: Callable[[Tensor], None] | None = None) -> Tensor:
-        from falign.convert import set_target
-        from falign.functional import backprop_mode
-
         self.optimizer.zero_grad(set_to_none=True)
         if self.uses_target:
             set_target(self.model, y)

@@ -153,6 +153,22 @@ def test_bench_tunes_per_rule_on_validation_never_on_the_test_set(tmp_path, caps
     assert json.loads((c / "lr.json").read_text()) == chosen_a
 
 
+def test_tune_only_stops_after_the_tuning_stage_and_its_choice_is_reused(tmp_path, capsys):
+    tiny_fashion(tmp_path / "d")
+    tuned = bench(tmp_path, "t", tmp_path / "d", "--tune-only")
+    text = capsys.readouterr().out
+    assert (tuned / "tuning.csv").is_file() and (tuned / "lr.json").is_file()
+    assert not (tuned / "runs").exists() and not (tuned / "results.csv").exists()  # nothing past the tuning stage
+    assert "| fa | " in text and f"--lr-from {tuned}" in text
+    full = bench(tmp_path, "f", tmp_path / "d", "--lr-from", str(tuned))
+    assert (full / "runs" / "fa-s0").is_dir() and not (full / "tune").exists()
+    assert json.loads((full / "lr.json").read_text()) == json.loads((tuned / "lr.json").read_text())
+    # control: with the lr given there is no tuning stage to stop after, and nothing is claimed
+    assert main(["bench", "accuracy", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "x"),
+                 "--lr", "0.01", "--tune-only"]) == 1
+    assert "--tune-only" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_bench_lr_options_are_checked(tmp_path, capsys):
     tiny_fashion(tmp_path / "d")
     common = ["bench", "accuracy", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--epochs", "1"]

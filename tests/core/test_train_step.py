@@ -10,6 +10,7 @@ from torch import nn
 
 import falign
 from falign.functional import backprop_mode
+from tests.core.test_rule_triad import rule_grads
 
 
 def _net() -> nn.Module:
@@ -23,20 +24,13 @@ def _data(n: int = 24):
 
 
 def _by_hand(rule: str, backprop: bool = False, steps: int = 5) -> nn.Module:
+    """The loop written out: the triad's own gradient helper (zero, target, loss, backward), then the update."""
     model = falign.convert(_net(), rule, seed=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     falign.attach(model, opt)
     x, y = _data()
     for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        if falign.uses_target(model):
-            falign.set_target(model, y)
-        loss = nn.functional.cross_entropy(model(x), y)
-        if backprop:
-            with backprop_mode():
-                loss.backward()
-        else:
-            loss.backward()
+        rule_grads(model, x, y, backprop)
         opt.step()
     return model
 
@@ -93,3 +87,13 @@ def test_measure_sees_the_gradients_before_the_update():
     step(x, y, measure=measure)
     assert torch.allclose(model[0].weight, seen["weight"] - 0.1 * seen["grad"])
     assert not torch.allclose(seen["grad"], seen["bp"])  # fa's update is not backprop's gradient
+
+
+def test_train_step_under_autocast_equals_the_loop_written_out():
+    """Called inside ``torch.autocast`` (CPU bfloat16), as a user's loop would: the same weights as the written-out
+    loop under the same autocast, and not those of the float32 loop (autocast was in force)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = _by_hand("fa"), _with_train_step("fa")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(_by_hand("fa")[0].weight, b[0].weight)

@@ -435,6 +435,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tune-epochs", type=int, default=None,
                         help="epochs of each tuning run, the same schedule compressed (default: 1; --full: 5)")
     parser.add_argument("--tune-seeds", type=int, default=1, help="seeds per tuning lr (default: 1)")
+    parser.add_argument("--tune-only", action="store_true",
+                        help="stop after the tuning stage (tuning.csv, lr.json); a later bench runs the full "
+                             "schedule at its choice with --lr-from")
     parser.add_argument("--lr-from", default=None, metavar="LR_JSON",
                         help="use the lrs an earlier bench chose (its --out folder or lr.json) instead of tuning")
     parser.add_argument("--val-size", type=int, default=None,
@@ -504,6 +507,8 @@ def run(args: argparse.Namespace) -> None:
 
     lrs = _lr_from(args.lr_from, rules) if args.lr_from else _lr_spec(args.lr, rules)
     val_size = args.val_size if args.val_size is not None else VAL_SIZE
+    if args.tune_only and lrs is not None:
+        raise FalignError("--tune-only runs the tuning stage, which --lr and --lr-from skip: give one or the other")
     if lrs is None and val_size == 0:
         raise FalignError("--val-size 0 leaves no validation split to tune the lr on: give --lr (a number or "
                           "rule=lr pairs) or --lr-from, or keep a validation split")
@@ -525,6 +530,10 @@ def run(args: argparse.Namespace) -> None:
         write_csv(tuning, out / "tuning.csv")
         lrs = select(tuning)
     (out / "lr.json").write_text(json.dumps(lrs, indent=1))
+    if args.tune_only:
+        print("\n".join(tuning_markdown(tuning, lrs)))
+        print(f"\nlr per rule: {out / 'lr.json'}; run the full schedule at it with --lr-from {out}")
+        return
     rows = run_accuracy(out, rules=rules, seeds=args.seeds, epochs=epochs, lrs=lrs, first_seed=args.first_seed,
                         **common)
     seconds = time.perf_counter() - start

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
+from falign.app.outdir import atomic_write
 from falign.errors import FalignError
 
 
@@ -117,7 +118,8 @@ class WandB:
             run_id = json.loads(id_file.read_text())["id"]
         self.run: Any = wandb.init(project=project, name=run_dir.name, config=config,
                                    id=run_id, resume="allow" if run_id else None)
-        id_file.write_text(json.dumps({"project": project, "id": self.run.id}) + "\n")
+        record = json.dumps({"project": project, "id": self.run.id}) + "\n"
+        atomic_write(id_file, lambda f: f.write(record), "w")  # as every run file: never through a link
 
     def step(self, loss: float, lr: float, step: int) -> None:
         if self.run is not None:
