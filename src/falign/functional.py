@@ -23,12 +23,16 @@ error ``e = ∂L/∂output`` recorded, per forward pass, by the :class:`ErrorTap
 the target. When ``D`` requires a gradient (direct Kolen–Pollack) it receives ``∂⟨q D, x⟩/∂D``.
 
 The functions use the ``setup_context`` form of :class:`torch.autograd.Function`, so ``torch.func``
-transforms (``grad``, ``vmap`` for per-example gradients) run through them.
+transforms (``grad``, ``vmap`` for per-example gradients) run through them. In plain eager mode,
+:func:`feedback_linear` and :func:`feedback_conv` take a faster path to the same numbers: PyTorch's own
+``F.linear``/convolution under saved-tensor hooks that hand the op's backward ``B`` where it saved ``W``
+(:class:`_SwapSaved`), so the whole backward runs in PyTorch's C++ autograd.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
+from torch.autograd.graph import saved_tensors_hooks
 
 __all__ = [
     "PER_POSITION",
@@ -46,6 +51,7 @@ __all__ = [
     "backprop_mode",
     "direct_feedback_conv",
     "direct_feedback_linear",
+    "double_backward",
     "feedback_conv",
     "feedback_linear",
 ]
@@ -155,6 +161,116 @@ def _autocast(function, x: Tensor, weight: Tensor, bias: Tensor | None, feedback
                               _cast(feedback, dtype), *rest)
 
 
+# ---- the eager fast path: PyTorch's own backward with B where it saved W ----------------------------------
+# Private autograd state, feature-detected: without it (another torch), every call takes the Function path.
+_hooks_enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_FAST = _hooks_enabled is not None and _top_hooks is not None
+_warned_no_swap = False
+_DOUBLE_BACKWARD = 0
+
+
+@contextlib.contextmanager
+def double_backward() -> Iterator[None]:
+    """Forward passes run inside this context build a graph whose backward can be differentiated again: a
+    ``create_graph=True`` backward (gradient penalties, Hessian-vector products) differentiates the rule's signal
+    ``g B`` once more, ``B`` a constant.
+
+    Outside it, eager forward passes of :func:`feedback_linear` and :func:`feedback_conv` take the faster
+    saved-tensor path, whose backward refuses ``create_graph=True`` with an error naming this context (PyTorch
+    would let ``∂/∂W`` flow through the ``B`` it was handed in ``W``'s place). ``torch.func`` transforms need no
+    context: they always take the ``autograd.Function`` path. Process-wide; nests.
+    """
+    global _DOUBLE_BACKWARD
+    _DOUBLE_BACKWARD += 1
+    try:
+        yield
+    finally:
+        _DOUBLE_BACKWARD -= 1
+
+
+def _fast_path(x: Tensor, feedback: Tensor | None) -> bool:
+    """Whether this call may take the saved-tensor path: eager, grad mode on, no other saved-tensor hooks (the
+    user's ``save_on_cpu``, activation checkpointing: theirs see every tensor), and ``B`` needing no gradient
+    (Kolen–Pollack's ``∂B`` comes from the Function). Under ``torch.compile``, ``torch.func`` transforms, tracing
+    or autocast the Function path runs."""
+    return (_FAST and not _DOUBLE_BACKWARD and torch.is_grad_enabled() and x.requires_grad
+            and (feedback is None or not feedback.requires_grad)
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and not torch.jit.is_tracing()
+            and _hooks_enabled() and _top_hooks(False) is None)  # type: ignore[misc]
+
+
+class _SwapSaved:
+    """Saved-tensor hooks for one call of ``F.linear`` or a convolution: where the op saves ``W`` (or its
+    transpose, as ``F.linear``'s matrix product does), the backward unpacks ``B`` (or ``Bᵀ``), so PyTorch's own
+    backward formula computes ``g B`` for the input and, from the saved input, the exact ``∂W``, ``∂b``.
+
+    ``B`` is ``feedback`` or ``feedback_fn(W)`` built in the backward from the saved ``W``; in
+    :func:`backprop_mode` the saved ``W`` itself. Saved-tensor hooks turn off autograd's check that a saved
+    tensor was not changed in place before the backward, so the hooks do it (same error).
+    """
+
+    __slots__ = ("feedback", "feedback_fn", "swapped", "version_b", "weight")
+
+    def __init__(self, weight: Tensor, feedback: Tensor | None, feedback_fn: Callable[[Tensor], Tensor] | None):
+        self.weight, self.feedback, self.feedback_fn, self.swapped = weight, feedback, feedback_fn, False
+        self.version_b = None if feedback is None else feedback._version
+
+    def pack(self, t: Tensor) -> tuple:
+        w = self.weight
+        if t is w:
+            self.swapped = True
+            return (t, t._version, self, False)
+        if (t._base is w or (t._base is not None and t.data_ptr() == w.data_ptr())) and t.dim() == 2 \
+                and t.shape[0] == w.shape[1] and t.shape[1] == w.shape[0] \
+                and t.stride(0) == w.stride(1) and t.stride(1) == w.stride(0):  # Wᵀ, a view of W
+            self.swapped = True
+            return (t, t._version, self, True)
+        return (t, t._version, None, False)
+
+    @staticmethod
+    def unpack(packed: tuple) -> Tensor:
+        t, version, swap, transposed = packed
+        if t._version != version:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"a tensor of shape {tuple(t.shape)} saved by a falign layer is at version {t._version}; expected "
+                f"version {version} instead (the in-place change came between the forward and the backward pass)")
+        if swap is None or _BACKPROP_MODE:
+            return t
+        if torch.is_grad_enabled():  # a create_graph backward: PyTorch re-attaches W's gradient edge to what we return
+            raise RuntimeError(
+                "falign: this backward builds a graph (create_graph=True) through a layer whose forward pass took "
+                "falign's fast path, whose rule signal cannot be differentiated again; run the forward pass inside "
+                "`with falign.functional.double_backward():` (gradient penalties, Hessian-vector products)")
+        feedback = swap.feedback
+        if feedback is not None and feedback._version != swap.version_b:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"the feedback matrix B of shape {tuple(feedback.shape)} is at version {feedback._version}; expected "
+                f"version {swap.version_b} instead (B changed between the forward and the backward pass)")
+        b = _feedback_for_backward(swap.weight, feedback, swap.feedback_fn)
+        return b.t() if transposed else b
+
+
+def _swapped(op: Callable[..., Tensor], function: type[Function], x: Tensor, weight: Tensor, bias: Tensor | None,
+             feedback: Tensor | None, feedback_fn: Callable[[Tensor], Tensor] | None, *rest: Any) -> Tensor:
+    """``op(x, W, b, *rest)`` whose backward uses ``B`` for the input signal (:class:`_SwapSaved`); if the op did not
+    save ``W`` where the hooks recognise it (another torch's formula), the Function path, with one warning."""
+    global _warned_no_swap
+    swap = _SwapSaved(weight, feedback, feedback_fn)
+    with saved_tensors_hooks(swap.pack, swap.unpack):
+        y = op(x, weight, bias, *rest)
+    if swap.swapped:
+        return y
+    if not _warned_no_swap:
+        _warned_no_swap = True
+        warnings.warn("falign: this torch's linear/convolution backward did not save the weight where falign's fast "
+                      "path looks for it; using the slower autograd.Function path", RuntimeWarning, stacklevel=3)
+    return apply_function(function, x, weight, bias, feedback, feedback_fn, *rest)
+
+
 class _FeedbackLinear(_Function):
     @staticmethod
     def forward(x, weight, bias, feedback, feedback_fn):
@@ -195,6 +311,8 @@ def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Fe
         - output: ``(*, out)``
     """
     tensor, fn = _split(feedback, weight)
+    if _fast_path(x, tensor) and _autocast_dtype(x.device.type) is None:
+        return _swapped(F.linear, _FeedbackLinear, x, weight, bias, tensor, fn)
     return _autocast(_FeedbackLinear, x, weight, bias, tensor, fn)
 
 
@@ -202,9 +320,7 @@ class _FeedbackConv(_Function):
     @staticmethod
     def forward(x, weight, bias, feedback, feedback_fn, stride, padding, dilation, groups, transposed=False,
                 output_padding=None):
-        n = weight.dim() - 2
-        return torch.convolution(x, weight, bias, stride, padding, dilation, transposed,
-                                 output_padding or [0] * n, groups)
+        return _convolution(x, weight, bias, stride, padding, dilation, groups, transposed, output_padding)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -256,8 +372,18 @@ def feedback_conv(
         - output: ``(N, C_out, *spatial_out)``
     """
     tensor, fn = _split(feedback, weight)
-    return _autocast(_FeedbackConv, x, weight, bias, tensor, fn, list(stride), list(padding), list(dilation), groups,
-                               transposed, list(output_padding) if output_padding is not None else None)
+    rest = (list(stride), list(padding), list(dilation), groups, transposed,
+            list(output_padding) if output_padding is not None else None)
+    if _fast_path(x, tensor) and _autocast_dtype(x.device.type) is None:
+        return _swapped(_convolution, _FeedbackConv, x, weight, bias, tensor, fn, *rest)
+    return _autocast(_FeedbackConv, x, weight, bias, tensor, fn, *rest)
+
+
+def _convolution(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
+                 dilation: list[int], groups: int, transposed: bool, output_padding: list[int] | None) -> Tensor:
+    """``torch.convolution`` in :class:`_FeedbackConv`'s argument order."""
+    return torch.convolution(x, weight, bias, stride, padding, dilation, transposed,
+                             output_padding or [0] * (weight.dim() - 2), groups)
 
 
 # ---- direct rules --------------------------------------------------------------------------------------
