@@ -166,6 +166,7 @@ def _autocast(function, x: Tensor, weight: Tensor, bias: Tensor | None, feedback
 _hooks_enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
 _top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 _FAST = _hooks_enabled is not None and _top_hooks is not None
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)  # unknown: Function path
 _warned_no_swap = False
 _DOUBLE_BACKWARD = 0
 
@@ -197,7 +198,7 @@ def _fast_path(x: Tensor, feedback: Tensor | None) -> bool:
     return (_FAST and not _DOUBLE_BACKWARD and torch.is_grad_enabled() and x.requires_grad
             and (feedback is None or not feedback.requires_grad)
             and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
-            and not torch.jit.is_tracing()
+            and not torch.jit.is_tracing() and not _any_autocast()
             and _hooks_enabled() and _top_hooks(False) is None)  # type: ignore[misc]
 
 
@@ -311,7 +312,7 @@ def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Fe
         - output: ``(*, out)``
     """
     tensor, fn = _split(feedback, weight)
-    if _fast_path(x, tensor) and _autocast_dtype(x.device.type) is None:
+    if _fast_path(x, tensor):
         return _swapped(F.linear, _FeedbackLinear, x, weight, bias, tensor, fn)
     return _autocast(_FeedbackLinear, x, weight, bias, tensor, fn)
 
@@ -374,7 +375,7 @@ def feedback_conv(
     tensor, fn = _split(feedback, weight)
     rest = (list(stride), list(padding), list(dilation), groups, transposed,
             list(output_padding) if output_padding is not None else None)
-    if _fast_path(x, tensor) and _autocast_dtype(x.device.type) is None:
+    if _fast_path(x, tensor):
         return _swapped(_convolution, _FeedbackConv, x, weight, bias, tensor, fn, *rest)
     return _autocast(_FeedbackConv, x, weight, bias, tensor, fn, *rest)
 

@@ -205,7 +205,8 @@ class FeedbackLayer(nn.Module):
         learns = parameter and self.weight.requires_grad
         if not signal and not learns:
             return PLAIN, None
-        self._feedback_used = self._feedback_used or signal
+        if signal and not self._feedback_used:  # nn.Module.__setattr__ costs ~1 µs: only on the change
+            self._feedback_used = True
         if from_weight:
             if torch.compiler.is_compiling():  # B from the forward's W, inside the graph: no graph break
                 return MATRIX, self.rule.matrix(self, self.weight.detach())
