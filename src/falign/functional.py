@@ -191,44 +191,65 @@ def double_backward() -> Iterator[None]:
 
 
 def _fast_path(x: Tensor, feedback: Tensor | None) -> bool:
-    """Whether this call may take the saved-tensor path: eager, grad mode on, no other saved-tensor hooks (the
-    user's ``save_on_cpu``, activation checkpointing: theirs see every tensor), and ``B`` needing no gradient
-    (Kolen–Pollack's ``∂B`` comes from the Function). Under ``torch.compile``, ``torch.func`` transforms, tracing
-    or autocast the Function path runs."""
-    return (_FAST and not _DOUBLE_BACKWARD and torch.is_grad_enabled() and x.requires_grad
-            and (feedback is None or not feedback.requires_grad)
+    """Whether this call may take the saved-tensor path: ``x`` needs a gradient, ``B`` needs none (Kolen–Pollack's
+    ``∂B`` comes from the Function) and :func:`_fast_ok`."""
+    return x.requires_grad and (feedback is None or not feedback.requires_grad) and _fast_ok()
+
+
+def _fast_ok() -> bool:
+    """Eager, grad mode on, no other saved-tensor hooks (the user's ``save_on_cpu``, activation checkpointing:
+    theirs see every tensor), not inside :func:`double_backward`. Under ``torch.compile``, ``torch.func``
+    transforms, tracing or autocast the Function path runs."""
+    return (_FAST and not _DOUBLE_BACKWARD and torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
             and not torch.jit.is_tracing() and not _any_autocast()
             and _hooks_enabled() and _top_hooks(False) is None)  # type: ignore[misc]
 
 
-class _SwapSaved:
-    """Saved-tensor hooks for one call of ``F.linear`` or a convolution: where the op saves ``W`` (or its
-    transpose, as ``F.linear``'s matrix product does), the backward unpacks ``B`` (or ``Bᵀ``), so PyTorch's own
-    backward formula computes ``g B`` for the input and, from the saved input, the exact ``∂W``, ``∂b``.
+class _Swap:
+    """One weight ``W`` whose saved copy the backward reads as ``B``: ``feedback``, or ``feedback_fn(W)`` built
+    from the saved ``W`` in the backward (the sign rules); ``found`` once the op saved it."""
 
-    ``B`` is ``feedback`` or ``feedback_fn(W)`` built in the backward from the saved ``W``; in
-    :func:`backprop_mode` the saved ``W`` itself. Saved-tensor hooks turn off autograd's check that a saved
-    tensor was not changed in place before the backward, so the hooks do it (same error).
-    """
-
-    __slots__ = ("feedback", "feedback_fn", "swapped", "version_b", "weight")
+    __slots__ = ("feedback", "feedback_fn", "found", "version_b", "weight")
 
     def __init__(self, weight: Tensor, feedback: Tensor | None, feedback_fn: Callable[[Tensor], Tensor] | None):
-        self.weight, self.feedback, self.feedback_fn, self.swapped = weight, feedback, feedback_fn, False
+        self.weight, self.feedback, self.feedback_fn, self.found = weight, feedback, feedback_fn, False
         self.version_b = None if feedback is None else feedback._version
 
+
+class _SwapSaved:
+    """Saved-tensor hooks for one call of ``F.linear``, a convolution or PyTorch's fused LSTM layer: where the op
+    saves a weight ``W`` (or its transpose, as ``F.linear``'s matrix product does), the backward unpacks ``B`` (or
+    ``Bᵀ``), so PyTorch's own backward formula computes the input (and across-time) signal through ``B`` and, from
+    the saved activations, the exact ``∂W``, ``∂b``. In :func:`backprop_mode` the saved ``W`` itself.
+
+    Saved-tensor hooks turn off autograd's check that a saved tensor was not changed in place before the backward,
+    so the hooks do it (same error). With ``detach``, every other saved tensor is kept detached: an op that saves
+    its own outputs (the LSTM layer) would otherwise hold itself in a reference cycle through its graph.
+    """
+
+    __slots__ = ("detach", "swaps")
+
+    def __init__(self, swaps: Sequence[_Swap], detach: bool = False):
+        self.swaps, self.detach = swaps, detach
+
+    @property
+    def swapped(self) -> bool:
+        """Whether the op saved every weight where the hooks look for it."""
+        return all(s.found for s in self.swaps)
+
     def pack(self, t: Tensor) -> tuple:
-        w = self.weight
-        if t is w:
-            self.swapped = True
-            return (t, t._version, self, False)
-        if (t._base is w or (t._base is not None and t.data_ptr() == w.data_ptr())) and t.dim() == 2 \
-                and t.shape[0] == w.shape[1] and t.shape[1] == w.shape[0] \
-                and t.stride(0) == w.stride(1) and t.stride(1) == w.stride(0):  # Wᵀ, a view of W
-            self.swapped = True
-            return (t, t._version, self, True)
-        return (t, t._version, None, False)
+        for s in self.swaps:
+            w = s.weight
+            if t is w:
+                s.found = True
+                return (t, t._version, s, False)
+            if (t._base is w or (t._base is not None and t.data_ptr() == w.data_ptr())) and t.dim() == 2 \
+                    and t.shape[0] == w.shape[1] and t.shape[1] == w.shape[0] \
+                    and t.stride(0) == w.stride(1) and t.stride(1) == w.stride(0):  # Wᵀ, a view of W
+                s.found = True
+                return (t, t._version, s, True)
+        return (t.detach() if self.detach else t, t._version, None, False)
 
     @staticmethod
     def unpack(packed: tuple) -> Tensor:
@@ -255,21 +276,34 @@ class _SwapSaved:
         return b.t() if transposed else b
 
 
+def _swap_saved_call(op: Callable[..., Any], swaps: Sequence[_Swap], *args: Any,
+                     detach: bool = False) -> tuple[Any, bool]:
+    """``(op(*args), every weight of swaps found)`` with the op's saved weights swapped for their ``B`` in its
+    backward (:class:`_SwapSaved`). Callers check :func:`_fast_path` first."""
+    hooks = _SwapSaved(swaps, detach)
+    with saved_tensors_hooks(hooks.pack, hooks.unpack):
+        result = op(*args)
+    return result, hooks.swapped
+
+
 def _swapped(op: Callable[..., Tensor], function: type[Function], x: Tensor, weight: Tensor, bias: Tensor | None,
              feedback: Tensor | None, feedback_fn: Callable[[Tensor], Tensor] | None, *rest: Any) -> Tensor:
     """``op(x, W, b, *rest)`` whose backward uses ``B`` for the input signal (:class:`_SwapSaved`); if the op did not
     save ``W`` where the hooks recognise it (another torch's formula), the Function path, with one warning."""
-    global _warned_no_swap
-    swap = _SwapSaved(weight, feedback, feedback_fn)
-    with saved_tensors_hooks(swap.pack, swap.unpack):
-        y = op(x, weight, bias, *rest)
-    if swap.swapped:
+    y, swapped = _swap_saved_call(op, (_Swap(weight, feedback, feedback_fn),), x, weight, bias, *rest)
+    if swapped:
         return y
+    warn_no_swap("linear/convolution")
+    return apply_function(function, x, weight, bias, feedback, feedback_fn, *rest)
+
+
+def warn_no_swap(what: str) -> None:
+    """Once per process: the fast path found no saved weight to swap and the Function path runs instead."""
+    global _warned_no_swap
     if not _warned_no_swap:
         _warned_no_swap = True
-        warnings.warn("falign: this torch's linear/convolution backward did not save the weight where falign's fast "
-                      "path looks for it; using the slower autograd.Function path", RuntimeWarning, stacklevel=3)
-    return apply_function(function, x, weight, bias, feedback, feedback_fn, *rest)
+        warnings.warn(f"falign: this torch's {what} backward did not save the weight where falign's fast path looks "
+                      f"for it; using the slower autograd.Function path", RuntimeWarning, stacklevel=4)
 
 
 class _FeedbackLinear(_Function):

@@ -1,6 +1,8 @@
 """Converted LSTMs run PyTorch's fused oneDNN layer ops with the rule's matrices in the backward.
 
-- On the pinned CPU torch the fused path is taken (a test fails if it silently is not).
+- On the pinned CPU torch the fused path is taken (a test fails if it silently is not), eagerly as autograd's own
+  node with the saved W_ih, W_hh swapped for B_ih, B_hh (falign.functional._SwapSaved), else (kp's trained B,
+  other saved-tensor hooks, torch.func, autocast) through falign's autograd Function around the same ops.
 - Fused equals the Python backward through time (itself checked against a naive unrolled reference in
   tests/core/test_recurrent.py, whose LSTM cases now run fused too) with B ≠ W, for every layer-by-layer rule and the
   layer options: layers, directions, batch_first, bias, initial states, gradients into h_n / c_n only.
@@ -11,21 +13,25 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
 from torch import nn
 
 import falign
+from falign import functional as FF
 from falign.nn import recurrent
 
 LAYER_RULES = [r for r in falign.available_rules()
                if falign.get_rule(r).has_feedback and not falign.get_rule(r).direct]
 
 
-def _grads(model, x, hx, use_fused, monkeypatch, loss_on="all"):
+def _grads(model, x, hx, use_fused, monkeypatch, loss_on="all", hooks=True):
     monkeypatch.setattr(recurrent, "USE_FUSED", use_fused)
+    monkeypatch.setattr(FF, "_FAST", hooks)
     before = dict(recurrent.FUSED_CALLS)
     x = x.clone().requires_grad_()
     hx = tuple(t.clone().requires_grad_() for t in hx) if hx is not None else None
@@ -46,6 +52,7 @@ def test_the_fused_path_is_taken_on_the_pinned_torch():
     model(torch.randn(5, 3, 4))[0].sum().backward()
     assert recurrent.FUSED_CALLS["fused"] == before["fused"] + 1
     assert recurrent.FUSED_CALLS["python"] == before["python"]
+    assert recurrent.FUSED_CALLS["saved_hooks"] == before["saved_hooks"] + 2  # both layers: autograd's own node
 
 
 @pytest.mark.parametrize("rule", LAYER_RULES)
@@ -61,15 +68,18 @@ def test_fused_equals_the_python_backward_through_time(rule, layers, bidirection
     count = layers * (2 if bidirectional else 1)
     n = x.shape[0 if batch_first else 1]
     hx = (torch.randn(count, n, 7), torch.randn(count, n, 7)) if states else None
-    out_f, g_f, ran_f = _grads(model, x, hx, True, monkeypatch)
     out_p, g_p, ran_p = _grads(model, x, hx, False, monkeypatch)
-    assert ran_f == {"fused": 1, "python": 0} and ran_p == {"fused": 0, "python": 1}
-    for a, b in zip(out_f, out_p):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    for a, b in zip(g_f, g_p):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert ran_p == {"fused": 0, "python": 1, "saved_hooks": 0}
+    trained_b = falign.get_rule(rule).feedback_is_parameter  # kp: B's gradient comes from the Function
+    for hooks in (True, False):  # the saved-tensor path, then falign's Function around the same ops
+        out_f, g_f, ran_f = _grads(model, x, hx, True, monkeypatch, hooks=hooks)
+        assert ran_f == {"fused": 1, "python": 0, "saved_hooks": layers if hooks and not trained_b else 0}
+        for a, b in zip(out_f, out_p):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        for a, b in zip(g_f, g_p):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     # the rule is in force: backprop's gradient of the input differs
     with falign.functional.backprop_mode():
         _, g_bp, _ = _grads(model, x, hx, True, monkeypatch)
@@ -114,7 +124,7 @@ def test_what_the_fused_ops_cannot_express_takes_the_python_path(case):
     model(x).sum().backward()
     ran = {k: recurrent.FUSED_CALLS[k] - before[k] for k in before}
     if case == "fused":  # the control: the same model, nothing the fused ops cannot express
-        assert ran == {"fused": 1, "python": 0}
+        assert ran == {"fused": 1, "python": 0, "saved_hooks": 1}
     else:  # (a direct rule's first call also runs a planning forward)
         assert ran["fused"] == 0 and ran["python"] >= 1
 
@@ -159,3 +169,90 @@ def test_the_cudnn_ops_have_the_schemas_the_cuda_path_calls():
         got = tuple(a.name for a in getattr(torch.ops.aten, name).default._schema.arguments)
         assert got == expected, f"aten::{name} changed: update falign.nn.recurrent's cuDNN path"
     assert set(recurrent._CUDNN_MODES) == {"RNN_RELU", "RNN_TANH", "LSTM", "GRU"}
+
+
+def _fa_lstm(**kwargs):
+    torch.manual_seed(0)
+    return falign.convert(nn.Sequential(nn.LSTM(3, 4, **kwargs)), "fa", seed=1)[0]
+
+
+def test_a_forward_without_backward_frees_its_graph_at_once():
+    """The LSTM op saves its own outputs; packed as they are, they would hold their graph in a reference cycle
+    (with the multi-megabyte workspace) until the garbage collector runs. Control: the same call without detach."""
+    model = _fa_lstm()
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    gc.disable()
+    try:
+        out = model(x)[0]
+        assert out.grad_fn.name() == "StackBackward0" or "Mkldnn" in out.grad_fn.name()
+        alive = weakref.ref(out)
+        del out
+        assert alive() is None
+        # the control: PyTorch's op under hooks that pack its outputs undetached keeps them alive
+        w = [p.detach().requires_grad_() for p in (model.weight_ih_l0, model.weight_hh_l0, model.bias_ih_l0,
+                                                   model.bias_hh_l0)]
+        h0 = torch.zeros(2, 4)
+        (out, *_), swapped = FF._swap_saved_call(
+            torch.ops.aten.mkldnn_rnn_layer, [FF._Swap(w[0], torch.randn(16, 3), None)], x.detach(), *w, h0, h0,
+            False, [], recurrent._LSTM_MODE, 4, 1, True, False, False, True, detach=False)
+        assert swapped
+        alive = weakref.ref(out)
+        del out
+        assert alive() is not None
+    finally:
+        gc.enable()
+        gc.collect()
+
+
+def test_in_place_changes_before_the_backward_are_caught():
+    for target in ("weight_ih_l0", "weight_hh_l0", "feedback"):
+        model = _fa_lstm()
+        x = torch.randn(5, 2, 3, requires_grad=True)
+        before = recurrent.FUSED_CALLS["saved_hooks"]
+        out = model(x)[0]
+        assert recurrent.FUSED_CALLS["saved_hooks"] == before + 1
+        tensor = (model.feedback.weight_hh_l0.feedback_weight if target == "feedback" else getattr(model, target))
+        with torch.no_grad():
+            tensor.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+    # the control: no change, no error
+    model = _fa_lstm()
+    model(torch.randn(5, 2, 3, requires_grad=True))[0].sum().backward()
+
+
+def test_a_create_graph_backward_is_refused_unless_in_double_backward():
+    model = _fa_lstm()
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double_backward"):
+        torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)
+    with FF.double_backward():  # the Function path: its backward is once-differentiable and says so
+        out = model(x)[0]
+    assert out.grad_fn is not None
+    torch.autograd.grad(out.sum(), x)  # an ordinary backward works there
+
+
+def test_other_saved_tensor_hooks_take_the_function_path_with_the_same_gradients():
+    model = _fa_lstm(num_layers=2)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    reference = torch.autograd.grad(model(x)[0].square().sum(), [x, *model.parameters()], allow_unused=True)
+    before = recurrent.FUSED_CALLS["saved_hooks"]
+    with torch.autograd.graph.save_on_cpu():
+        out = model(x)[0]
+    assert recurrent.FUSED_CALLS["saved_hooks"] == before
+    got = torch.autograd.grad(out.square().sum(), [x, *model.parameters()], allow_unused=True)
+    for a, b in zip(got, reference):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
+def test_a_weight_the_hooks_do_not_find_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(FF._SwapSaved, "pack", lambda self, t: (t, t._version, None, False))
+    monkeypatch.setattr(FF, "_warned_no_swap", False)
+    model = _fa_lstm()
+    before = dict(recurrent.FUSED_CALLS)
+    with pytest.warns(RuntimeWarning, match="LSTM layer backward did not save the weight"):
+        model(torch.randn(5, 2, 3, requires_grad=True))[0].sum().backward()
+    assert recurrent.FUSED_CALLS["saved_hooks"] == before["saved_hooks"]
+    assert recurrent.FUSED_CALLS["fused"] == before["fused"] + 1

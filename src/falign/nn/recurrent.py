@@ -198,8 +198,9 @@ def _run_pytorch(mode: str, x: Tensor, h0: Tensor, c0: Tensor, params: list[Tens
 # either fails the Python backward through time runs instead, after one warning.
 USE_FUSED = True
 """Set to ``False`` to run every converted LSTM through the Python backward through time (the reference)."""
-FUSED_CALLS = {"fused": 0, "python": 0}
-"""How many calls of converted recurrent modules ran the fused kernels and how many the Python backward (tests)."""
+FUSED_CALLS = {"fused": 0, "python": 0, "saved_hooks": 0}
+"""How many calls of converted recurrent modules ran the fused kernels and how many the Python backward, and how
+many layers ran oneDNN's op under autograd's own node with the saved weights swapped (tests)."""
 _LSTM_MODE = 2  # the LSTM cell kind of PyTorch's oneDNN layer op
 _FUSED_SCHEMAS = {
     "mkldnn_rnn_layer": ("input", "weight0", "weight1", "weight2", "weight3", "hx_", "cx_", "reverse", "batch_sizes",
@@ -331,6 +332,49 @@ def _fused_forward(x: Tensor, h0: Tensor, c0: Tensor, flat, spec: _LayerSpec):
             workspaces.append(ws)
     out = outs[0] if spec.dirs == 1 else torch.cat(outs, -1)
     return (out, torch.stack(hs), torch.stack(cs), *workspaces)
+
+
+def _fused_swapped(x: Tensor, h0: Tensor, c0: Tensor, flat, spec: _LayerSpec) -> tuple[Tensor, Tensor, Tensor] | None:
+    """oneDNN's LSTM layer op for every direction with autograd's own node, under saved-tensor hooks that hand
+    its backward the rule's ``B_ih``, ``B_hh`` where it saved ``W_ih``, ``W_hh`` (``falign.functional._SwapSaved``):
+    the same kernels as :func:`_fused_backward`, without a Python backward. ``(out, h_n, c_n)``, or ``None`` where
+    this path does not apply (``torch.compile``, ``torch.func``, autocast, other saved-tensor hooks, a trained
+    ``B``; or the op did not save the weights where the hooks look: one warning) and :class:`_Layer` runs."""
+    if not FF._fast_ok():
+        return None
+    tensors = [x, h0, c0, *(t for t in flat if t is not None)]
+    if not any(t.requires_grad for t in tensors):
+        return None
+    for d in range(spec.dirs):
+        p = flat[d * PER_DIRECTION:(d + 1) * PER_DIRECTION]
+        if any(p[k] is not None and p[k].requires_grad for k in (FB_IH, FB_HH)):
+            return None  # kp: B receives W's gradient, from the Function
+    x = x.contiguous()
+    hidden = h0.shape[-1]
+    outs, hs, cs = [], [], []
+    for d in range(spec.dirs):
+        p = flat[d * PER_DIRECTION:(d + 1) * PER_DIRECTION]
+        swaps = []
+        for w, fb, key in ((W_IH, FB_IH, "ih"), (W_HH, FB_HH, "hh")):
+            fn, direct = spec.routes[d][key]
+            if direct is not None:
+                return None
+            if p[fb] is not None or fn is not None:
+                swaps.append(FF._Swap(p[w], p[fb], fn))
+        if spec.bias:
+            b_ih, b_hh = p[B_IH], p[B_HH]
+        else:
+            b_ih = b_hh = x.new_zeros(p[W_HH].shape[0])
+        (out, hy, cy, _), swapped = FF._swap_saved_call(
+            torch.ops.aten.mkldnn_rnn_layer, swaps, x, p[W_IH], p[W_HH], b_ih, b_hh, h0[d], c0[d], d == 1, [],
+            _LSTM_MODE, hidden, 1, spec.bias, False, False, True, detach=True)
+        if out.requires_grad and not swapped:
+            FF.warn_no_swap("LSTM layer")
+            return None
+        outs.append(out)
+        hs.append(hy)
+        cs.append(cy)
+    return (outs[0] if spec.dirs == 1 else torch.cat(outs, -1)), torch.stack(hs), torch.stack(cs)
 
 
 def _fused_backward(ctx, x, h0, c0, out, h_n, c_n, workspaces, flat, d_out, d_hn, d_cn):
@@ -928,7 +972,12 @@ class _FARNNBase(FeedbackContainer):
                         feedback[2], spec.routes[d]["hr"] = _route_of(views[f"weight_hr{s}"], state, signal)
                 flat += weights + feedback
             spec.fused = fused
-            out, hn, cn, *_ = _Layer.apply(layer_input, h_start, c_start, *flat, spec)
+            swapped = _fused_swapped(layer_input, h_start, c_start, flat, spec) if fused == "mkldnn" else None
+            if swapped is not None:
+                FUSED_CALLS["saved_hooks"] += 1
+                out, hn, cn = swapped
+            else:
+                out, hn, cn, *_ = _Layer.apply(layer_input, h_start, c_start, *flat, spec)
             finals_h.append(hn)
             finals_c.append(cn)
             if self.dropout and self.training and layer < self.num_layers - 1:
