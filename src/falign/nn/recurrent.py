@@ -27,7 +27,10 @@ A converted ``nn.LSTM`` on CPU in float32 (no ``proj_size``, padded input, a lay
 PyTorch's own fused oneDNN layer ops in both directions of the pass instead: the forward
 ``aten::mkldnn_rnn_layer`` and its backward ``aten::mkldnn_rnn_layer_backward``, called with ``B_ih``, ``B_hh``
 where backprop passes ``W_ih``, ``W_hh`` (the op uses them only to transport the gate gradients; the gates come
-from the forward's workspace). On CUDA every cell (RNN, GRU, LSTM; float32 or float64, no ``proj_size``, padded
+from the forward's workspace). Eagerly (no ``torch.compile``, ``torch.func``, autocast, other saved-tensor hooks,
+or ``kp``'s trained ``B``) the op runs as autograd's own node, under saved-tensor hooks that hand its backward
+``B_ih``, ``B_hh`` where it saved ``W_ih``, ``W_hh`` (as the linear and convolution layers' fast path does): no
+Python backward at all. On CUDA every cell (RNN, GRU, LSTM; float32 or float64, no ``proj_size``, padded
 input, a layer-by-layer rule) runs cuDNN's kernels the same way: ``aten::_cudnn_rnn`` with ``W``'s flat weight
 buffer, ``aten::_cudnn_rnn_backward`` with a flat buffer of the rule's ``B`` (and a copy of the forward's
 reserve, which the op overwrites, so that a retained graph can be differentiated twice). Everything else, and
