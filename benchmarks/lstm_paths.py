@@ -7,7 +7,7 @@ multiple of plain PyTorch; ``--runs`` independent runs give the median and the r
 - ``falign``: the converted layer as it runs by default (oneDNN's layer op as autograd's own node, the saved
   ``W_ih``, ``W_hh`` swapped for ``B``);
 - ``falign function``: the same ops inside falign's autograd Function (``falign.functional._FAST = False``: the
-  path taken under torch.func, autocast, other saved-tensor hooks, kp);
+  path taken under torch.func, torch.compile, other saved-tensor hooks, kp);
 - ``falign python``: the Python backward through time (``falign.nn.recurrent.USE_FUSED = False``, the reference);
 - ``op alone``: ``aten::mkldnn_rnn_layer`` called directly under the same hooks, no module around it — the
   floor falign's own Python sits on.

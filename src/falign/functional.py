@@ -167,7 +167,7 @@ _hooks_enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", 
 _top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 _FAST = _hooks_enabled is not None and _top_hooks is not None
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)  # unknown: Function path
-_warned_no_swap = False
+_warned_no_swap: set[str] = set()  # the kinds of op that warned
 _DOUBLE_BACKWARD = 0
 
 
@@ -298,10 +298,10 @@ def _swapped(op: Callable[..., Tensor], function: type[Function], x: Tensor, wei
 
 
 def warn_no_swap(what: str) -> None:
-    """Once per process: the fast path found no saved weight to swap and the Function path runs instead."""
-    global _warned_no_swap
-    if not _warned_no_swap:
-        _warned_no_swap = True
+    """Once per process and kind of op: the fast path found no saved weight to swap and the Function path runs
+    instead."""
+    if what not in _warned_no_swap:
+        _warned_no_swap.add(what)
         warnings.warn(f"falign: this torch's {what} backward did not save the weight where falign's fast path looks "
                       f"for it; using the slower autograd.Function path", RuntimeWarning, stacklevel=4)
 

@@ -141,7 +141,7 @@ def test_an_unrecognised_saved_weight_falls_back_with_one_warning(monkeypatch):
     x = torch.randn(2, 3, 7, 7, dtype=DT)
     _, expected = _grads(layer, x)
     monkeypatch.setattr(FF._SwapSaved, "pack", lambda self, t: (t, t._version, None, False))
-    monkeypatch.setattr(FF, "_warned_no_swap", False)
+    monkeypatch.setattr(FF, "_warned_no_swap", set())
     with pytest.warns(RuntimeWarning, match="fast path"):
         node, got = _grads(layer, x)
     assert "Feedback" in node

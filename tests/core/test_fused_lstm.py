@@ -184,7 +184,7 @@ def test_a_forward_without_backward_frees_its_graph_at_once():
     gc.disable()
     try:
         out = model(x)[0]
-        assert out.grad_fn.name() == "StackBackward0" or "Mkldnn" in out.grad_fn.name()
+        assert out.grad_fn.name() == "MkldnnRnnLayerBackward0"  # autograd's own node: the saved-tensor path
         alive = weakref.ref(out)
         del out
         assert alive() is None
@@ -249,10 +249,60 @@ def test_other_saved_tensor_hooks_take_the_function_path_with_the_same_gradients
 
 def test_a_weight_the_hooks_do_not_find_falls_back_with_a_warning(monkeypatch):
     monkeypatch.setattr(FF._SwapSaved, "pack", lambda self, t: (t, t._version, None, False))
-    monkeypatch.setattr(FF, "_warned_no_swap", False)
+    monkeypatch.setattr(FF, "_warned_no_swap", set())
     model = _fa_lstm()
     before = dict(recurrent.FUSED_CALLS)
+    x = torch.randn(5, 2, 3, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="LSTM layer backward did not save the weight"):
-        model(torch.randn(5, 2, 3, requires_grad=True))[0].sum().backward()
+        model(x)[0].square().sum().backward()
     assert recurrent.FUSED_CALLS["saved_hooks"] == before["saved_hooks"]
     assert recurrent.FUSED_CALLS["fused"] == before["fused"] + 1
+    got = [x.grad, *(p.grad for p in model.parameters())]
+    monkeypatch.setattr(recurrent, "USE_FUSED", False)  # the reference: the Python backward through time
+    model.zero_grad()
+    x.grad = None
+    model(x)[0].square().sum().backward()
+    for a, b in zip(got, [x.grad, *(p.grad for p in model.parameters())]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["fa", "kp"])  # the saved-tensor path and the Function path
+@pytest.mark.parametrize("layers,bidirectional,layout", [(1, False, "expand"), (2, True, "transpose")])
+def test_initial_states_of_any_layout(rule, layers, bidirectional, layout, monkeypatch):
+    """oneDNN's op reads h0, c0 as dense memory whatever their strides: a learned state broadcast over the batch
+    (expand) or a transposed one must give stock nn.LSTM's output, and the rule's gradients the Python path's."""
+    torch.manual_seed(0)
+    plain = nn.LSTM(3, 4, num_layers=layers, bidirectional=bidirectional)
+    model = falign.convert(nn.Sequential(plain), rule, seed=1)[0]
+    count = layers * (2 if bidirectional else 1)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+
+    def state():
+        if layout == "expand":
+            return torch.randn(count, 1, 4).requires_grad_(), lambda t: t.expand(count, 2, 4)
+        return torch.randn(2, count, 4).requires_grad_(), lambda t: t.transpose(0, 1)
+
+    (h, make_h), (c, make_c) = state(), state()
+    assert not make_h(h).is_contiguous()
+
+    def run(fused):
+        monkeypatch.setattr(recurrent, "USE_FUSED", fused)
+        out, (h_n, c_n) = model(x, (make_h(h), make_c(c)))
+        loss = out.square().sum() + h_n.sum() + c_n.square().sum()
+        return out, torch.autograd.grad(loss, [x, h, c, *model.parameters()], allow_unused=True)
+
+    out_f, g_f = run(True)
+    _, g_p = run(False)
+    torch.testing.assert_close(out_f, plain(x, (make_h(h), make_c(c)))[0])
+    for a, b in zip(g_f, g_p):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_final_states_can_be_changed_in_place_as_pytorchs():
+    for model in (nn.LSTM(3, 4), _fa_lstm()):  # stock PyTorch first: the behaviour to match
+        out, (h_n, c_n) = model(torch.randn(5, 2, 3, requires_grad=True))
+        h_n.zero_()
+        c_n.detach_()
+        out.sum().backward()

@@ -23,19 +23,19 @@ The views ``feedback.weight_ih_l{k}[_reverse]``, ``feedback.weight_hh_l{k}[_reve
 PyTorch's own recurrence (the same fused kernels as the plain layer); its backward recomputes the gates of
 all steps from the saved states (two matrix products), then runs the backward through time step by step
 with the rule's matrices, in work buffers the layer keeps between steps (``_scratch``, not state).
-A converted ``nn.LSTM`` on CPU in float32 (no ``proj_size``, padded input, a layer-by-layer rule) runs
-PyTorch's own fused oneDNN layer ops in both directions of the pass instead: the forward
-``aten::mkldnn_rnn_layer`` and its backward ``aten::mkldnn_rnn_layer_backward``, called with ``B_ih``, ``B_hh``
-where backprop passes ``W_ih``, ``W_hh`` (the op uses them only to transport the gate gradients; the gates come
-from the forward's workspace). Eagerly (no ``torch.compile``, ``torch.func``, autocast, other saved-tensor hooks,
-or ``kp``'s trained ``B``) the op runs as autograd's own node, under saved-tensor hooks that hand its backward
-``B_ih``, ``B_hh`` where it saved ``W_ih``, ``W_hh`` (as the linear and convolution layers' fast path does): no
-Python backward at all. On CUDA every cell (RNN, GRU, LSTM; float32 or float64, no ``proj_size``, padded
-input, a layer-by-layer rule) runs cuDNN's kernels the same way: ``aten::_cudnn_rnn`` with ``W``'s flat weight
-buffer, ``aten::_cudnn_rnn_backward`` with a flat buffer of the rule's ``B`` (and a copy of the forward's
-reserve, which the op overwrites, so that a retained graph can be differentiated twice). Everything else, and
-any torch whose ops or schemas differ (checked once per kind and device, with one warning), keeps the Python
-backward through time, which is the reference (``USE_FUSED = False`` forces it).
+A converted ``nn.LSTM`` on CPU in float32 (no ``proj_size``, padded input, a layer-by-layer rule) runs PyTorch's own
+fused oneDNN layer ops in both directions of the pass instead: the forward ``aten::mkldnn_rnn_layer`` and its
+backward ``aten::mkldnn_rnn_layer_backward``, called with ``B_ih``, ``B_hh`` where backprop passes ``W_ih``,
+``W_hh`` (the op uses them only to transport the gate gradients; the gates come from the forward's workspace).
+Eagerly (no ``torch.compile``, ``torch.func``, other saved-tensor hooks, or ``kp``'s trained ``B``; under autocast
+too, as the recurrence runs with autocast off) the op runs as autograd's own node, under saved-tensor hooks that
+hand its backward ``B_ih``, ``B_hh`` where it saved ``W_ih``, ``W_hh`` (as the linear and convolution layers' fast
+path does): no Python backward at all. On CUDA every cell (RNN, GRU, LSTM; float32 or float64, no ``proj_size``,
+padded input, a layer-by-layer rule) runs cuDNN's kernels the same way: ``aten::_cudnn_rnn`` with ``W``'s flat
+weight buffer, ``aten::_cudnn_rnn_backward`` with a flat buffer of the rule's ``B`` (and a copy of the forward's
+reserve, which the op overwrites, so that a retained graph can be differentiated twice). Everything else, and any
+torch whose ops or schemas differ (checked once per kind and device, with one warning), keeps the Python backward
+through time, which is the reference (``USE_FUSED = False`` forces it).
 Every option works: layers, ``bidirectional``, ``batch_first``, unbatched input, ``dropout``, ``bias``,
 ``nonlinearity``, ``proj_size`` and ``PackedSequence`` input (not with the direct rules, which need a padded
 batch). Without gradients (evaluation) or under ``bp`` the PyTorch forward runs. A second derivative
@@ -341,7 +341,7 @@ def _fused_swapped(x: Tensor, h0: Tensor, c0: Tensor, flat, spec: _LayerSpec) ->
     """oneDNN's LSTM layer op for every direction with autograd's own node, under saved-tensor hooks that hand
     its backward the rule's ``B_ih``, ``B_hh`` where it saved ``W_ih``, ``W_hh`` (``falign.functional._SwapSaved``):
     the same kernels as :func:`_fused_backward`, without a Python backward. ``(out, h_n, c_n)``, or ``None`` where
-    this path does not apply (``torch.compile``, ``torch.func``, autocast, other saved-tensor hooks, a trained
+    this path does not apply (``torch.compile``, ``torch.func``, other saved-tensor hooks, a trained
     ``B``; or the op did not save the weights where the hooks look: one warning) and :class:`_Layer` runs."""
     if not FF._fast_ok():
         return None
@@ -369,8 +369,8 @@ def _fused_swapped(x: Tensor, h0: Tensor, c0: Tensor, flat, spec: _LayerSpec) ->
         else:
             b_ih = b_hh = x.new_zeros(p[W_HH].shape[0])
         (out, hy, cy, _), swapped = FF._swap_saved_call(
-            torch.ops.aten.mkldnn_rnn_layer, swaps, x, p[W_IH], p[W_HH], b_ih, b_hh, h0.select(0, d), c0.select(0, d),
-            d == 1, [],
+            torch.ops.aten.mkldnn_rnn_layer, swaps, x, p[W_IH], p[W_HH], b_ih, b_hh, h0.select(0, d).contiguous(),
+            c0.select(0, d).contiguous(), d == 1, [],
             _LSTM_MODE, hidden, 1, spec.bias, False, False, True, detach=True)
         if out.requires_grad and not swapped:
             FF.warn_no_swap("LSTM layer")
@@ -378,9 +378,8 @@ def _fused_swapped(x: Tensor, h0: Tensor, c0: Tensor, flat, spec: _LayerSpec) ->
         outs.append(out)
         hs.append(hy)
         cs.append(cy)
-    if spec.dirs == 1:
-        return outs[0], hs[0].unsqueeze(0), cs[0].unsqueeze(0)
-    return torch.cat(outs, -1), torch.stack(hs), torch.stack(cs)
+    # h_n, c_n: copies (stack), as PyTorch's own, so that a user may change them in place; the op saved hy, cy
+    return (outs[0] if spec.dirs == 1 else torch.cat(outs, -1)), torch.stack(hs), torch.stack(cs)
 
 
 def _fused_backward(ctx, x, h0, c0, out, h_n, c_n, workspaces, flat, d_out, d_hn, d_cn):
@@ -403,7 +402,8 @@ def _fused_backward(ctx, x, h0, c0, out, h_n, c_n, workspaces, flat, d_out, d_hn
         out_d = out[..., cols].contiguous() if spec.dirs > 1 else out
         g_out = d_out[..., cols].contiguous() if d_out is not None else torch.zeros_like(out_d)
         dx_d, dw_ih, dw_hh, db_ih, db_hh, dh0_d, dc0_d = torch.ops.aten.mkldnn_rnn_layer_backward(
-            x, t_ih.contiguous(), t_hh.contiguous(), b_ih, b_hh, h0[d], c0[d], out_d, h_n[d], c_n[d], g_out,
+            x, t_ih.contiguous(), t_hh.contiguous(), b_ih, b_hh, h0[d].contiguous(), c0[d].contiguous(), out_d, h_n[d],
+            c_n[d], g_out,
             d_hn[d] if d_hn is not None else None, d_cn[d] if d_cn is not None else None, d == 1, _LSTM_MODE,
             hidden, 1, spec.bias, True, False, [], False, workspaces[d])
         mine = grads[d * PER_DIRECTION:(d + 1) * PER_DIRECTION]
@@ -991,8 +991,8 @@ class _FARNNBase(FeedbackContainer):
                 out = nn.functional.dropout(out, self.dropout, True)
             layer_input = out
         rows = out
-        h_n = finals_h[0] if len(finals_h) == 1 else torch.cat(finals_h)
-        c_n = (finals_c[0] if len(finals_c) == 1 else torch.cat(finals_c)) if lstm else None
+        h_n = torch.cat(finals_h)  # a copy even for one layer: the layer's own h_n may be saved for its backward
+        c_n = torch.cat(finals_c) if lstm else None
         if unperm is not None:
             h_n = h_n.index_select(1, unperm)
             c_n = c_n.index_select(1, unperm) if lstm else None
