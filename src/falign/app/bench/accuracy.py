@@ -9,8 +9,9 @@ default here keeps everything but the number of epochs; ``--full`` uses 100.
 BioTorch publishes no Fashion-MNIST learning rate (its CIFAR-10 LeNet configurations tune it per rule, from 0.1
 for bp to 0.0001 for dfa), so by default (``--lr auto``) the lr is chosen per rule without the test set: 5,000
 training images are held out as a validation split (``--val-size``), every lr of ``--lr-grid`` (half-decades 0.1
-… 0.0001) is trained for ``--tune-epochs`` (the same schedule, compressed), and the lr with the lowest validation
-error is kept (a run flagged as a scale runaway counts as chance); the full schedule then runs at it. Each run
+… 0.0001) is trained for ``--tune-epochs`` (the same schedule, compressed; 20 epochs with ``--full``), and the
+lr with the lowest validation error is kept (a run flagged as a scale runaway counts as chance); the full schedule
+then runs at it. Each run
 reports BioTorch's figure of merit (best epoch on the test images: test-selected, optimistic) and the test error
 at the epoch of the best validation error. ``--lr 0.01`` (one lr for every rule) or ``--lr fa=0.001,dfa=0.0001``
 skip the tuning; ``--lr-from DIR`` reuses an earlier bench's choice (e.g. for more seeds, ``--first-seed``).
@@ -433,7 +434,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--lr-grid", default=",".join(f"{g:g}" for g in GRID),
                         help="the lrs the tuning stage tries (default: half-decades 0.1 … 0.0001)")
     parser.add_argument("--tune-epochs", type=int, default=None,
-                        help="epochs of each tuning run, the same schedule compressed (default: 1; --full: 5)")
+                        help="epochs of each tuning run, the same schedule compressed (default: 1; --full: 20, where 5 "
+                             "chose lrs fastest early but worse or unstable over 100 epochs: docs/benchmarks.md)")
     parser.add_argument("--tune-seeds", type=int, default=1, help="seeds per tuning lr (default: 1)")
     parser.add_argument("--tune-only", action="store_true",
                         help="stop after the tuning stage (tuning.csv, lr.json); a later bench runs the full "
@@ -482,7 +484,7 @@ def run(args: argparse.Namespace) -> None:
         raise FalignError(f"--seeds and --tune-seeds must be at least 1 and --first-seed at least 0, got "
                           f"{args.seeds}, {args.tune_seeds} and {args.first_seed}")
     epochs = args.epochs if args.epochs is not None else 100 if args.full else 5
-    tune_epochs = args.tune_epochs if args.tune_epochs is not None else 5 if args.full else 1
+    tune_epochs = args.tune_epochs if args.tune_epochs is not None else 20 if args.full else 1
     for flag, value in (("--epochs", epochs), ("--tune-epochs", tune_epochs)):
         if value < 1:
             raise FalignError(f"{flag} must be at least 1, got {value}")
