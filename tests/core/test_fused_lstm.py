@@ -306,3 +306,17 @@ def test_final_states_can_be_changed_in_place_as_pytorchs():
         h_n.zero_()
         c_n.detach_()
         out.sum().backward()
+
+
+def test_under_autocast_the_saved_tensor_path_runs_in_float32_with_the_same_gradients():
+    """The recurrence runs with autocast off (in the parameters' dtype), so the fast path applies there too and
+    gives exactly the gradients of the same call without autocast."""
+    model = _fa_lstm(num_layers=2)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    reference = torch.autograd.grad(model(x)[0].square().sum(), [x, *model.parameters()])
+    before = recurrent.FUSED_CALLS["saved_hooks"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)[0]
+    assert out.dtype == torch.float32 and recurrent.FUSED_CALLS["saved_hooks"] == before + 2
+    for a, b in zip(torch.autograd.grad(out.square().sum(), [x, *model.parameters()]), reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

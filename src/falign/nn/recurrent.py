@@ -310,9 +310,9 @@ def _fused_probe() -> str | None:
     return None
 
 
-def _fused_biases(p, spec: _LayerSpec, like: Tensor) -> tuple[Tensor, Tensor]:
+def _fused_biases(p, spec: _LayerSpec, like: Tensor, detach: bool = True) -> tuple[Tensor, Tensor]:
     if spec.bias:
-        return p[B_IH].detach(), p[B_HH].detach()
+        return (p[B_IH].detach(), p[B_HH].detach()) if detach else (p[B_IH], p[B_HH])
     zeros = like.new_zeros(p[W_HH].shape[0])
     return zeros, zeros
 
@@ -364,10 +364,7 @@ def _fused_swapped(x: Tensor, h0: Tensor, c0: Tensor, flat, spec: _LayerSpec) ->
                 return None
             if p[fb] is not None or fn is not None:
                 swaps.append(FF._Swap(p[w], p[fb], fn))
-        if spec.bias:
-            b_ih, b_hh = p[B_IH], p[B_HH]
-        else:
-            b_ih = b_hh = x.new_zeros(p[W_HH].shape[0])
+        b_ih, b_hh = _fused_biases(p, spec, x, detach=False)
         (out, hy, cy, _), swapped = FF._swap_saved_call(
             torch.ops.aten.mkldnn_rnn_layer, swaps, x, p[W_IH], p[W_HH], b_ih, b_hh, h0.select(0, d).contiguous(),
             c0.select(0, d).contiguous(), d == 1, [],
