@@ -29,8 +29,9 @@ def test_summarize_combines_files_and_one_seed_has_no_spread(tmp_path, capsys):
     assert main(["bench", "accuracy", "--summarize", str(a), str(b), "--docs", str(docs)]) == 0
     text = docs.read_text()
     # files written before the lr was recorded: lr 0.01, given (the bench's only lr then); no validation split
-    assert "| dfa | 0.01 (given) | 28x28 padded to 32 | 1 | 15.00 | — | 17.00 | 12.81 |  |" in text  # no "± 0.00"
-    assert "| fa | 0.01 (given) | 28x28 padded to 32 | 2 | 14.00 ± 0.71 | — | 14.50 ± 0.71 | 13.06 |  |" in text
+    # no "± 0.00" for one seed
+    assert "| dfa | 0.01 (given) | 28x28 padded to 32 | 1 | 15.00 | — | 17.00 | 12.81 | +2.19 |  |" in text
+    assert "| fa | 0.01 (given) | 28x28 padded to 32 | 2 | 14.00 ± 0.71 | — | 14.50 ± 0.71 | 13.06 | +0.94 |  |" in text
     assert "published 100-epoch schedule" in text and "--summarize" in text
     assert "| fa |" in capsys.readouterr().out
 

@@ -337,8 +337,9 @@ def markdown(summary: list[dict], epochs: int, machine: str, seconds: float, com
                   f"table.** Expect higher errors than published; `falign bench accuracy --full` runs the "
                   f"100-epoch schedule.", ""]
     lines += ["| rule | lr (chosen by) | input | seeds | best-epoch error % (test-selected) | validation-selected "
-              "error % | final error % | BioTorch published % (100 epochs) | flags |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "error % | final error % | BioTorch published % (100 epochs) | best-epoch − published, points | "
+              "flags |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         pub = s["BioTorch published %"]
         note = f" ({s['diverged']} of {s['seeds']} seeds diverged, excluded)" if s["diverged"] else ""
@@ -350,8 +351,10 @@ def markdown(summary: list[dict], epochs: int, machine: str, seconds: float, com
             final = _mean_std(s["final error % mean"], s["final error % std"])
         flags = f"{s['flagged']} of {s['seeds']} runs: scale runaway" if s["flagged"] else ""
         input_ = s["input"] + (", drop_last" if str(s["drop last"]) == "True" else "")
+        gap = s["best-epoch error % mean"] - pub
+        gap_cell = "—" if math.isnan(gap) else f"{gap:+.2f}".replace("-", "−")
         lines.append(f"| {s['rule']} | {_lr_cell(s)} | {input_} | {s['seeds']} | {best} | {picked} | {final} | "
-                     f"{'—' if math.isnan(pub) else f'{pub:.2f}'} | {flags} |")
+                     f"{'—' if math.isnan(pub) else f'{pub:.2f}'} | {gap_cell} | {flags} |")
     lines += ["", "BioTorch publishes no kp or wm row."]
     if BASELINE in rules:
         lines += ["", f"*{BASELINE}* is the depth-utility baseline: the same LeNet with every layer but the output "
