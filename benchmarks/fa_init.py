@@ -65,7 +65,7 @@ def train(init: str, epochs: int, seed: int, out: Path, lr: float) -> None:
             loss = F.cross_entropy(model(xb), yb)
             loss.backward()
             opt.step()
-            loss_sum, seen = loss_sum + float(loss) * len(yb), seen + len(yb)
+            loss_sum, seen = loss_sum + loss.item() * len(yb), seen + len(yb)
         sched.step()
         model.eval()
         with torch.no_grad():

@@ -184,3 +184,47 @@ def test_bench_lr_options_are_checked(tmp_path, capsys):
     with open(tmp_path / "o" / "results.csv", newline="") as f:
         row = next(csv.DictReader(f))
     assert row["lr chosen by"] == "given" and row["input"] == "resized to 32x32" and row["drop last"] == "True"
+
+
+def test_xavier_weight_init_is_biotorchs_forward_init(tmp_path):
+    from falign.app.train import ConfigError
+    from falign.app.train.trainer import build_run
+    tiny_fashion(tmp_path / "d")
+    cfg = TrainConfig(rule="fa", model="lenet", data="fashion-mnist", data_dir=str(tmp_path / "d"), epochs=1,
+                      weight_init="xavier", feedback_init="xavier_uniform")
+    _, model = build_run(cfg, torch.device("cpu"))
+    _, default = build_run(cfg.replace(weight_init="torch"), torch.device("cpu"))
+    import falign
+    for layer, plain in zip(falign.feedback_layers(model), falign.feedback_layers(default), strict=True):
+        w, b = layer.weight.detach(), layer.feedback_weight.detach()
+        fan_in, fan_out = w[0].numel(), w.shape[0] * w[0, 0].numel()
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        for m in (w, b):  # W and B uniform on ±bound
+            assert 0.9 * bound < float(m.abs().max()) <= bound
+        assert torch.count_nonzero(layer.bias) == 0
+        assert torch.count_nonzero(plain.bias) > 0  # control: PyTorch's default init has nonzero biases
+    with pytest.raises(ConfigError, match="init_scale"):
+        TrainConfig(weight_init="xavier", init_scale=2.0)
+    with pytest.raises(ConfigError, match="weight_init"):
+        TrainConfig(weight_init="orthogonal")
+
+
+def test_bench_init_option_is_recorded_and_kept_apart_in_the_table(tmp_path, capsys):
+    cfg = accuracy.bench_config("fa", 0, epochs=1, lr=0.01, data_dir=None, device="cpu", init="biotorch")
+    assert (cfg.weight_init, cfg.feedback_init) == ("xavier", "xavier_uniform")
+    with pytest.raises(FalignError, match="unknown init"):
+        accuracy.bench_config("fa", 0, epochs=1, lr=0.01, data_dir=None, device="cpu", init="glorot")
+    tiny_fashion(tmp_path / "d")
+    bt = bench(tmp_path, "bt", tmp_path / "d", "--init", "biotorch")
+    plain = bench(tmp_path, "plain", tmp_path / "d")
+    capsys.readouterr()
+    config = json.loads((bt / "runs" / "fa-s0" / "config.json").read_text())
+    assert (config["weight_init"], config["feedback_init"]) == ("xavier", "xavier_uniform")
+    with open(bt / "tuning.csv", newline="") as f:
+        assert {r["init"] for r in csv.DictReader(f)} == {"biotorch"}
+    # merged, the two inits are two rows (and two tuning rows), never averaged together
+    assert main(["bench", "accuracy", "--summarize", str(bt / "results.csv"), str(plain / "results.csv")]) == 0
+    text = capsys.readouterr().out
+    fa_rows = [line for line in text.splitlines() if line.startswith("| fa | ") and "padded" in line]
+    assert len(fa_rows) == 2 and sum("BioTorch init" in line for line in fa_rows) == 1
+    assert "| fa (BioTorch init) | " in text

@@ -56,17 +56,29 @@ def markers(epochs: int) -> tuple[str, str]:
 
 GRID = (0.1, 0.0316, 0.01, 0.00316, 0.001, 0.000316, 0.0001)  # half-decades, 1e-1 … 1e-4
 VAL_SIZE = 5000
+INITS = ("falign", "biotorch")
 
 
 def bench_config(rule: str, seed: int, *, epochs: int, lr: float, data_dir: str | None, device: str,
-                 val_size: int = 0, resize: int | None = None, drop_last: bool = False) -> TrainConfig:
-    """The config of one benchmark run (BioTorch's LeNet setup); a bad value is a ConfigError."""
+                 val_size: int = 0, resize: int | None = None, drop_last: bool = False,
+                 init: str = "falign") -> TrainConfig:
+    """The config of one benchmark run (BioTorch's LeNet setup); a bad value is a ConfigError. ``init``:
+    ``falign`` (PyTorch's layer defaults, B kaiming_uniform) or ``biotorch`` (W and B xavier_uniform, biases 0)."""
     baseline = rule == BASELINE
+    if init not in INITS:
+        raise FalignError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    bt = init == "biotorch"
     return TrainConfig(rule="bp" if baseline else rule, freeze_hidden=baseline, model="lenet", data="fashion-mnist",
                        data_dir=data_dir, epochs=epochs,
                        batch_size=64, optimizer="sgd", lr=lr, momentum=0.9, weight_decay=1e-3,
                        lr_schedule="step", lr_milestones=(0.5, 0.75), seed=seed, device=device,
-                       val_size=val_size, resize=resize, drop_last=drop_last)
+                       val_size=val_size, resize=resize, drop_last=drop_last,
+                       weight_init="xavier" if bt else "torch", feedback_init="xavier_uniform" if bt else
+                       "kaiming_uniform")
+
+
+def _init(cfg: TrainConfig) -> str:
+    return "biotorch" if cfg.weight_init == "xavier" and cfg.feedback_init == "xavier_uniform" else "falign"
 
 
 def _train(cfg: TrainConfig, run_dir: Path) -> tuple[str, list[dict], dict]:
@@ -110,7 +122,7 @@ def _result_row(cfg: TrainConfig, status: str, rows: list[dict], summary: dict, 
             "val-selected error %": _err(picked.get("test_acc")) if done else math.nan,
             "val-selected epoch": picked.get("epoch", ""), "lr": cfg.lr, "lr chosen by": lr_source,
             "val size": cfg.val_size, "input": _input(cfg.resize), "drop last": cfg.drop_last,
-            "flags": _flags(summary), "seconds": seconds, "run": str(run_dir)}
+            "init": _init(cfg), "flags": _flags(summary), "seconds": seconds, "run": str(run_dir)}
 
 
 def _input(resize: int | None) -> str:
@@ -119,7 +131,7 @@ def _input(resize: int | None) -> str:
 
 def tune(out: Path, *, rules: list[str], grid: tuple[float, ...], epochs: int, seeds: int, val_size: int,
          data_dir: str | None, device: str, resize: int | None = None, drop_last: bool = False,
-         progress: bool = True) -> list[dict]:
+         init: str = "falign", progress: bool = True) -> list[dict]:
     """The tuning stage: every (rule, lr in ``grid``, seed) trained for ``epochs`` (the same step schedule,
     compressed) on the training images less ``val_size`` held out; one row per run with its best validation
     error. The test images are evaluated by the trainer but never read here."""
@@ -130,12 +142,13 @@ def tune(out: Path, *, rules: list[str], grid: tuple[float, ...], epochs: int, s
             for lr in grid:
                 for seed in range(seeds):
                     cfg = bench_config(rule, seed, epochs=epochs, lr=lr, data_dir=data_dir, device=device,
-                                       val_size=val_size, resize=resize, drop_last=drop_last)
+                                       val_size=val_size, resize=resize, drop_last=drop_last, init=init)
                     run_dir = out / "tune" / f"{rule}-lr{lr:g}-s{seed}"
                     status, epoch_rows, summary = _train(cfg, run_dir)
                     bar.update(epochs)
                     val = [_err(r["val_acc"]) for r in epoch_rows] if status == "completed" else []
-                    rows.append({"rule": rule, "lr": lr, "seed": seed, "epochs": epochs, "status": status,
+                    rows.append({"rule": rule, "init": init, "lr": lr, "seed": seed, "epochs": epochs,
+                                 "status": status,
                                  "best val error %": min(val) if val else math.nan,
                                  "final val error %": val[-1] if val else math.nan,
                                  "flags": _flags(summary), "run": str(run_dir)})
@@ -164,7 +177,8 @@ def select(tuning: list[dict]) -> dict[str, dict]:
 
 def run_accuracy(out: Path, *, rules: list[str], seeds: int, epochs: int, lrs: dict[str, dict],
                  data_dir: str | None, device: str, val_size: int = 0, resize: int | None = None,
-                 drop_last: bool = False, first_seed: int = 0, progress: bool = True) -> list[dict]:
+                 drop_last: bool = False, first_seed: int = 0, init: str = "falign",
+                 progress: bool = True) -> list[dict]:
     """Train every (rule, seed) at the rule's lr (``lrs[rule]["lr"]``) and return one result row per run."""
     rows = []
     bar = progress_bar(len(rules) * seeds * epochs, "bench accuracy", progress)
@@ -172,7 +186,7 @@ def run_accuracy(out: Path, *, rules: list[str], seeds: int, epochs: int, lrs: d
         for rule in rules:
             for seed in range(first_seed, first_seed + seeds):
                 cfg = bench_config(rule, seed, epochs=epochs, lr=lrs[rule]["lr"], data_dir=data_dir, device=device,
-                                   val_size=val_size, resize=resize, drop_last=drop_last)
+                                   val_size=val_size, resize=resize, drop_last=drop_last, init=init)
                 run_dir = out / "runs" / f"{rule}-s{seed}"
                 start = time.perf_counter()
                 status, epoch_rows, summary = _train(cfg, run_dir)
@@ -238,7 +252,8 @@ def read_results(paths: list[str]) -> list[dict]:
             for row in csv.DictReader(f):
                 try:
                     old = {"lr": 0.01, "lr chosen by": "given", "val-selected error %": math.nan, "val size": 0,
-                           "input": _input(None), "drop last": False, "flags": ""}
+                           "input": _input(None), "drop last": False, "flags": "",
+                           "init": "falign"}
                     row = {**old, **{k: v for k, v in row.items() if v is not None}}
                     rows.append({**row, "seed": int(row["seed"]), "epochs": int(row["epochs"]),
                                  **{k: float(row[k]) for k in _NUMBERS}})
@@ -254,9 +269,10 @@ def read_results(paths: list[str]) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One row per (rule, lr, how the lr was chosen, input): mean and std over its seeds."""
+    """One row per (rule, lr, how the lr was chosen, input, init): mean and std over its seeds."""
     out = []
-    key = lambda r: (r["rule"], float(r["lr"]), r["lr chosen by"], r["input"], str(r["drop last"]))  # noqa: E731
+    key = lambda r: (r["rule"], float(r["lr"]), r["lr chosen by"], r["input"], str(r["drop last"]),  # noqa: E731
+                     r.get("init") or "falign")
     for group in dict.fromkeys(key(r) for r in rows):
         all_runs = [r for r in rows if key(r) == group]
         sub = [r for r in all_runs if r["status"] == "completed"] or all_runs
@@ -265,7 +281,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         diverged = sum(r["status"] == "diverged" for r in all_runs)
         flagged = sum(bool(r.get("flags")) for r in all_runs)
         out.append({"rule": group[0], "lr": group[1], "lr chosen by": group[2], "input": group[3],
-                    "drop last": group[4], "seeds": len(all_runs), "diverged": diverged, "flagged": flagged,
+                    "drop last": group[4], "init": group[5], "seeds": len(all_runs), "diverged": diverged,
+                    "flagged": flagged,
                     "epochs": all_runs[0]["epochs"],
                     **{f"{c} mean": float(v.mean()) for c, v in cols.items()},
                     **{f"{c} std": _std(v) for c, v in cols.items()},
@@ -350,7 +367,8 @@ def markdown(summary: list[dict], epochs: int, machine: str, seconds: float, com
             picked = _mean_std(s["val-selected error % mean"], s["val-selected error % std"])
             final = _mean_std(s["final error % mean"], s["final error % std"])
         flags = f"{s['flagged']} of {s['seeds']} runs: scale runaway" if s["flagged"] else ""
-        input_ = s["input"] + (", drop_last" if str(s["drop last"]) == "True" else "")
+        input_ = (s["input"] + (", drop_last" if str(s["drop last"]) == "True" else "")
+                  + (", BioTorch init" if s.get("init") == "biotorch" else ""))
         gap = s["best-epoch error % mean"] - pub
         gap_cell = "—" if math.isnan(gap) else f"{gap:+.2f}".replace("-", "−")
         lines.append(f"| {s['rule']} | {_lr_cell(s)} | {input_} | {s['seeds']} | {best} | {picked} | {final} | "
@@ -362,6 +380,8 @@ def markdown(summary: list[dict], epochs: int, machine: str, seconds: float, com
                       "--freeze-hidden`). A rule whose error is not clearly below it has not made its hidden layers "
                       "useful."]
     if tuning:
+        tuning = [{**r, "rule": r["rule"] + (" (BioTorch init)" if r.get("init") == "biotorch" else "")}
+                  for r in tuning]
         chosen = select(tuning)
         t_epochs, t_seeds = tuning[0]["epochs"], len({r["seed"] for r in tuning})
         lines += ["", f"Tuning stage: best validation error % per lr ({t_epochs}-epoch schedule with the same "
@@ -452,6 +472,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="resize images to SIDE×SIDE by bilinear interpolation (BioTorch: 32) instead of "
                              "padding 28×28 in the first conv")
     parser.add_argument("--drop-last", action="store_true", help="drop each epoch's last partial batch (BioTorch)")
+    parser.add_argument("--init", choices=INITS, default="falign",
+                        help="falign (default: PyTorch's layer defaults, B kaiming_uniform) or biotorch (W and B "
+                             "xavier_uniform, biases 0, as BioTorch's feedback layers)")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", default="runs/bench-accuracy", help="run directories and CSVs")
@@ -521,14 +544,14 @@ def run(args: argparse.Namespace) -> None:
     for rule in rules:  # every run's config is valid (--lr, --epochs, ...) before the folder is claimed
         for lr in grid if lrs is None else (lrs[rule]["lr"],):
             bench_config(rule, args.seeds - 1, epochs=epochs, lr=lr, data_dir=args.data_dir, device=args.device,
-                         val_size=val_size, resize=args.resize, drop_last=args.drop_last)
+                         val_size=val_size, resize=args.resize, drop_last=args.drop_last, init=args.init)
     target = OutputDir(args.out, "bench", "--out")
     target.check()
     load_dataset("fashion-mnist", data_dir=args.data_dir, val_size=val_size, resize=args.resize)  # fails early
     out = target.claim()
     start = time.perf_counter()
     common = dict(data_dir=args.data_dir, device=args.device, val_size=val_size, resize=args.resize,
-                  drop_last=args.drop_last, progress=not args.no_progress)
+                  drop_last=args.drop_last, init=args.init, progress=not args.no_progress)
     tuning: list[dict] = []
     if lrs is None:
         tuning = tune(out, rules=rules, grid=grid, epochs=tune_epochs, seeds=args.tune_seeds, **common)

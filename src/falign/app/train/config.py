@@ -29,6 +29,7 @@ LR_SCHEDULES = ("none", "step", "cosine")
 LOSSES = ("ce", "mse")
 DEVICES = ("auto", "cpu", "cuda")
 ON_DIVERGENCE = ("stop", "skip-batch")
+WEIGHT_INITS = ("torch", "xavier")
 
 
 class ConfigError(FalignError, ValueError):
@@ -59,6 +60,9 @@ class TrainConfig:
     activation: str = option("relu", "mlp activation (default: %(default)s)", choices=ACTIVATIONS)
     bias: bool = option(True, "mlp without biases")
     init_scale: float = option(1.0, "multiply initial weights (default: %(default)s)")
+    weight_init: str = option("torch", "initial forward weights and biases: torch (PyTorch's layer defaults) or "
+                                       "xavier (every Linear/Conv weight xavier_uniform, biases 0: BioTorch's "
+                                       "feedback layers; default: %(default)s)", choices=WEIGHT_INITS)
     data: str = option("digits", "dataset (default: %(default)s)", choices=DATASETS)
     data_dir: str | None = option(None, "folder of the dataset's files (fashion-mnist default: "
                                         "/usr/share/datasets/fashion-mnist; mnist, cifar10, cifar100: required)")
@@ -189,6 +193,9 @@ class TrainConfig:
         check(self.synthetic_classes >= 2, f"synthetic_classes must be >= 2, got {self.synthetic_classes}")
         check(math.isfinite(self.init_scale) and self.init_scale > 0,
               f"init_scale must be a finite number > 0, got {self.init_scale}")
+        check(self.weight_init == "torch" or self.init_scale == 1.0,
+              f"init_scale {self.init_scale} scales PyTorch's default init; it does not combine with weight_init "
+              f"{self.weight_init!r}")
         check(math.isfinite(self.feedback_scale) and self.feedback_scale > 0,
               f"feedback_scale must be a finite number > 0, got {self.feedback_scale}")
         check(0 <= self.seed <= MAX_SEED, f"seed must be an integer in [0, 2**63 - 1] (what torch.manual_seed "

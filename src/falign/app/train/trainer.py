@@ -61,6 +61,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def xavier_init(model: nn.Module) -> None:
+    """Every ``nn.Linear`` and convolution weight drawn ``xavier_uniform`` (bound sqrt(6 / (fan_in + fan_out)))
+    and every bias of those layers set to 0, from the current RNG: the forward initialisation of BioTorch's
+    feedback layers (``--weight-init xavier``; with ``--feedback-init xavier_uniform``, its whole FA init)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear | nn.modules.conv._ConvNd):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
 def build_run(config: TrainConfig, device: torch.device) -> tuple[Dataset, nn.Module]:
     """The dataset (on ``device``) and the converted model (on ``device``) of a config."""
     ds = load_dataset(config.data, data_dir=config.data_dir, n_classes=config.n_classes,
@@ -69,6 +81,8 @@ def build_run(config: TrainConfig, device: torch.device) -> tuple[Dataset, nn.Mo
     seed_everything(config.seed)
     base = build_model(config.model, ds.input_shape, ds.num_classes, hidden=config.hidden,
                        activation=config.activation, bias=config.bias, init_scale=config.init_scale)
+    if config.weight_init == "xavier":
+        xavier_init(base)
     model = falign.convert(base, config.rule_object(), feedback_init=config.feedback_init,
                            feedback_scale=config.feedback_scale, seed=config.seed,
                            output_signal=config.output_signal, inplace=True)
