@@ -227,4 +227,4 @@ def test_bench_init_option_is_recorded_and_kept_apart_in_the_table(tmp_path, cap
     text = capsys.readouterr().out
     fa_rows = [line for line in text.splitlines() if line.startswith("| fa | ") and "padded" in line]
     assert len(fa_rows) == 2 and sum("BioTorch init" in line for line in fa_rows) == 1
-    assert "| fa (BioTorch init) | " in text
+    assert "| fa (BioTorch init) | " in text and "xavier_uniform and every bias 0" in text

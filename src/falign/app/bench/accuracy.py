@@ -374,6 +374,10 @@ def markdown(summary: list[dict], epochs: int, machine: str, seconds: float, com
         lines.append(f"| {s['rule']} | {_lr_cell(s)} | {input_} | {s['seeds']} | {best} | {picked} | {final} | "
                      f"{'—' if math.isnan(pub) else f'{pub:.2f}'} | {gap_cell} | {flags} |")
     lines += ["", "BioTorch publishes no kp or wm row."]
+    if any(s.get("init") == "biotorch" for s in summary):
+        lines += ["", "*BioTorch init* (`--init biotorch`): every forward weight W and feedback matrix B drawn "
+                      "xavier_uniform and every bias 0, as BioTorch's feedback layers; the other rows keep "
+                      "PyTorch's layer defaults for W and the biases and draw B kaiming_uniform (falign's default)."]
     if BASELINE in rules:
         lines += ["", f"*{BASELINE}* is the depth-utility baseline: the same LeNet with every layer but the output "
                       "layer frozen at its random initialisation, only the output layer trained (`falign train "
