@@ -13,6 +13,7 @@ BioTorch's setup. An earlier version of this script set the biases to 1 and ran 
 withdrawn (docs/benchmarks.md).
 
 Run:  python benchmarks/fa_init.py --epochs 100                 # both initialisations in parallel (2 processes)
+      python benchmarks/fa_init.py --scale-at-init 3              # the untrained models' logit scale, seeds 0-2
       python benchmarks/fa_init.py --init biotorch --epochs 5 --lr 0.01 --out runs/fa-init
 """
 
@@ -46,13 +47,29 @@ def biotorch_init(model: nn.Module) -> None:
                 layer.bias.zero_()
 
 
-def train(init: str, epochs: int, seed: int, out: Path, lr: float) -> None:
-    torch.set_num_threads(1)
-    data = load_dataset("fashion-mnist")
+def build(init: str, seed: int) -> nn.Module:
+    """fa LeNet under one initialisation, seeded."""
     torch.manual_seed(seed)
     model = falign.convert(LeNet5(1, 10, 28), "fa", seed=seed)
     if init == "biotorch":
         biotorch_init(model)
+    return model
+
+
+def scale_at_init(seeds: int) -> None:
+    """Print the median |logit| on the first 1,000 test images of the untrained model, per init and seed."""
+    x = load_dataset("fashion-mnist").x_test[:1000]
+    for init in ("falign", "biotorch"):
+        with torch.no_grad():
+            scales = [logit_scale(build(init, seed)(x)) for seed in range(seeds)]
+        print(f"{init:9s} median |logit| at initialisation, seeds 0–{seeds - 1}: "
+              + ", ".join(f"{v:.3f}" for v in scales))
+
+
+def train(init: str, epochs: int, seed: int, out: Path, lr: float) -> None:
+    torch.set_num_threads(1)
+    data = load_dataset("fashion-mnist")
+    model = build(init, seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2, (3 * epochs) // 4], 0.1)
     rows = []
@@ -85,7 +102,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.001, help="initial lr (default: 0.001, BioTorch's fa lr)")
     parser.add_argument("--out", default="runs/fa-init")
+    parser.add_argument("--scale-at-init", type=int, default=0, metavar="SEEDS",
+                        help="train nothing: print the untrained model's logit scale under either init for SEEDS seeds")
     args = parser.parse_args()
+    if args.scale_at_init:
+        scale_at_init(args.scale_at_init)
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.init != "both":
