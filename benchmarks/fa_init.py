@@ -71,7 +71,7 @@ def train(init: str, epochs: int, seed: int, out: Path, lr: float) -> None:
     data = load_dataset("fashion-mnist")
     model = build(init, seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2, (3 * epochs) // 4], 0.1)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, epochs // 2), max(1, (3 * epochs) // 4)], 0.1)
     rows = []
     start = time.perf_counter()
     for epoch in range(epochs):
