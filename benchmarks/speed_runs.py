@@ -23,12 +23,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--models", default="mlp,lenet")
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--rules", default=None, help="as falign bench speed --rules (default: every rule)")
     args = parser.parse_args()
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):
             out = Path(tmp) / f"run{i}.json"
-            speed.main(["--models", args.models, "--repeats", str(args.repeats), "--warmup", "10", "--json", str(out)])
+            speed.main(["--models", args.models, "--repeats", str(args.repeats), "--warmup", "10", "--json", str(out)]
+                       + ([] if args.rules is None else ["--rules", args.rules]))
             runs.append(json.loads(out.read_text()))
     machine = runs[0]["machine"]
     print(f"\n`python benchmarks/speed_runs.py --runs {args.runs} --models {args.models}` ({args.runs} runs of `falign "

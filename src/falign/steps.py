@@ -34,6 +34,21 @@ class AttachError(FalignError, TypeError):
     """:func:`attach` was given something that runs no optimiser step hooks."""
 
 
+# Modules registered anywhere in the process (``Module.__setattr__``, ``add_module``, ``Sequential.append``, ...): a
+# step hook walks its model again only when this moved, not at every step (a walk of a LeNet costs ~70 µs). A layer
+# put in place without registration (``ModuleList.insert``, edits of ``_modules``) is not seen: its per-step rule
+# then fails loudly at its first forward pass after an unstepped change, as any layer without a hook does.
+_registrations = 0
+
+
+def _count_registration(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    global _registrations
+    _registrations += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
 def _groups(model: nn.Module) -> list[tuple[Any, list[FeedbackLayer]]]:
     groups: dict[int, tuple[Any, list[FeedbackLayer]]] = {}
     for layer in model.modules():
@@ -46,9 +61,13 @@ def step_rules(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
     """Run every converted layer's per-step work once (what the hook of :func:`attach` does after each
     optimiser step); returns the number of layers that had some. ``optimizer``: the one that just stepped (kp's
     offset form reads its step; the other rules need none)."""
+    return _run(_groups(model), optimizer)
+
+
+def _run(groups: list[tuple[Any, list[FeedbackLayer]]], optimizer: torch.optim.Optimizer | None) -> int:
     count = 0
     with torch.no_grad():
-        for rule, layers in _groups(model):
+        for rule, layers in groups:
             rule.after_step(layers, optimizer)
             for layer in layers:
                 layer.mark_stepped()
@@ -60,25 +79,32 @@ class StepHook:
     """Handle of :func:`attach`: ``remove()`` detaches the hook."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.layers = [layer for _, group in _groups(model) for layer in group]
         self.model = model
+        self._walked = (_registrations, _groups(model))
+        self.layers = [layer for _, group in self._walked[1] for layer in group]
         # no layer with per-step work (fa, dfa, ...): no hook, nothing to run after each step (a layer given such
         # a rule later, by converting again, has no hook counted, so its first unstepped change fails loudly)
         self._handle: RemovableHandle | None = (optimizer.register_step_post_hook(self._after_step) if self.layers
                                                 else None)
         # a pre-step hook only where a rule looks at the optimiser before its step (kp's offset form): brsf and wm
         # do not walk the model twice per step
-        looks = any(type(rule).before_step is not FeedbackRule.before_step for rule, _ in _groups(model))
+        looks = any(type(rule).before_step is not FeedbackRule.before_step for rule, _ in self._walked[1])
         self._pre: RemovableHandle | None = (optimizer.register_step_pre_hook(self._before_step) if looks else None)
         for layer in self.layers:
             layer._step_hooks += 1
 
+    def _groups(self) -> list[tuple[Any, list[FeedbackLayer]]]:
+        """The model's per-step layers by rule, walked again only after a module registration."""
+        if self._walked[0] != _registrations:
+            self._walked = (_registrations, _groups(self.model))
+        return self._walked[1]
+
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for rule, layers in _groups(self.model):
+        for rule, layers in self._groups():
             rule.before_step(layers, optimizer)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        step_rules(self.model, optimizer)
+        _run(self._groups(), optimizer)
 
     def remove(self) -> None:
         if self._pre is not None:

@@ -277,3 +277,28 @@ def test_kp_offset_state_is_refused_by_the_parameter_form_and_unconvert_leaves_n
         parameter.load_state_dict(offset.state_dict())
     plain = falign.unconvert(offset)
     assert set(plain.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_kp_offset_form_follows_a_parameter_group_added_later():
+    """The offset form maps layers to SGD's groups once and keeps the map while the groups stay the same: a group
+    added after some steps (the last two layers' parameters) is followed from its first step, as the parameter
+    form's B is."""
+    from torch import nn as tnn
+
+    def run(form: str):
+        torch.manual_seed(0)
+        net = tnn.Sequential(tnn.Flatten(), tnn.Linear(64, 32), tnn.ReLU(), tnn.Linear(32, 32), tnn.ReLU(),
+                             tnn.Linear(32, 5))
+        model = falign.convert(net, "kp", seed=3, form=form)
+        first = list(model[1].parameters())
+        rest = [p for p in model.parameters() if all(p is not q for q in first)]
+        opt = torch.optim.SGD(first, lr=0.05, momentum=0.9, weight_decay=1e-2)
+        falign.attach(model, opt)
+        _sgd_steps(model, opt, _image_batch, 5)
+        opt.add_param_group({"params": rest})
+        _sgd_steps(model, opt, _image_batch, 10)
+        return [layer.current_feedback() for layer in falign.feedback_layers(model)]
+
+    offset, parameter = run("offset"), run("parameter")
+    for a, b in zip(offset, parameter):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)

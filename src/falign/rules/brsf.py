@@ -11,14 +11,18 @@ Magnitudes follow the feedback initialisation: for the uniform inits ``|R| ~ U(0
 this is drawn at 8-bit resolution — ``a·(k + ½)/256`` with ``k`` uniform on 0…255, mean ``a/2`` and
 variance ``a²/12·(1 − 1/256²)`` — because the redraw is the rule's whole extra cost: one random bit per
 bit of the result, eight draws from each 64-bit word, then one byte-to-float pass (a float32 uniform draw
-costs several times more, and the 16-bit draw of earlier versions twice as many random words); for the
-normal inits ``|R|`` is half-normal.
+costs several times more, and the 16-bit draw of earlier versions twice as many random words). The CPU's
+words come from numpy's SFC64 generator seeded (through numpy's ``SeedSequence``) with the layer's seed mixed
+with ``t``: half the time of torch's CPU generator (Mersenne Twister) for the same words, and a stream numpy
+keeps stable across its versions (earlier falign versions drew them with torch's generator: other draws, the same
+distribution). For the normal inits ``|R|`` is half-normal (torch's generator).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,14 +31,12 @@ from falign.rules.sign import SignConcordantRule
 from falign.seeding import mix_seed
 
 
-def _fill_uniform8(out: Tensor, bound: float, generator: torch.Generator, words: Tensor) -> None:
-    """Fill ``out`` (CPU, contiguous) with ``bound·(k+½)/256``, k uniform on 0..255.
-
-    ``words`` is an int64 scratch tensor of ``ceil(numel/8)`` entries: 64 random bits give 8 draws.
-    """
+def _fill_uniform8(out: Tensor, bound: float, seed: int) -> None:
+    """Fill ``out`` (CPU, contiguous) with ``bound·(k+½)/256``, k uniform on 0..255: ``ceil(numel/8)`` 64-bit
+    words of numpy's SFC64 seeded with ``seed``, each giving 8 draws (its bytes in memory order)."""
     n = out.numel()
-    words.random_(-(2**63), None, generator=generator)
-    out.view(-1).copy_(words.view(torch.uint8)[:n])
+    words = np.random.SFC64(seed).random_raw(_words(n))
+    out.view(-1).copy_(torch.from_numpy(words.view(np.uint8)[:n]))
     out.add_(0.5).mul_(bound / 256.0)
 
 
@@ -43,21 +45,23 @@ def _words(n: int) -> int:
     return (n + 7) // 8
 
 
-def draw_magnitudes(out: Tensor, init: FeedbackInit, seed: int, step: int, scratch: Tensor | None = None) -> Tensor:
+def draw_magnitudes(out: Tensor, init: FeedbackInit, seed: int, step: int) -> Tensor:
     """Fill ``out`` with ``|R_step|`` for a layer with feedback seed ``seed``.
 
     The values depend only on (shape, init, seed, step, device type): a non-contiguous ``out`` (e.g.
     ``channels_last``) receives the same values, in logical order, as a contiguous one.
     """
     std = init.std(tuple(out.shape))
-    generator = torch.Generator(device=out.device)
-    generator.manual_seed(mix_seed(seed, step))
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     with torch.no_grad():
         if init.uniform and out.device.type == "cpu":
-            words = scratch if scratch is not None else torch.empty(_words(out.numel()), dtype=torch.int64)
-            _fill_uniform8(target, std * math.sqrt(3.0), generator, words)
-        elif init.uniform:
+            _fill_uniform8(target, std * math.sqrt(3.0), mix_seed(seed, step))
+            if target is not out:
+                out.copy_(target)
+            return out
+        generator = torch.Generator(device=out.device)
+        generator.manual_seed(mix_seed(seed, step))
+        if init.uniform:
             target.uniform_(0.0, std * math.sqrt(3.0), generator=generator)
         else:
             target.normal_(0.0, std, generator=generator).abs_()
@@ -93,10 +97,8 @@ class BatchwiseRandomSignFeedback(SignConcordantRule):
 
     def redraw(self, layer) -> None:
         """Advance to the next step's magnitudes ``|R_{t+1}|`` in ``feedback_weight``."""
-        m = layer.feedback_weight
         step = layer.rule_state["step"] + 1
-        words = layer.scratch("words", m, (_words(m.numel()),), torch.int64) if m.device.type == "cpu" else None
-        draw_magnitudes(m, layer.feedback_init, layer.feedback_seed, step, words)
+        draw_magnitudes(layer.feedback_weight, layer.feedback_init, layer.feedback_seed, step)
         self._set_step(layer, step)
 
     def after_step(self, layers, optimizer=None) -> None:
