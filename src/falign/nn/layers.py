@@ -283,6 +283,9 @@ class FeedbackLayer(nn.Module):
 
     # -- per-step work (falign.attach) -----------------------------------------------------------------
     def _params_key(self) -> tuple[int, ...]:
+        if not self._modules:  # a layer without submodules (no parametrization): its own parameters, no walk
+            return tuple(p._version for name, p in self._parameters.items()
+                         if p is not None and name != "feedback_weight")
         return tuple(p._version for name, p in self.named_parameters() if not name.endswith("feedback_weight"))
 
     def _weights(self) -> list[Tensor]:
@@ -294,9 +297,13 @@ class FeedbackLayer(nn.Module):
         of :func:`falign.attach` and by hand-run per-step functions such as ``wm``'s ``mirror_step``).
         Without the hook, the weights' values are kept too: the check of the next forward pass compares them,
         since writes through ``.data`` and ``torch.func.functional_call`` leave the version counters alone."""
-        self._step_key = self._params_key()
+        state = self.__dict__  # plain attributes: nn.Module.__setattr__'s checks cost ~3 µs a write, per layer and step
+        state["_step_key"] = self._params_key()
+        if self._step_hooks:
+            state["_step_values"] = None
+            return
         with _outside_transforms():
-            self._step_values = None if self._step_hooks else _snapshot(self._weights(), self._step_values)
+            state["_step_values"] = _snapshot(self._weights(), self._step_values)
 
     def _check_stepped(self) -> None:
         """A per-step rule whose weights changed without its per-step work having run fails loudly."""

@@ -118,8 +118,9 @@ class KolenPollack(FeedbackRule):
     def _parameter(layer) -> Tensor:
         """The parameter the optimiser updates for ``layer``'s weight (a view's is its owner's packed parameter,
         of which the view's weight is a block: the same settings and the same recurrence apply)."""
-        source = getattr(layer, "weight_source", None)
-        return getattr(layer._owner, source()[0]) if source is not None else layer.weight
+        if getattr(type(layer), "weight_source", None) is None:  # on the class: no nn.Module.__getattr__ miss
+            return layer.weight
+        return getattr(layer._owner, layer.weight_source()[0])
 
     def _mine(self, layers, optimizer) -> list[tuple[Any, Tensor, dict]]:
         """``(layer, parameter, group)`` of the layers whose weight ``optimizer`` trains."""
@@ -155,6 +156,7 @@ class KolenPollack(FeedbackRule):
             raise TypeError(f"kp's offset form follows torch.optim.SGD's step, and got {got}: attach the model to a "
                             f"plain torch.optim.SGD with falign.attach(model, optimizer), or use kp's parameter form "
                             f"(the default) with any other optimiser")
+        moved, values = [], []
         for layer, param, group in mine:
             if param.grad is None:  # this step did not move W (SGD skips it too)
                 continue
@@ -166,4 +168,10 @@ class KolenPollack(FeedbackRule):
                 s = g + mu * c if group["nesterov"] else c
             else:
                 s = g
-            self._set_offset(layer, a - lr * s, c, steps + 1)
+            layer.rule_state["offset"] = (a - lr * s, c, steps + 1)
+            moved.append(layer)
+            values.append((a - lr * s, c))
+        if moved:  # the buffers of every layer in three tensor calls, not three a layer
+            torch._foreach_copy_([layer.feedback_offset for layer in moved],
+                                 list(torch.tensor(values, dtype=torch.float64).unbind(0)))
+            torch._foreach_add_([layer.feedback_step for layer in moved], 1)
