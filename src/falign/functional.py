@@ -240,15 +240,18 @@ class _SwapSaved:
 
     def pack(self, t: Tensor) -> tuple:
         for s in self.swaps:
-            w = s.weight
-            if t is w:
+            if t is s.weight:
                 s.found = True
                 return (t, t._version, s, False)
-            if (t._base is w or (t._base is not None and t.data_ptr() == w.data_ptr())) and t.dim() == 2 \
-                    and t.shape[0] == w.shape[1] and t.shape[1] == w.shape[0] \
-                    and t.stride(0) == w.stride(1) and t.stride(1) == w.stride(0):  # Wᵀ, a view of W
-                s.found = True
-                return (t, t._version, s, True)
+        base = t._base  # only a view can be Wᵀ (one property read, not one per weight)
+        if base is not None and t.dim() == 2:
+            for s in self.swaps:
+                w = s.weight
+                if (base is w or t.data_ptr() == w.data_ptr()) \
+                        and t.shape[0] == w.shape[1] and t.shape[1] == w.shape[0] \
+                        and t.stride(0) == w.stride(1) and t.stride(1) == w.stride(0):  # Wᵀ, a view of W
+                    s.found = True
+                    return (t, t._version, s, True)
         return (t.detach() if self.detach else t, t._version, None, False)
 
     @staticmethod

@@ -320,3 +320,41 @@ def test_under_autocast_the_saved_tensor_path_runs_in_float32_with_the_same_grad
     assert out.dtype == torch.float32 and recurrent.FUSED_CALLS["saved_hooks"] == before + 2
     for a, b in zip(torch.autograd.grad(out.square().sum(), [x, *model.parameters()]), reference):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rule", ["fa", "usf", "brsf"])
+@pytest.mark.parametrize("layers,bidirectional,batch_first,states", [(1, False, True, False), (2, True, False, True)])
+def test_one_call_of_torchs_lstm_equals_the_layer_loop(monkeypatch, rule, layers, bidirectional, batch_first, states):
+    """A batched, unpacked LSTM runs as one ``torch._VF.lstm`` call under the hooks (checked: the path is taken),
+    with the same outputs and gradients, bit for bit, as the loop over layers that calls oneDNN's layer op itself."""
+    torch.manual_seed(0)
+    model = falign.convert(nn.Sequential(nn.LSTM(3, 4, num_layers=layers, bidirectional=bidirectional,
+                                                 batch_first=batch_first)), rule, seed=2)[0]
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    hx = tuple(torch.randn(layers * (2 if bidirectional else 1), 5 if batch_first else 2, 4, requires_grad=True)
+               for _ in range(2)) if states else None
+    taken = []
+    whole = recurrent._FARNNBase._whole_lstm
+    monkeypatch.setattr(recurrent._FARNNBase, "_whole_lstm",
+                        lambda self, i, h: taken.append(whole(self, i, h)) or taken[-1])
+
+    def run():
+        out, (h_n, c_n) = model(x, hx)
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + h_n.square().sum() + c_n.sum()
+        return [out, h_n, c_n], torch.autograd.grad(loss, [x, *(hx or ()), *model.parameters()], allow_unused=True)
+
+    outs, grads = run()
+    assert taken and taken[-1] is not None
+    monkeypatch.setattr(recurrent._FARNNBase, "_whole_lstm", lambda self, i, h: None)  # the layer loop
+    loop_outs, loop_grads = run()
+    for a, b in zip([*outs, *grads], [*loop_outs, *loop_grads]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def test_dropout_between_layers_takes_the_layer_loop():
+    model = falign.convert(nn.Sequential(nn.LSTM(3, 4, num_layers=2, dropout=0.5)), "fa", seed=0)[0]
+    assert model._whole_lstm(torch.randn(5, 2, 3, requires_grad=True), None) is None
+    model.eval()
+    assert model._whole_lstm(torch.randn(5, 2, 3, requires_grad=True), None) is not None

@@ -302,3 +302,26 @@ def test_kp_offset_form_follows_a_parameter_group_added_later():
     offset, parameter = run("offset"), run("parameter")
     for a, b in zip(offset, parameter):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16], ids=["float64-buffers", "float32", "bf16"])
+def test_kp_offset_buffers_advance_with_every_step(dtype):
+    """``feedback_offset`` holds ``(a_t, c_t)`` and ``feedback_step`` t after each step, whether the buffers are
+    written through numpy (CPU float64) or by tensor calls (a model cast to another dtype)."""
+    from torch import nn as tnn
+
+    model = falign.convert(tnn.Sequential(tnn.Linear(8, 8), tnn.ReLU(), tnn.Linear(8, 3)), "kp", form="offset")
+    if dtype is not None:
+        model = model.to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    falign.attach(model, opt)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 8, dtype=dtype or torch.float32)).square().sum().backward()
+        opt.step()
+    for layer in falign.feedback_layers(model):
+        a, c, steps = layer.rule_state["offset"]
+        assert steps == 3 and int(layer.feedback_step) == 3
+        assert a < 0.99 and c > 0  # weight decay moved a_t; the momentum part c_t is nonzero
+        torch.testing.assert_close(layer.feedback_offset.double(), torch.tensor([a, c], dtype=torch.float64),
+                                   rtol=1e-2 if dtype is torch.bfloat16 else 1e-6, atol=0)

@@ -116,7 +116,11 @@ class FeedbackContainer(nn.Module):
 
     @property
     def rule(self):
-        return next(iter(self.feedback.values())).rule
+        views = self._modules["feedback"]
+        cached = self.__dict__.get("_rule_of")  # (views, rule): read at every forward pass, walked once per set
+        if cached is None or cached[0] is not views:
+            cached = self.__dict__["_rule_of"] = (views, next(iter(views.values())).rule)
+        return cached[1]
 
     # the same class derivation as the converted layers (a subclass of both for a user's subclass)
     converted_class = classmethod(FeedbackLayer.converted_class.__func__)  # type: ignore[attr-defined,var-annotated]

@@ -233,6 +233,12 @@ def fused_lstm_available() -> bool:
     return _ops_usable("mkldnn", torch.device("cpu"))
 
 
+def _mkldnn_usable() -> bool:
+    """oneDNN is built in and :func:`fused_lstm_available` (its answer kept in ``_fused_state``: a dict look-up)."""
+    known = _fused_state.get("mkldnn:cpu")
+    return known if known is not None else (torch.backends.mkldnn.is_available() and fused_lstm_available())
+
+
 def fused_cudnn_available(device: torch.device | str = "cuda") -> bool:
     """Whether this torch has cuDNN's RNN ops with the schemas falign calls and they run on ``device`` (checked
     once per device, with one tiny LSTM call against ``torch._VF.lstm``); warns once and returns ``False``
@@ -343,14 +349,12 @@ def _fused_swapped(x: Tensor, h0: Tensor, c0: Tensor, flat, spec: _LayerSpec) ->
     the same kernels as :func:`_fused_backward`, without a Python backward. ``(out, h_n, c_n)``, or ``None`` where
     this path does not apply (``torch.compile``, ``torch.func``, other saved-tensor hooks, a trained
     ``B``; or the op did not save the weights where the hooks look: one warning) and :class:`_Layer` runs."""
-    if not FF._fast_ok():
-        return None
-    tensors = [x, h0, c0, *(t for t in flat if t is not None)]
-    if not any(t.requires_grad for t in tensors):
+    if not (x.requires_grad or h0.requires_grad or c0.requires_grad
+            or any(t is not None and t.requires_grad for t in flat)) or not FF._fast_ok():
         return None
     for d in range(spec.dirs):
         p = flat[d * PER_DIRECTION:(d + 1) * PER_DIRECTION]
-        if any(p[k] is not None and p[k].requires_grad for k in (FB_IH, FB_HH)):
+        if (p[FB_IH] is not None and p[FB_IH].requires_grad) or (p[FB_HH] is not None and p[FB_HH].requires_grad):
             return None  # kp: B receives W's gradient, from the Function
     x = x.contiguous()
     hidden = h0.shape[-1]
@@ -858,8 +862,7 @@ def _fused_kind(module: Any, x: Tensor, lstm: bool, packed: bool, direct: bool, 
     if not USE_FUSED or packed or module.proj_size > 0 or direct or probing or x.dtype != module.weight_hh_l0.dtype:
         return ""
     if x.device.type == "cpu":
-        ok = (lstm and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-              and torch._C._get_mkldnn_enabled() and fused_lstm_available())
+        ok = lstm and x.dtype == torch.float32 and torch._C._get_mkldnn_enabled() and _mkldnn_usable()
         return "mkldnn" if ok else ""
     if x.device.type == "cuda":
         ok = (x.dtype in (torch.float32, torch.float64) and torch.backends.cudnn.is_available()
@@ -898,6 +901,8 @@ class _FARNNBase(FeedbackContainer):
     def forward(self, input, hx=None):
         if _probe.active() is None and (not torch.is_grad_enabled() or not self.rule.has_feedback):
             return self.torch_base.forward(self, input, hx)
+        if not FF._any_autocast():
+            return self._run(input, hx)
         device = (input.data if isinstance(input, PackedSequence) else input).device.type
         if FF._autocast_dtype(device) is None:
             return self._run(input, hx)
@@ -912,7 +917,64 @@ class _FARNNBase(FeedbackContainer):
         with torch.autocast(device, enabled=False):
             return self._run(input, hx)
 
+    def _whole_lstm(self, input, hx):
+        """``(output, (h_n, c_n))`` from PyTorch's own LSTM, ``torch._VF.lstm`` (what ``nn.LSTM`` runs: oneDNN's
+        layer op for every layer and direction, ``batch_first`` and the stacking of ``h_n``, ``c_n`` in C++), under
+        saved-tensor hooks that hand each op's backward the rule's ``B_ih``, ``B_hh`` where it saved ``W_ih``,
+        ``W_hh`` (:class:`falign.functional._SwapSaved`): the eager path of a batched, unpacked CPU LSTM without
+        projections or dropout between layers, under a layer-by-layer rule whose ``B`` is not trained. Its
+        gradients are those of the layer-by-layer loop below (the same ops; tested equal), without that loop's
+        Python. ``None`` where it does not apply: :meth:`_run`'s loop runs."""
+        if (self.mode != "LSTM" or self.proj_size or isinstance(input, PackedSequence) or input.dim() != 3
+                or (self.dropout and self.training) or self.rule.direct or _probe.active() is not None
+                or not (USE_FUSED and input.is_cpu and input.dtype == torch.float32 and torch._C._get_mkldnn_enabled()
+                        and self.weight_hh_l0.dtype == torch.float32 and _mkldnn_usable())  # as _fused_kind
+                or not FF._fast_ok()):
+            return None
+        n = input.shape[0 if self.batch_first else 1]
+        h0, c0 = self._initial_state(hx, n, self.hidden_size, True, True, None, input)
+        views = self._modules["feedback"]
+        names = self._names()
+        swaps = []
+        into = input.requires_grad  # whether the layer's input needs a gradient
+        for layer_names in names:
+            own = False
+            for d_names in layer_names:
+                weights = [getattr(self, name) for name in d_names]
+                mine = any(w.requires_grad for w in weights)
+                own = own or mine
+                signal = into or h0.requires_grad or mine  # as the loop below: the recurrence needs a signal
+                for weight, name, needed in ((weights[0], d_names[0], into), (weights[1], d_names[1], signal)):
+                    feedback, (fn, direct) = _route_of(views[name], input, needed)
+                    if direct is not None or (feedback is not None and feedback.requires_grad):
+                        return None  # kp: B receives W's gradient, from the Function
+                    if feedback is not None or fn is not None:
+                        swaps.append(FF._Swap(weight, feedback, fn))
+            into = into or h0.requires_grad or c0.requires_grad or own  # the next layer's input: this one's output
+        (output, h_n, c_n), swapped = FF._swap_saved_call(
+            torch._VF.lstm, swaps, input, (h0.contiguous(), c0.contiguous()), self._flat_weights, self.bias,
+            self.num_layers, float(self.dropout), self.training, self.bidirectional, self.batch_first, detach=True)
+        if output.requires_grad and not swapped:
+            FF.warn_no_swap("LSTM layer")
+            return None
+        FUSED_CALLS["fused"] += 1
+        FUSED_CALLS["saved_hooks"] += self.num_layers
+        return output, (h_n, c_n)
+
+    def _names(self) -> list[list[list[str]]]:
+        """``[layer][direction]``: the names of ``W_ih``, ``W_hh`` (and ``b_ih``, ``b_hh`` with biases)."""
+        names = self.__dict__.get("_weight_names")
+        if names is None:
+            suffixes = ("", "_reverse")[: 2 if self.bidirectional else 1]
+            kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if self.bias else ("weight_ih", "weight_hh")
+            names = self.__dict__["_weight_names"] = [[[f"{k}_l{layer}{s}" for k in kinds] for s in suffixes]
+                                                      for layer in range(self.num_layers)]
+        return names
+
     def _run(self, input, hx):
+        whole = self._whole_lstm(input, hx)
+        if whole is not None:
+            return whole
         lstm = self.mode == "LSTM"
         direct = self.rule.direct
         dirs = 2 if self.bidirectional else 1
@@ -943,6 +1005,7 @@ class _FARNNBase(FeedbackContainer):
         record = _probe.active()  # convert's probe: record the input layers, plain recurrence
         probing = record is not None
         finals_h, finals_c = [], []
+        copies = True  # whether every layer's h_n, c_n is a copy already (the saved-tensor path stacks them)
         fused = _fused_kind(self, layer_input, lstm, packed, direct, probing)
         FUSED_CALLS["fused" if fused else "python"] += 1
         for layer in range(self.num_layers):
@@ -982,14 +1045,18 @@ class _FARNNBase(FeedbackContainer):
                 out, hn, cn = swapped
             else:
                 out, hn, cn, *_ = _Layer.apply(layer_input, h_start, c_start, *flat, spec)
+                copies = False
             finals_h.append(hn)
             finals_c.append(cn)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 out = nn.functional.dropout(out, self.dropout, True)
             layer_input = out
         rows = out
-        h_n = torch.cat(finals_h)  # a copy even for one layer: the layer's own h_n may be saved for its backward
-        c_n = torch.cat(finals_c) if lstm else None
+        if copies and len(finals_h) == 1:  # one layer, already copied: no second copy
+            h_n, c_n = finals_h[0], (finals_c[0] if lstm else None)
+        else:  # a copy even for one layer: the layer's own h_n may be saved for its backward
+            h_n = torch.cat(finals_h)
+            c_n = torch.cat(finals_c) if lstm else None
         if unperm is not None:
             h_n = h_n.index_select(1, unperm)
             c_n = c_n.index_select(1, unperm) if lstm else None
