@@ -4,8 +4,10 @@ One LSTM layer (T = 28 steps, batch 64, 28 inputs, 64 hidden: the row-LSTM of ``
 forward + backward of a fixed output gradient, round-robin in one process, median over ``--repeats`` steps, as a
 multiple of plain PyTorch; ``--runs`` independent runs give the median and the range. Paths, all fa:
 
-- ``falign``: the converted layer as it runs by default (oneDNN's layer op as autograd's own node, the saved
-  ``W_ih``, ``W_hh`` swapped for ``B``);
+- ``falign``: the converted layer as it runs by default (one call of ``torch._VF.lstm``, what ``nn.LSTM`` runs:
+  oneDNN's layer op as autograd's own node, the saved ``W_ih``, ``W_hh`` swapped for ``B``);
+- ``falign layer loop``: falign's own loop over layers calling oneDNN's layer op under the same hooks (the path of
+  packed input and the other cases one call cannot take; before 2026-12-06, the default);
 - ``falign function``: the same ops inside falign's autograd Function (``falign.functional._FAST = False``: the
   path taken under torch.func, torch.compile, other saved-tensor hooks, kp);
 - ``falign python``: the Python backward through time (``falign.nn.recurrent.USE_FUSED = False``, the reference);
@@ -57,8 +59,16 @@ def one_run(repeats: int) -> dict[str, float]:
                 FF._FAST, recurrent.USE_FUSED = True, True
         return call
 
-    paths = {"torch": lambda: plain(x)[0], "falign": flags(True, True), "falign function": flags(False, True),
-             "falign python": flags(True, False), "op alone": op_alone}
+    def layer_loop() -> torch.Tensor:
+        whole = recurrent._FARNNBase._whole_lstm
+        recurrent._FARNNBase._whole_lstm = lambda self, i, h: None  # type: ignore[method-assign]
+        try:
+            return converted(x)[0]
+        finally:
+            recurrent._FARNNBase._whole_lstm = whole  # type: ignore[method-assign]
+
+    paths = {"torch": lambda: plain(x)[0], "falign": flags(True, True), "falign layer loop": layer_loop,
+             "falign function": flags(False, True), "falign python": flags(True, False), "op alone": op_alone}
     times: dict[str, list[float]] = {k: [] for k in paths}
     for i in range(repeats + 20):
         for name, path in paths.items():
@@ -87,7 +97,7 @@ def main() -> None:
           f"{statistics.median(r['torch ms'] for r in runs):.2f} ms (median of runs).\n")
     print("| path | × nn.LSTM, median of runs | range |")
     print("|---|---|---|")
-    for name in ("falign", "falign function", "falign python", "op alone"):
+    for name in ("falign", "falign layer loop", "falign function", "falign python", "op alone"):
         ratios = sorted(r[name] for r in runs)
         print(f"| {name} | {statistics.median(ratios):.3f} | {ratios[0]:.3f}–{ratios[-1]:.3f} |")
 

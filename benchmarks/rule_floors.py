@@ -3,7 +3,8 @@
 fa's step does backprop's matrix products with ``B`` in place of ``W``. kp's offset form builds
 ``B = W − a_t·D₀`` in the backward (one ``W``-sized pass a layer), the sign rules build ``B = M ⊙ sign(W)`` (two
 passes), brsf also redraws ``|R_t|`` after each optimiser step. This times, round-robin in one process on the speed
-benchmark's models and batches (``falign.app.bench.speed``, the same step), each rule's step as it runs and with a
+benchmark's models and batches (``falign.app.bench.speed``, the same step and the same timing: each variant's
+timed step its second in a row), each rule's step as it runs and with a
 piece of its work removed (an intervention; the training is then wrong, the timing is what is read):
 
 - ``B prebuilt``: the rule's ``matrix`` returns a ``B`` built once, so the backward reads ``B`` as fa's does;
@@ -23,14 +24,13 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import falign
-from falign.app.bench.speed import TARGETS, batch_of, make_step
+from falign.app.bench.speed import TARGETS, batch_of, make_step, timed_rounds
 
 
 def _prebuilt(model: nn.Module) -> nn.Module:
@@ -64,13 +64,8 @@ def one_run(name: str, repeats: int) -> dict[str, float]:
     """Each variant's median step time over ``repeats`` round-robin rounds, divided by plain PyTorch's."""
     base, x, y, _ = batch_of(name, "cpu")
     steps: dict[str, Callable[[], None]] = {k: make_step(m, x, y, False)[0] for k, m in variants(base).items()}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for i in range(repeats + 10):
-        for key, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            if i >= 10:
-                times[key].append(time.perf_counter() - t0)
+    timed_rounds(steps, 5, torch.device("cpu"))  # warm-up
+    times = timed_rounds(steps, repeats, torch.device("cpu"))
     plain = statistics.median(times["torch"])
     return {k: statistics.median(v) / plain for k, v in times.items()} | {"torch ms": plain * 1e3}
 

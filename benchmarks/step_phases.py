@@ -1,7 +1,8 @@
 """Where a rule's extra step time sits: forward (with the loss), backward, optimiser step (with the rule's hooks).
 
 The speed benchmark's models and batches (``falign.app.bench.speed``), plain PyTorch and each variant timed
-round-robin in one process, each phase of a step timed on its own; median µs over ``--repeats`` rounds, then
+in interleaved rounds in one process (each variant's timed step its second in a row, as ``falign bench speed``),
+each phase of a step timed on its own; median µs over ``--repeats`` rounds, then
 the median over ``--runs`` runs. The last column is the variant's whole step over plain PyTorch's.
 
 Run:  python benchmarks/step_phases.py                          # lenet: torch, fa
@@ -38,6 +39,9 @@ def one_run(name: str, rules: list[str], repeats: int) -> dict[str, dict[str, fl
     for i in range(repeats + 10):
         for key, model in models.items():
             opt = opts[key]
+            opt.zero_grad(set_to_none=True)  # an untimed step first: the timed one is the variant's second in a row
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
             opt.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             loss = nn.functional.cross_entropy(model(x), y)

@@ -11,7 +11,8 @@ Models (plain PyTorch, :mod:`falign.models.sequence`, converted by ``falign.conv
 
 For each model and rule: test accuracy (mean ± std over ``--seeds`` seeds, the same steps, batch and Adam
 learning rate for every rule), and the step time of one training step against the unconverted model, timed
-round-robin (median over ``--repeats`` steps), with the memory columns of ``falign bench speed``.
+in interleaved rounds, each variant's timed step its second in a row (median over ``--repeats`` steps,
+``falign.app.bench.speed.timed_rounds``), with the memory columns of ``falign bench speed``.
 
 Run:  falign bench architectures                 # every rule, 3 seeds; prints the table
       falign bench architectures --docs docs/benchmarks.md   # and rewrites its section of that file
@@ -36,7 +37,7 @@ from torch import nn
 
 import falign
 from falign.app.bench import accuracy
-from falign.app.bench.speed import bench_device, names, state_bytes, step_peak_bytes, sync
+from falign.app.bench.speed import bench_device, names, state_bytes, step_peak_bytes, timed_rounds
 from falign.app.outdir import check_file
 from falign.app.train.progress import progress_bar
 from falign.errors import FalignError
@@ -186,14 +187,7 @@ def time_steps(task: Task, rules: list[str], repeats: int, device: torch.device)
         for s in steps.values():
             s()
     memory = {k: (state_bytes(variants[k], opts[k]), step_peak_bytes(s, device)) for k, s in steps.items()}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(repeats):
-        for k, s in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            s()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
+    times = timed_rounds(steps, repeats, device)
     base_median = statistics.median(times["torch"])
     base_total = sum(memory["torch"])
     out = {}
@@ -241,7 +235,8 @@ def markdown(rows: list[dict], machine: str, repeats: int, seconds: float, comma
              f"`{command}` on {machine}, torch {torch.__version__}, {seconds / 60:.0f} min. Accuracy: test "
              "accuracy (%) after the same number of Adam steps for every rule, mean ± std over seeds; Δ bp: the "
              "difference of the means. Step: median step time (forward, loss, backward, optimiser step, the rule's "
-             f"per-step work) over {repeats} round-robin steps, × the unconverted PyTorch model (median of "
+             f"per-step work) over {repeats} interleaved rounds (each variant's timed step its second in a row), "
+             "× the unconverted PyTorch model (median of "
              f"{rows[0].get('timing_runs', 1)} timing runs, and their range); memory beyond: "
              "(state + step peak) − (PyTorch's) − the feedback matrices, MiB (≤ 0: no memory beyond backprop's "
              f"plus the feedback). Target for fa: ≤ {TARGET}×.", ""]
