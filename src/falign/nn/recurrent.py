@@ -30,12 +30,14 @@ backward ``aten::mkldnn_rnn_layer_backward``, called with ``B_ih``, ``B_hh`` whe
 Eagerly (no ``torch.compile``, ``torch.func``, other saved-tensor hooks, or ``kp``'s trained ``B``; under autocast
 too, as the recurrence runs with autocast off) the op runs as autograd's own node, under saved-tensor hooks that
 hand its backward ``B_ih``, ``B_hh`` where it saved ``W_ih``, ``W_hh`` (as the linear and convolution layers' fast
-path does): no Python backward at all. On CUDA every cell (RNN, GRU, LSTM; float32 or float64, no ``proj_size``,
-padded input, a layer-by-layer rule) runs cuDNN's kernels the same way: ``aten::_cudnn_rnn`` with ``W``'s flat
-weight buffer, ``aten::_cudnn_rnn_backward`` with a flat buffer of the rule's ``B`` (and a copy of the forward's
-reserve, which the op overwrites, so that a retained graph can be differentiated twice). Everything else, and any
-torch whose ops or schemas differ (checked once per kind and device, with one warning), keeps the Python backward
-through time, which is the reference (``USE_FUSED = False`` forces it).
+path does): no Python backward at all. A batched LSTM without dropout between layers runs all its layers in one call
+of ``torch._VF.lstm`` (what ``nn.LSTM`` itself runs, the same layer op per layer and direction) under those hooks,
+without falign's Python loop over layers (bit-equal gradients, tested). On CUDA every cell (RNN, GRU, LSTM; float32
+or float64, no ``proj_size``, padded input, a layer-by-layer rule) runs cuDNN's kernels the same way:
+``aten::_cudnn_rnn`` with ``W``'s flat weight buffer, ``aten::_cudnn_rnn_backward`` with a flat buffer of the rule's
+``B`` (and a copy of the forward's reserve, which the op overwrites, so that a retained graph can be differentiated
+twice). Everything else, and any torch whose ops or schemas differ (checked once per kind and device, with one
+warning), keeps the Python backward through time, which is the reference (``USE_FUSED = False`` forces it).
 Every option works: layers, ``bidirectional``, ``batch_first``, unbatched input, ``dropout``, ``bias``,
 ``nonlinearity``, ``proj_size`` and ``PackedSequence`` input (not with the direct rules, which need a padded
 batch). Without gradients (evaluation) or under ``bp`` the PyTorch forward runs. A second derivative
