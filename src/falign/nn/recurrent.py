@@ -863,10 +863,10 @@ def _fused_kind(module: Any, x: Tensor, lstm: bool, packed: bool, direct: bool, 
     backward through time."""
     if not USE_FUSED or packed or module.proj_size > 0 or direct or probing or x.dtype != module.weight_hh_l0.dtype:
         return ""
-    if x.device.type == "cpu":
+    if x.is_cpu:
         ok = lstm and x.dtype == torch.float32 and torch._C._get_mkldnn_enabled() and _mkldnn_usable()
         return "mkldnn" if ok else ""
-    if x.device.type == "cuda":
+    if x.is_cuda:
         ok = (x.dtype in (torch.float32, torch.float64) and torch.backends.cudnn.is_available()
               and torch.backends.cudnn.enabled and fused_cudnn_available(x.device))
         return "cudnn" if ok else ""
@@ -927,16 +927,15 @@ class _FARNNBase(FeedbackContainer):
         projections or dropout between layers, under a layer-by-layer rule whose ``B`` is not trained. Its
         gradients are those of the layer-by-layer loop below (the same ops; tested equal), without that loop's
         Python. ``None`` where it does not apply: :meth:`_run`'s loop runs."""
-        if (self.mode != "LSTM" or self.proj_size or isinstance(input, PackedSequence) or input.dim() != 3
+        if (self.mode != "LSTM" or isinstance(input, PackedSequence) or input.dim() != 3
                 or (self.dropout and self.training) or self.rule.direct or _probe.active() is not None
-                or not (USE_FUSED and input.is_cpu and input.dtype == torch.float32 and torch._C._get_mkldnn_enabled()
-                        and self.weight_hh_l0.dtype == torch.float32 and _mkldnn_usable())  # as _fused_kind
-                or not FF._fast_ok()):
+                or _fused_kind(self, input, True, False, False, False) != "mkldnn" or not FF._fast_ok()):
             return None
         n = input.shape[0 if self.batch_first else 1]
         h0, c0 = self._initial_state(hx, n, self.hidden_size, True, True, None, input)
         views = self._modules["feedback"]
-        names = self._names()
+        dirs = 2 if self.bidirectional else 1
+        names = [self._all_weights[i:i + dirs] for i in range(0, len(self._all_weights), dirs)]  # [layer][direction]
         swaps = []
         into = input.requires_grad  # whether the layer's input needs a gradient
         for layer_names in names:
@@ -962,16 +961,6 @@ class _FARNNBase(FeedbackContainer):
         FUSED_CALLS["fused"] += 1
         FUSED_CALLS["saved_hooks"] += self.num_layers
         return output, (h_n, c_n)
-
-    def _names(self) -> list[list[list[str]]]:
-        """``[layer][direction]``: the names of ``W_ih``, ``W_hh`` (and ``b_ih``, ``b_hh`` with biases)."""
-        names = self.__dict__.get("_weight_names")
-        if names is None:
-            suffixes = ("", "_reverse")[: 2 if self.bidirectional else 1]
-            kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if self.bias else ("weight_ih", "weight_hh")
-            names = self.__dict__["_weight_names"] = [[[f"{k}_l{layer}{s}" for k in kinds] for s in suffixes]
-                                                      for layer in range(self.num_layers)]
-        return names
 
     def _run(self, input, hx):
         whole = self._whole_lstm(input, hx)
@@ -1007,7 +996,6 @@ class _FARNNBase(FeedbackContainer):
         record = _probe.active()  # convert's probe: record the input layers, plain recurrence
         probing = record is not None
         finals_h, finals_c = [], []
-        copies = True  # whether every layer's h_n, c_n is a copy already (the saved-tensor path stacks them)
         fused = _fused_kind(self, layer_input, lstm, packed, direct, probing)
         FUSED_CALLS["fused" if fused else "python"] += 1
         for layer in range(self.num_layers):
@@ -1047,18 +1035,14 @@ class _FARNNBase(FeedbackContainer):
                 out, hn, cn = swapped
             else:
                 out, hn, cn, *_ = _Layer.apply(layer_input, h_start, c_start, *flat, spec)
-                copies = False
             finals_h.append(hn)
             finals_c.append(cn)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 out = nn.functional.dropout(out, self.dropout, True)
             layer_input = out
         rows = out
-        if copies and len(finals_h) == 1:  # one layer, already copied: no second copy
-            h_n, c_n = finals_h[0], (finals_c[0] if lstm else None)
-        else:  # a copy even for one layer: the layer's own h_n may be saved for its backward
-            h_n = torch.cat(finals_h)
-            c_n = torch.cat(finals_c) if lstm else None
+        h_n = torch.cat(finals_h)  # a copy even for one layer: the layer's own h_n may be saved for its backward
+        c_n = torch.cat(finals_c) if lstm else None
         if unperm is not None:
             h_n = h_n.index_select(1, unperm)
             c_n = c_n.index_select(1, unperm) if lstm else None
